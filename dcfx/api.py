@@ -1,0 +1,103 @@
+"""The public verbs: compile, enable, disable."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcfx.backends import CompiledPair, check_options, get_backend
+from dcfx.config import DeepCacheConfig
+from dcfx.models import spec_for
+from dcfx.passes import build_graph_pair
+from dcfx.runtime import DeepCacheUNet
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(DeepCacheConfig))
+
+
+def resolve_config(config: DeepCacheConfig | str | os.PathLike[str] | None, fields: dict[str, Any]) -> DeepCacheConfig:
+    """Returns the config given as an object, a JSON path, or as keyword fields (not both)."""
+    if config is not None and fields:
+        raise TypeError(
+            f"pass either a DeepCacheConfig or its fields as keywords, not both (got config and {sorted(fields)})"
+        )
+    if config is None:
+        return DeepCacheConfig(**fields)
+    if isinstance(config, (str, os.PathLike)):
+        return DeepCacheConfig.load(config)
+    if not isinstance(config, DeepCacheConfig):
+        raise TypeError(f"config must be a DeepCacheConfig or a path to its JSON, got {type(config).__name__}")
+    return config
+
+
+def compile(  # noqa: A001  (the public verb shadows the builtin inside this module only)
+    unet: nn.Module,
+    config: DeepCacheConfig | str | os.PathLike[str] | None = None,
+    *,
+    backend: str = "eager",
+    scheduler: Any = None,
+    **kwargs: Any,
+) -> DeepCacheUNet:
+    """Returns a drop-in replacement for ``unet`` that runs DeepCache as two graphs.
+
+    Args:
+        unet: A diffusers ``UNet2DConditionModel`` or ``UNet2DModel``. Its parameters are
+            shared with the graphs, not copied.
+        config: A ``DeepCacheConfig`` or the path of its JSON; or leave it None and pass its
+            fields (``branch``, ``interval``, ``schedule``, ...) as keywords.
+        backend: A registered backend (``dcfx.available_backends()``): "eager" or "inductor".
+        scheduler: The pipeline's scheduler: the runtime then knows each generation's step
+            index and step count from ``scheduler.timesteps`` (needed by the non-uniform
+            schedule unless ``steps`` is set).
+        **kwargs: DeepCacheConfig fields, then backend options (inductor: ``mode``, ``options``).
+
+    Example:
+        >>> pipe.unet = dcfx.compile(pipe.unet, branch=0, interval=5, scheduler=pipe.scheduler)
+        >>> image = pipe(prompt).images[0]
+
+    Raises:
+        TypeError: unsupported model class, config and fields both given, unknown option.
+        ValueError: branch out of range, bad schedule fields, unknown backend.
+    """
+    if isinstance(unet, DeepCacheUNet):
+        raise TypeError("this U-Net is already compiled by dcfx; compile the original (runtime.model)")
+    spec = spec_for(unet)
+    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}
+    cfg = resolve_config(config, fields)
+    n_branches = len(spec.up_layers(unet))
+    if cfg.branch >= n_branches:
+        raise ValueError(
+            f"branch {cfg.branch} is out of range for {type(unet).__name__} with {n_branches} up layers; "
+            f"valid branch ids: 0..{n_branches - 1} (see dcfx.branches(unet))"
+        )
+    if cfg.schedule == "non-uniform" and scheduler is None and cfg.steps is None:
+        raise ValueError(
+            "the non-uniform schedule needs the step count: pass scheduler=pipe.scheduler "
+            "(or use dcfx.enable(pipe, ...)), or set steps= in the config"
+        )
+    compile_pair = get_backend(backend)
+    check_options(backend, kwargs)
+
+    def build(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
+        pair = build_graph_pair(unet, cfg.branch, names, tensors)
+        return compile_pair(pair.full, pair.shallow, tensors, **kwargs)
+
+    return DeepCacheUNet(unet, cfg, spec, build, scheduler=scheduler)
+
+
+def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
+    """Returns ``pipe`` with its U-Net compiled by dcfx and bound to its scheduler."""
+    if isinstance(pipe.unet, DeepCacheUNet):
+        disable(pipe)
+    pipe.unet = compile(pipe.unet, config, scheduler=pipe.scheduler, **kwargs)
+    return pipe
+
+
+def disable(pipe: Any) -> Any:
+    """Returns ``pipe`` with its original U-Net back (a no-op when dcfx is not enabled)."""
+    if isinstance(pipe.unet, DeepCacheUNet):
+        pipe.unet = pipe.unet.model
+    return pipe

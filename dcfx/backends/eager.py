@@ -1,0 +1,17 @@
+"""The eager backend: the partitioned GraphModules, run as they are."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dcfx.backends import CompiledPair, register_backend
+
+
+@register_backend("eager")
+def eager(
+    full: torch.nn.Module, shallow: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], **options: Any
+) -> CompiledPair:
+    """Returns the graphs themselves; takes no options."""
+    return CompiledPair(full=full, shallow=shallow)

@@ -1,0 +1,206 @@
+"""What dcfx knows about each supported U-Net class: its call signature and its up layers.
+
+The rest of dcfx sees a model through a ``ModelSpec``: how a call flattens into named tensors
+(and back), and the up layers that define the skip branches. Nothing here knows FX.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Flat = tuple[tuple[str, ...], tuple[torch.Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class UpLayer:
+    """One up layer (resnet, with its attention if any) and the skip branch that caches its input.
+
+    ``block`` and ``layer`` index ``unet.up_blocks[block].resnets[layer]``; ``branch`` numbers
+    the layers from the output end: branch 0 is the last layer of the last up block.
+    """
+
+    branch: int
+    block: int
+    layer: int
+
+    @property
+    def path(self) -> str:
+        """The module path of the layer's resnet, e.g. ``up_blocks.3.resnets.2``."""
+        return f"up_blocks.{self.block}.resnets.{self.layer}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How dcfx calls and cuts one U-Net class."""
+
+    model_class: type[nn.Module]
+    output_field: str = "sample"
+
+    def up_layers(self, model: nn.Module) -> list[UpLayer]:
+        """Returns every up layer of ``model``, ordered by branch id (output end first)."""
+        layers = []
+        blocks = list(model.up_blocks)
+        for block in reversed(range(len(blocks))):
+            for layer in reversed(range(len(blocks[block].resnets))):
+                layers.append(UpLayer(len(layers), block, layer))
+        return layers
+
+    def flatten(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Flat, bool]:
+        """Returns the call as (names, tensors) and its ``return_dict``.
+
+        Tensors keep their order of appearance in the forward signature; tuples and dicts of
+        tensors become ``name.i`` / ``name.key``. The timestep becomes a float32 tensor of shape
+        (batch,), which is what the U-Net computes from any timestep form.
+
+        Raises:
+            TypeError: for an argument that is not a tensor, a tuple of tensors, a dict of
+                tensors, or None (a graph cannot take it).
+        """
+        bound = _signature(type(model)).bind(*args, **kwargs)
+        return_dict = bool(bound.arguments.pop("return_dict", True))
+        sample = bound.arguments.get("sample")
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+        names: list[str] = []
+        tensors: list[torch.Tensor] = []
+        for name, value in bound.arguments.items():
+            if name == "timestep":
+                value = normalize_timestep(value, sample)
+            for key, tensor in _flatten_value(name, value):
+                names.append(key)
+                tensors.append(tensor)
+        return (tuple(names), tuple(tensors)), return_dict
+
+    def output(self, sample: torch.Tensor, return_dict: bool) -> Any:
+        """Returns ``sample`` as the wrapped model would: its output dataclass or a 1-tuple."""
+        if not return_dict:
+            return (sample,)
+        return _output_class(self.model_class)(**{self.output_field: sample})
+
+    def example_call(
+        self, model: nn.Module, sample_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Any]:
+        """Returns keyword arguments of a typical call with a sample of ``sample_shape``."""
+        cfg = model.config
+        batch = sample_shape[0]
+        call: dict[str, Any] = {
+            "sample": torch.randn(sample_shape, dtype=dtype, device=device),
+            "timestep": torch.tensor(500.0, device=device),
+        }
+        if "encoder_hidden_states" in _signature(type(model)).parameters:
+            dim = cfg.cross_attention_dim
+            dim = dim[0] if isinstance(dim, (tuple, list)) else dim
+            call["encoder_hidden_states"] = torch.randn(batch, 77, dim, dtype=dtype, device=device)
+        if getattr(cfg, "num_class_embeds", None):
+            call["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
+        if getattr(cfg, "time_cond_proj_dim", None):
+            call["timestep_cond"] = torch.randn(batch, cfg.time_cond_proj_dim, dtype=dtype, device=device)
+        if getattr(cfg, "addition_embed_type", None) == "text_time":
+            n_ids = 6
+            text_dim = model.add_embedding.linear_1.in_features - n_ids * cfg.addition_time_embed_dim
+            call["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(batch, text_dim, dtype=dtype, device=device),
+                "time_ids": torch.zeros(batch, n_ids, dtype=dtype, device=device),
+            }
+        elif getattr(cfg, "addition_embed_type", None):
+            raise NotImplementedError(f"example inputs for addition_embed_type={cfg.addition_embed_type!r}")
+        return call
+
+
+def unflatten(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """Returns the keyword arguments that ``ModelSpec.flatten`` turned into ``names``."""
+    kwargs: dict[str, Any] = {}
+    for name, tensor in zip(names, tensors, strict=True):
+        head, _, key = name.partition(".")
+        if not key:
+            kwargs[head] = tensor
+        elif key.isdigit():
+            kwargs.setdefault(head, []).append(tensor)
+        else:
+            kwargs.setdefault(head, {})[key] = tensor
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def normalize_timestep(timestep: Any, sample: torch.Tensor) -> torch.Tensor:
+    """Returns ``timestep`` as a float32 tensor of shape (batch,) on the sample's device."""
+    if isinstance(timestep, bool) or not isinstance(timestep, (int, float, torch.Tensor)):
+        raise TypeError(f"timestep must be a tensor, int or float, got {type(timestep).__name__}")
+    t = torch.as_tensor(timestep, device=sample.device)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, sample.shape[0])):
+        raise ValueError(
+            f"timestep must be a scalar or have shape ({sample.shape[0]},) to match the batch, "
+            f"got shape {tuple(t.shape)}"
+        )
+    return t.to(torch.float32).reshape(-1).expand(sample.shape[0])
+
+
+def _flatten_value(name: str, value: Any) -> list[tuple[str, torch.Tensor]]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [(name, value)]
+    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+        return [(f"{name}.{i}", v) for i, v in enumerate(value)]
+    if isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values()):
+        return [(f"{name}.{k}", value[k]) for k in sorted(value)]
+    if isinstance(value, Mapping) and not value:
+        return []
+    raise TypeError(
+        f"dcfx cannot pass {name}={value!r} into a captured graph: only tensors, tuples of "
+        f"tensors and dicts of tensors (or None) are graph inputs"
+    )
+
+
+def _signature(model_class: type) -> inspect.Signature:
+    sig = inspect.signature(model_class.forward)
+    return sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "self"])
+
+
+def _output_class(model_class: type) -> Callable[..., Any]:
+    module = inspect.getmodule(model_class)
+    name = model_class.__name__.replace("Model", "Output")
+    out = getattr(module, name, None)
+    if out is None:
+        raise TypeError(f"no output class {name} next to {model_class.__name__}")
+    return out
+
+
+_SPECS: dict[type, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Registers ``spec`` for its model class (and subclasses); returns it."""
+    _SPECS[spec.model_class] = spec
+    return spec
+
+
+def _register_diffusers() -> None:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    register_model(ModelSpec(UNet2DConditionModel))
+    register_model(ModelSpec(UNet2DModel))
+
+
+def spec_for(model: nn.Module) -> ModelSpec:
+    """Returns the ``ModelSpec`` of ``model``.
+
+    Raises:
+        TypeError: for a model dcfx does not support, naming the supported classes.
+    """
+    if not _SPECS:
+        _register_diffusers()
+    for cls in type(model).__mro__:
+        if cls in _SPECS:
+            return _SPECS[cls]
+    supported = ", ".join(sorted(c.__name__ for c in _SPECS))
+    raise TypeError(
+        f"dcfx does not support {type(model).__name__}: DeepCache needs a U-Net whose up blocks "
+        f"take skip connections in the diffusers layout. Supported: {supported}. For transformer "
+        f"(DiT) denoisers use diffusers' own cache hooks (e.g. FirstBlockCache, FasterCache)."
+    )

@@ -1,0 +1,70 @@
+"""Capture: a U-Net call as a flat, positional FX graph, by ``torch.export`` (non-strict)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from dcfx.models import unflatten
+
+
+class FlatUNet(nn.Module):
+    """Calls ``unet`` with tensors only, in the order of ``names``; returns the output sample.
+
+    ``torch.export`` needs a forward of tensors in and tensors out; this one rebuilds the
+    keyword arguments (tuples for residuals, dicts for added_cond_kwargs) from the flat list.
+    """
+
+    def __init__(self, unet: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.unet = unet
+        self.names = names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """Returns the U-Net's output sample for the flat inputs."""
+        return self.unet(**unflatten(self.names, tensors), return_dict=False)[0]
+
+
+def capture(
+    unet: nn.Module,
+    names: tuple[str, ...],
+    tensors: tuple[torch.Tensor, ...],
+    dynamic_shapes: Mapping[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Returns the U-Net call as a GraphModule ``f(*tensors) -> sample`` sharing unet's weights.
+
+    The graph is plain positional: the pytree input/output handling that
+    ``ExportedProgram.module()`` adds is replaced by the default code generator, and the
+    output is the sample tensor itself. ``dynamic_shapes`` maps input names to
+    ``torch.export`` dimension specs (``{"sample": {0: Dim("batch")}}``).
+    """
+    wrapper = FlatUNet(unet, names)
+    shapes = None
+    if dynamic_shapes is not None:
+        shapes = (tuple(dynamic_shapes.get(n) for n in names),)
+    modes = {m: m.training for m in unet.modules()}
+    try:
+        # Graphs are inference graphs (dropout off) whatever mode the user's model is in.
+        unet.eval()
+        with torch.no_grad():
+            program = torch.export.export(wrapper, tensors, dynamic_shapes=shapes, strict=False)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    gm = program.module()
+    graph = gm.graph
+    graph.set_codegen(fx.graph.CodeGen())
+    for node in list(graph.nodes):
+        # Recent torch inserts a call to an input-guard submodule; the runtime checks inputs itself.
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            graph.erase_node(node)
+    output = graph.output_node()
+    (result,) = output.args
+    while isinstance(result, (tuple, list)):
+        (result,) = result
+    output.args = (result,)
+    gm.recompile()
+    return gm

@@ -1,0 +1,51 @@
+"""Verify: the shallow graph holds no node of the deep part it replaces with the cache."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from dcfx.passes.context import PassContext
+from dcfx.passes.locate import in_module, module_path
+
+
+def deep_modules(ctx: PassContext) -> list[str]:
+    """Returns the module paths a shallow step must not run: mid block and deeper up layers."""
+    block, layer = ctx.layer.block, ctx.layer.layer
+    paths = ["mid_block"] + [f"up_blocks.{i}" for i in range(block)]
+    for i in range(layer):
+        paths += [f"up_blocks.{block}.resnets.{i}", f"up_blocks.{block}.attentions.{i}"]
+    return paths
+
+
+def kept_layers(gm: fx.GraphModule, prefix: str) -> list[str]:
+    """Returns the layers a graph runs, in execution order: ``conv_in``, ``down_blocks.0.resnets.1``..."""
+    layers: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        path = module_path(node, prefix)
+        if not path or path == prefix.rstrip("."):
+            continue
+        parts = path.split(".")
+        if parts[0].endswith("_blocks"):
+            if len(parts) >= 4:  # glue of a block (its cat, its upsample size) is no layer
+                layers.setdefault(".".join(parts[:4]))
+        else:
+            layers.setdefault(parts[0])
+    return list(layers)
+
+
+def verify_shallow(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Returns ``gm`` unchanged after checking that no deep-layer node survived.
+
+    Raises:
+        RuntimeError: naming the first deep node left, a partitioning bug rather than bad input.
+    """
+    deep = deep_modules(ctx)
+    for node in gm.graph.nodes:
+        for path in deep:
+            if in_module(node, path, ctx.module_prefix):
+                raise RuntimeError(
+                    f"branch {ctx.layer.branch}: shallow graph still runs {node.name} of {path}; "
+                    f"the cut did not separate the deep part"
+                )
+    ctx.notes["kept_layers"] = kept_layers(gm, ctx.module_prefix)
+    return gm

@@ -1,0 +1,206 @@
+"""The module that replaces ``pipe.unet``: step tracking, the cache buffer, the graph swap.
+
+The runtime knows graph pairs only as callables (``CompiledPair``) made by a ``build``
+function for each input signature; it knows nothing of FX or of how they were made.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcfx import schedule
+from dcfx.backends import CompiledPair
+from dcfx.config import DeepCacheConfig
+from dcfx.models import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+# At most this many graph pairs (one per input signature: shapes, dtypes, device) are kept;
+# the least recently used is dropped first. Feature buffers follow the same bound.
+MAX_GRAPH_PAIRS = 8
+
+Signature = tuple[tuple[str, ...], tuple[tuple[torch.Size, torch.dtype, torch.device], ...]]
+BuildFn = Callable[[tuple[str, ...], tuple[torch.Tensor, ...]], CompiledPair]
+
+
+@dataclass
+class Step:
+    """Where a U-Net call falls: its step index in the generation and the generation length."""
+
+    index: int
+    num_steps: int | None
+    new_generation: bool
+
+
+class StepTracker:
+    """Counts the U-Net calls of each generation and notices when a new one starts.
+
+    With a scheduler, a generation starts when ``scheduler.timesteps`` is a new tensor
+    (``set_timesteps`` ran, as every pipeline call does), when the calls run past its end, or
+    when the timestep goes back to an earlier entry. The first call of a generation finds its
+    position in ``scheduler.timesteps`` (img2img starts late); later calls advance by one
+    entry, so a call costs no host-device sync. Step i is the i-th call from that start, and
+    the generation has ``len(timesteps) - start`` steps.
+
+    Without a scheduler, a generation starts when the timestep does not descend; this reads
+    the timestep on the host on every call.
+    """
+
+    def __init__(self, scheduler: Any = None) -> None:
+        self.scheduler = scheduler
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the current generation; the next call starts a new one."""
+        self._timesteps: torch.Tensor | None = None
+        self._values: list[float] = []
+        self._start = 0
+        self._index = -1
+        self._last_t: float | None = None
+
+    def advance(self, timestep: torch.Tensor) -> Step:
+        """Returns the step of a call with ``timestep`` (shape (batch,)) and records it."""
+        if self.scheduler is None:
+            return self._advance_by_value(timestep)
+        timesteps = self.scheduler.timesteps
+        if timesteps is None:
+            raise ValueError("scheduler.timesteps is None: call scheduler.set_timesteps() before the U-Net")
+        index = self._index + 1
+        fresh = timesteps is not self._timesteps or self._start + index >= len(self._values)
+        if not fresh and timestep.device.type == "cpu":
+            # A check that costs nothing on the CPU: the timestep must be the expected entry.
+            fresh = float(timestep[0]) != self._values[self._start + index]
+        if fresh:
+            self._start = self._locate(timesteps, timestep)
+            index = 0
+        self._index = index
+        return Step(index, len(self._values) - self._start, fresh)
+
+    def _locate(self, timesteps: torch.Tensor, timestep: torch.Tensor) -> int:
+        self._timesteps = timesteps
+        self._values = [float(v) for v in timesteps.tolist()]
+        t = float(timestep[0])
+        begin = getattr(self.scheduler, "begin_index", None) or 0
+        for i in range(begin, len(self._values)):
+            if self._values[i] == t:
+                return i
+        raise ValueError(
+            f"timestep {t} is not in scheduler.timesteps {self._values[:8]}...: pass the pipeline's "
+            f"scheduler to dcfx.compile(scheduler=...), or none to count steps by call"
+        )
+
+    def _advance_by_value(self, timestep: torch.Tensor) -> Step:
+        t = float(timestep[0])
+        fresh = self._last_t is None or t >= self._last_t
+        self._index = 0 if fresh else self._index + 1
+        self._last_t = t
+        return Step(self._index, None, fresh)
+
+
+class DeepCacheUNet(nn.Module):
+    """A drop-in for a diffusers U-Net that runs DeepCache's full and shallow graphs.
+
+    It keeps the wrapped model (its parameters, ``config``, ``dtype``, ``device``, ...) and
+    answers every attribute the model has, so a pipeline cannot tell it apart. Per call it
+    runs the full graph (and stores the cache feature in a preallocated buffer) or the
+    shallow graph (which reads it). A step is full when the schedule says so, when no cache
+    exists in this generation, or when the cache was made for other inputs (batch,
+    resolution, dtype, device): a stale cache is never used. Inference only (no autograd).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: DeepCacheConfig,
+        spec: ModelSpec,
+        build: BuildFn,
+        scheduler: Any = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.deepcache_config = config
+        self.scheduler = scheduler
+        self._spec = spec
+        self._build = build
+        self._pairs: OrderedDict[Signature, CompiledPair] = OrderedDict()
+        self._buffers: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._tracker = StepTracker(scheduler)
+        self._plans: dict[int | None, schedule.StepPlan] = {}
+        self._plan = schedule.plan(config, None) if config.schedule != "non-uniform" else None
+        self._cache: torch.Tensor | None = None
+        self._cache_for: Signature | None = None
+        self.stats = {"full": 0, "shallow": 0}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = super().__getattr__("model")
+            return getattr(model, name)
+
+    def reset(self) -> None:
+        """Starts a new generation: forgets the step count and invalidates the cache."""
+        self._tracker.reset()
+        self._cache_for = None
+
+    def clear_graphs(self) -> None:
+        """Drops every built graph pair and buffer (after changing weights, for example)."""
+        self._pairs.clear()
+        self._buffers.clear()
+        self.reset()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the U-Net call ``model(*args, **kwargs)`` as a full or a shallow step."""
+        (names, tensors), return_dict = self._spec.flatten(self.model, args, kwargs)
+        key: Signature = (names, tuple((t.shape, t.dtype, t.device) for t in tensors))
+        step = self._tracker.advance(tensors[names.index("timestep")])
+        if step.new_generation:
+            self._cache_for = None
+        full = self._cache_for != key or self._step_plan(step.num_steps).is_full(step.index)
+        pair = self._pair(key, names, tensors)
+        with torch.no_grad():
+            if full:
+                sample, feature = pair.full(*tensors)
+                self._cache = self._buffer(feature)
+                self._cache.copy_(feature)
+                self._cache_for = key
+            else:
+                sample = pair.shallow(*tensors, self._cache)
+        self.stats["full" if full else "shallow"] += 1
+        return self._spec.output(sample, return_dict)
+
+    def _step_plan(self, num_steps: int | None) -> schedule.StepPlan:
+        if self._plan is not None:
+            return self._plan
+        if num_steps not in self._plans:
+            self._plans[num_steps] = schedule.plan(self.deepcache_config, num_steps)
+        return self._plans[num_steps]
+
+    def _pair(self, key: Signature, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
+        pair = self._pairs.get(key)
+        if pair is None:
+            logger.info("dcfx: building graphs for %s", [tuple(s) for s, _, _ in key[1]])
+            pair = self._build(names, tensors)
+            self._pairs[key] = pair
+            if len(self._pairs) > MAX_GRAPH_PAIRS:
+                self._pairs.popitem(last=False)
+        self._pairs.move_to_end(key)
+        return pair
+
+    def _buffer(self, feature: torch.Tensor) -> torch.Tensor:
+        fkey = (feature.shape, feature.dtype, feature.device)
+        buffer = self._buffers.get(fkey)
+        if buffer is None:
+            buffer = torch.empty_like(feature, memory_format=torch.contiguous_format)
+            self._buffers[fkey] = buffer
+            if len(self._buffers) > MAX_GRAPH_PAIRS:
+                self._buffers.popitem(last=False)
+        self._buffers.move_to_end(fkey)
+        return buffer
