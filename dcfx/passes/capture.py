@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,16 +56,18 @@ def capture(
         for module, training in modes.items():
             module.training = training
     gm = program.module()
-    graph = gm.graph
-    graph.set_codegen(fx.graph.CodeGen())
-    for node in list(graph.nodes):
+    for node in list(gm.graph.nodes):
         # Recent torch inserts a call to an input-guard submodule; the runtime checks inputs itself.
         if node.op == "call_module" and str(node.target).startswith("_guards"):
-            graph.erase_node(node)
-    output = graph.output_node()
-    (result,) = output.args
+            gm.graph.erase_node(node)
+    graph = fx.Graph()
+    graph.set_codegen(fx.graph.CodeGen())
+    env: dict[fx.Node, fx.Node] = {}
+    for old, name in zip(gm.graph.find_nodes(op="placeholder"), names, strict=True):
+        env[old] = graph.placeholder(re.sub(r"\W", "_", name))
+        env[old].meta = dict(old.meta)
+    result = graph.graph_copy(gm.graph, env)
     while isinstance(result, (tuple, list)):
         (result,) = result
-    output.args = (result,)
-    gm.recompile()
-    return gm
+    graph.output(result)
+    return fx.GraphModule(gm, graph, class_name="CapturedUNet")

@@ -1,0 +1,140 @@
+"""The ``dcfx`` command: ``dcfx demo``, ``dcfx branches``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dcfx.branches import branches, format_branches, ideal_speedup
+from dcfx.zoo import CONFIGS, build_unet
+
+
+def load_unet(model: str) -> nn.Module:
+    """Returns a built-in U-Net by name, or the U-Net of a local diffusers folder."""
+    if model in CONFIGS:
+        return build_unet(model)
+    if os.path.isdir(model):
+        from diffusers import UNet2DConditionModel, UNet2DModel
+
+        sub = os.path.join(model, "unet")
+        folder = sub if os.path.isdir(sub) else model
+        try:
+            return UNet2DConditionModel.from_pretrained(folder).eval()
+        except (OSError, ValueError):
+            return UNet2DModel.from_pretrained(folder).eval()
+    raise SystemExit(f"dcfx: --model {model!r} is neither a built-in config ({', '.join(CONFIGS)}) nor a folder")
+
+
+def cmd_branches(args: argparse.Namespace) -> int:
+    """Prints every branch of a model with its cache shape, FLOP share and ideal speedups."""
+    unet = load_unet(args.model)
+    shape = (args.batch, unet.config.in_channels, args.size, args.size)
+    print(f"dcfx branches: {args.model}, sample {list(shape)}", file=sys.stderr)
+    infos = branches(unet, shape)
+    print(format_branches(infos))
+    if args.layers:
+        for info in infos:
+            print(f"branch {info.branch}: {', '.join(info.kept_layers)}")
+    return 0
+
+
+def _timed_loop(unet: nn.Module, scheduler: object, latents: torch.Tensor, text: torch.Tensor, steps: int) -> float:
+    """Returns the seconds a DDIM loop of ``steps`` U-Net calls takes."""
+    from tqdm.auto import tqdm
+
+    scheduler.set_timesteps(steps)
+    x = latents.clone()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for t in tqdm(scheduler.timesteps, leave=False, file=sys.stderr):
+            eps = unet(x, t, encoder_hidden_states=text).sample
+            x = scheduler.step(eps, t, x).prev_sample
+    return time.perf_counter() - start
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Runs a short denoising loop without and with DeepCache on a built-in model."""
+    from diffusers import DDIMScheduler
+
+    import dcfx
+    from dcfx.models import spec_for
+    from dcfx.passes import build_graph_pair
+
+    unet = build_unet(args.model)
+    cfg = unet.config
+    shape = (args.batch, cfg.in_channels, args.size, args.size)
+    print(f"model {args.model}: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters, random weights")
+    print(f"latents {list(shape)}, {args.steps} DDIM steps, branch {args.branch}, 1:{args.interval} uniform\n")
+    infos = branches(unet, shape)
+    print(format_branches(infos), "\n")
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(shape, generator=g)
+    text = torch.randn(args.batch, 77, cfg.cross_attention_dim, generator=g)
+    t0 = time.perf_counter()
+    (names, tensors), _ = spec_for(unet).flatten(unet, (latents, 999), {"encoder_hidden_states": text})
+    pair = build_graph_pair(unet, args.branch, names, tensors)
+    print(
+        f"capture + partition: {time.perf_counter() - t0:.1f} s; graph nodes: full {len(pair.full.graph.nodes)}, "
+        f"shallow {len(pair.shallow.graph.nodes)}"
+    )
+    with torch.no_grad():
+        sample, feature = pair.full(*tensors)
+        gap = (pair.shallow(*tensors, feature) - sample).abs().max().item()
+    print(f"check: shallow(x, cache of full(x)) == full(x): max abs difference {gap:.1e}")
+
+    scheduler = DDIMScheduler()
+    fast = dcfx.compile(unet, branch=args.branch, interval=args.interval, scheduler=scheduler)
+
+    base, cached = [], []
+    for _ in range(args.repeats):
+        base.append(_timed_loop(unet, scheduler, latents, text, args.steps))
+        cached.append(_timed_loop(fast, scheduler, latents, text, args.steps))
+    tb, tc = statistics.median(base), statistics.median(cached)
+    r = infos[args.branch].flop_share
+    ideal = ideal_speedup(args.interval, r)
+    print(f"no cache: {tb:.2f} s   dcfx eager: {tc:.2f} s   (median of {args.repeats})")
+    print(f"speedup {tb / tc:.2f}x   FLOP-ideal {ideal:.2f}x   measured/ideal {tb / tc / ideal:.2f}")
+    print(f"steps run by dcfx: {fast.stats['full']} full, {fast.stats['shallow']} shallow")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the argument parser of the ``dcfx`` command."""
+    parser = argparse.ArgumentParser(prog="dcfx", description="DeepCache for diffusion U-Nets as a compiler pass")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("branches", help="list every skip branch: cache shape, FLOP share r, ideal speedups")
+    p.add_argument("--model", default="sd15", help=f"built-in config ({', '.join(CONFIGS)}) or a diffusers folder")
+    p.add_argument("--size", type=int, default=64, help="latent height and width")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--layers", action="store_true", help="also list the layers each shallow graph runs")
+    p.set_defaults(func=cmd_branches)
+
+    p = sub.add_parser("demo", help="a short denoising loop with and without DeepCache (random weights)")
+    p.add_argument("--model", default="small-sd", choices=sorted(CONFIGS))
+    p.add_argument("--size", type=int, default=32, help="latent height and width")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--branch", type=int, default=0)
+    p.add_argument("--interval", type=int, default=5, choices=range(1, 51), metavar="N")
+    p.add_argument("--repeats", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``dcfx`` command line."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

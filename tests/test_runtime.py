@@ -1,0 +1,147 @@
+"""The drop-in runtime: step tracking, generations, cache validity, the buffer, the graph cache."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+import dcfx
+from dcfx import runtime as runtime_module
+from tests.fixtures import example_call, tiny_sd, tiny_sdxl
+
+
+class Recorder:
+    """Wraps a runtime's graph builder to log which graph ran at each call."""
+
+    def __init__(self, runtime):
+        self.calls: list[str] = []
+        build = runtime._build
+
+        def recording_build(names, tensors):
+            pair = build(names, tensors)
+
+            def full(*args):
+                self.calls.append("full")
+                return pair.full(*args)
+
+            def shallow(*args):
+                self.calls.append("shallow")
+                return pair.shallow(*args)
+
+            return type(pair)(full=full, shallow=shallow)
+
+        runtime._build = recording_build
+
+    def full_steps(self):
+        return [i for i, kind in enumerate(self.calls) if kind == "full"]
+
+
+def denoise(unet, scheduler, steps=10, size=16, batch=2, seed=0):
+    """A plain DDIM loop; returns the final latents."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g)
+    ehs = torch.randn(batch, 7, 8, generator=g)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t, ehs).sample, t, x).prev_sample
+    return x
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_sd()
+
+
+def test_drop_in_attributes_and_return_types(unet):
+    fast = dcfx.compile(unet, branch=0, interval=2)
+    assert fast.config is unet.config and fast.dtype == unet.dtype and fast.device == unet.device
+    call = example_call(unet)
+    out = fast(**call)
+    assert isinstance(out, UNet2DConditionOutput)
+    as_tuple = fast(**call, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    torch.testing.assert_close(out.sample, unet(**call).sample, atol=0, rtol=0)
+    sdxl = tiny_sdxl()
+    assert dcfx.compile(sdxl).add_embedding is sdxl.add_embedding
+
+
+def test_schedule_is_followed_and_generations_restart_cleanly(unet):
+    scheduler = DDIMScheduler()
+    fast = dcfx.compile(unet, branch=1, interval=3, scheduler=scheduler)
+    rec = Recorder(fast)
+    first = denoise(fast, scheduler)
+    second = denoise(fast, scheduler)
+    assert rec.full_steps() == [0, 3, 6, 9, 10, 13, 16, 19]
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+    assert (first - denoise(unet, scheduler)).abs().max() > 1e-6  # caching changed something
+
+
+def test_non_uniform_schedule_takes_the_step_count_from_the_scheduler(unet):
+    scheduler = DDIMScheduler()
+    cfg = dcfx.DeepCacheConfig(interval=3, schedule="non-uniform", center=5, power=1.5)
+    fast = dcfx.compile(unet, cfg, scheduler=scheduler)
+    rec = Recorder(fast)
+    denoise(fast, scheduler, steps=20)
+    assert rec.full_steps() == dcfx.schedule.non_uniform_full_steps(20, 3, 5, 1.5)[0]
+
+
+def test_without_scheduler_a_non_descending_timestep_starts_a_generation(unet):
+    fast = dcfx.compile(unet, branch=0, interval=10)
+    rec = Recorder(fast)
+    call = example_call(unet)
+    for t in (900, 800, 700, 900, 800):
+        fast(call["sample"], t, call["encoder_hidden_states"])
+    assert rec.calls == ["full", "shallow", "shallow", "full", "shallow"]
+
+
+def test_reset_forces_a_full_step(unet):
+    fast = dcfx.compile(unet, branch=0, interval=10)
+    rec = Recorder(fast)
+    call = example_call(unet)
+    fast(call["sample"], 900, call["encoder_hidden_states"])
+    fast(call["sample"], 800, call["encoder_hidden_states"])
+    fast.reset()
+    fast(call["sample"], 700, call["encoder_hidden_states"])
+    assert rec.calls == ["full", "shallow", "full"]
+
+
+@pytest.mark.parametrize("change", ["resolution", "batch"])
+def test_a_cache_that_does_not_fit_is_never_used(unet, change):
+    fast = dcfx.compile(unet, branch=0, interval=10)
+    rec = Recorder(fast)
+    call = example_call(unet)
+    fast(call["sample"], 900, call["encoder_hidden_states"])
+    other = example_call(unet, size=24) if change == "resolution" else example_call(unet, batch=3)
+    out = fast(other["sample"], 800, other["encoder_hidden_states"]).sample
+    assert rec.calls == ["full", "full"]
+    torch.testing.assert_close(out, unet(other["sample"], 800, other["encoder_hidden_states"]).sample, atol=0, rtol=0)
+    fast(other["sample"], 700, other["encoder_hidden_states"])
+    assert rec.calls[-1] == "shallow"
+
+
+def test_the_cache_buffer_is_allocated_once(unet):
+    scheduler = DDIMScheduler()
+    fast = dcfx.compile(unet, branch=0, interval=2, scheduler=scheduler)
+    denoise(fast, scheduler, steps=4)
+    address = fast._cache.data_ptr()
+    denoise(fast, scheduler, steps=6)
+    assert fast._cache.data_ptr() == address
+    assert len(fast._buffers) == 1
+
+
+def test_graph_cache_is_bounded(unet, monkeypatch):
+    monkeypatch.setattr(runtime_module, "MAX_GRAPH_PAIRS", 2)
+    fast = dcfx.compile(unet, branch=0, interval=2)
+    for size in (8, 16, 24):
+        call = example_call(unet, size=size)
+        fast(call["sample"], 900, call["encoder_hidden_states"])
+    assert len(fast._pairs) == 2 and len(fast._buffers) == 2
+
+
+def test_a_timestep_outside_the_scheduler_is_an_error(unet):
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(10)
+    fast = dcfx.compile(unet, scheduler=scheduler)
+    call = example_call(unet)
+    with pytest.raises(ValueError, match="not in scheduler.timesteps"):
+        fast(call["sample"], 123.5, call["encoder_hidden_states"])
