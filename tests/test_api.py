@@ -48,7 +48,7 @@ def test_compiling_twice_is_an_error(unet):
 def test_bad_call_arguments(unet):
     fast = dcfx.compile(unet)
     call = example_call(unet)
-    with pytest.raises(TypeError, match="sample must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"sample must be a torch\.Tensor"):
         fast(call["sample"].numpy(), 10, call["encoder_hidden_states"])
     with pytest.raises(TypeError, match="cannot pass cross_attention_kwargs"):
         fast(**call, cross_attention_kwargs={"scale": 0.5})

@@ -143,5 +143,5 @@ def test_a_timestep_outside_the_scheduler_is_an_error(unet):
     scheduler.set_timesteps(10)
     fast = dcfx.compile(unet, scheduler=scheduler)
     call = example_call(unet)
-    with pytest.raises(ValueError, match="not in scheduler.timesteps"):
+    with pytest.raises(ValueError, match=r"not in scheduler\.timesteps"):
         fast(call["sample"], 123.5, call["encoder_hidden_states"])

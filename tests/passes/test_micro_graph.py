@@ -28,7 +28,12 @@ def test_module_paths_name_every_layer():
 
 @pytest.mark.parametrize(
     ("branch", "consumer"),
-    [(0, "up_blocks.1.resnets.1"), (1, "up_blocks.1.resnets.0"), (2, "up_blocks.0.resnets.1"), (3, "up_blocks.0.resnets.0")],
+    [
+        (0, "up_blocks.1.resnets.1"),
+        (1, "up_blocks.1.resnets.0"),
+        (2, "up_blocks.0.resnets.1"),
+        (3, "up_blocks.0.resnets.0"),
+    ],
 )
 def test_feature_is_the_main_path_operand_of_the_layer_cat(branch, consumer):
     _, ctx, _, gm = micro_context(branch)

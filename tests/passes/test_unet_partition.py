@@ -41,7 +41,7 @@ def test_shallow_graph_of_branch_0_drops_mid_and_down_blocks(captured):
     assert "conv_in" in kept and "conv_out" in kept
     assert not [k for k in kept if k.startswith(("down_blocks", "mid_block"))]
     last = len(unet.up_blocks) - 1
-    assert [k for k in kept if k.startswith("up_blocks")][0].startswith(f"up_blocks.{last}.resnets.")
+    assert next(k for k in kept if k.startswith("up_blocks")).startswith(f"up_blocks.{last}.resnets.")
 
 
 def test_parameters_are_shared_with_the_model(captured):
