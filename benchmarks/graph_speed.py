@@ -115,7 +115,7 @@ def log(message: str) -> None:
 
 
 def time_graphs(
-    graphs: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]], scenario: Scenario, backend: str
+    graphs: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]], scenario: Scenario
 ) -> tuple[dict[str, Timing], dict[str, Any]]:
     """Returns the timing and the first output of each ``fn(*inputs)`` in ``graphs``, by name.
 
@@ -126,16 +126,16 @@ def time_graphs(
     first_call, outputs = {}, {}
     with torch.no_grad():
         for name, (fn, inputs) in graphs.items():
-            log(f"{backend} {name}: first call{'' if backend == 'eager' else ' (compiles)'}")
+            log(f"{name}: first call{'' if name.startswith('eager') else ' (compiles)'}")
             start = time.perf_counter()
             outputs[name] = fn(*inputs)
             first_call[name] = time.perf_counter() - start
-            log(f"{backend} {name}: first call took {first_call[name]:.2f} s")
+            log(f"{name}: first call took {first_call[name]:.2f} s")
         for _ in range(scenario.warmup):
             for fn, inputs in graphs.values():
                 fn(*inputs)
         times: dict[str, list[float]] = {name: [] for name in graphs}
-        for _ in tqdm(range(scenario.repeats), desc=f"{backend} timed rounds", file=sys.stderr, leave=False):
+        for _ in tqdm(range(scenario.repeats), desc="timed rounds", file=sys.stderr, leave=False):
             for name, (fn, inputs) in graphs.items():
                 start = time.perf_counter()
                 fn(*inputs)
@@ -175,21 +175,29 @@ def prepare(scenario: Scenario) -> tuple[tuple[torch.Tensor, ...], dict[int, Bra
 
 
 def measure(scenario: Scenario) -> list[dict[str, Any]]:
-    """Returns one row per (backend, branch): times, the ratio shallow/full, and r."""
+    """Returns one row per (backend, branch): times, the ratio shallow/full, and r.
+
+    Every backend's graphs are compiled first and then timed in the same round-robin rounds,
+    so a drift of the machine's speed (seen here: 2.5x within the hour) hits every backend
+    and every graph alike, and both the ratios and the backend comparison survive it.
+    """
     tensors, branches = prepare(scenario)
     first = scenario.branches[0]
+    graphs: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]] = {}
+    for backend in scenario.backends:
+        compiled = {b: get_backend(backend)(br.pair.full, br.pair.shallow, tensors) for b, br in branches.items()}
+        graphs[f"{backend} full"] = (compiled[first].full, tensors)
+        for b, br in branches.items():
+            graphs[f"{backend} shallow b{b}"] = (compiled[b].shallow, (*tensors, br.feature))
+    log(f"full graph from branch {first}, shallow graphs of branches {list(branches)}, backends {scenario.backends}")
+    timings, outputs = time_graphs(graphs, scenario)
+    eager_full = timings.get("eager full")
     rows = []
     for backend in scenario.backends:
-        compile_pair = get_backend(backend)
-        compiled = {b: compile_pair(br.pair.full, br.pair.shallow, tensors) for b, br in branches.items()}
-        graphs = {"full": (compiled[first].full, tensors)}
-        graphs |= {f"shallow b{b}": (compiled[b].shallow, (*tensors, br.feature)) for b, br in branches.items()}
-        log(f"{backend}: full graph from branch {first}, shallow graphs of branches {list(branches)}")
-        timings, outputs = time_graphs(graphs, scenario, backend)
-        full = timings["full"]
-        full_err = (outputs["full"][0] - branches[first].sample).abs().max().item()
+        full = timings[f"{backend} full"]
+        full_err = (outputs[f"{backend} full"][0] - branches[first].sample).abs().max().item()
         for b, br in branches.items():
-            shallow = timings[f"shallow b{b}"]
+            shallow = timings[f"{backend} shallow b{b}"]
             ratio = shallow.median_s / full.median_s
             rows.append(
                 {
@@ -199,6 +207,7 @@ def measure(scenario: Scenario) -> list[dict[str, Any]]:
                     "r": br.flop_share,
                     "full_median_s": full.median_s,
                     "full_min_s": full.min_s,
+                    "full_speedup_vs_eager": eager_full.median_s / full.median_s if eager_full else None,
                     "shallow_median_s": shallow.median_s,
                     "shallow_min_s": shallow.min_s,
                     "ratio": ratio,
@@ -209,7 +218,7 @@ def measure(scenario: Scenario) -> list[dict[str, Any]]:
                     "full_times_s": list(full.times_s),
                     "shallow_times_s": list(shallow.times_s),
                     "full_max_abs_err": full_err,
-                    "shallow_max_abs_err": (outputs[f"shallow b{b}"] - br.sample).abs().max().item(),
+                    "shallow_max_abs_err": (outputs[f"{backend} shallow b{b}"] - br.sample).abs().max().item(),
                 }
             )
             log(f"{backend} shallow b{b}: median {shallow.median_s:.4f} s, ratio {ratio:.3f}, r {br.flop_share:.3f}")
@@ -258,19 +267,21 @@ def markdown(scenario: Scenario, rows: list[dict[str, Any]]) -> str:
         f"{scenario.model}, {scenario.size}x{scenario.size} latents, batch {scenario.batch}, fp32, CPU; "
         f"median of {scenario.repeats} calls after {scenario.warmup} warm-up calls.",
         "",
-        "| backend | branch | r | full median s | shallow median s | ratio | ratio/r | within 10% "
+        "| backend | branch | r | full median s | full vs eager | shallow median s | ratio | ratio/r | within 10% "
         "| compile s full / shallow |",
-        "|---|---:|---:|---:|---:|---:|---:|:---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['backend']} | {row['branch']} | {row['r']:.3f} | {row['full_median_s']:.4f} "
-            f"| {row['shallow_median_s']:.4f} | {row['ratio']:.3f} | {row['ratio_over_r']:.2f} "
+            f"| {_speedup(row['full_speedup_vs_eager'])} | {row['shallow_median_s']:.4f} "
+            f"| {row['ratio']:.3f} | {row['ratio_over_r']:.2f} "
             f"| {'yes' if row['within_goal'] else 'no'} "
             f"| {row['full_compile_s']:.1f} / {row['shallow_compile_s']:.1f} |"
         )
     lines += [
         "",
+        "All graphs of all backends were timed in the same round-robin rounds (drift hits all alike). "
         f"The full graph was timed once per backend, with branch {scenario.branches[0]}'s full graph: the full "
         "graphs of the branches differ only in their extra output.",
         "Compile s is the wall time of the first call (for Inductor: trace, compile and one run; for eager: one run); "
@@ -278,6 +289,10 @@ def markdown(scenario: Scenario, rows: list[dict[str, Any]]) -> str:
         f"Goal: |ratio/r - 1| <= {GOAL:.2f}.",
     ]
     return "\n".join(lines)
+
+
+def _speedup(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def plot(scenario: Scenario, rows: list[dict[str, Any]], path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +17,31 @@ OPTIONS = ("mode", "options")
 DEFAULT_INDUCTOR_OPTIONS = {"freezing": True}
 
 
+class _FirstCallPatched:
+    """Calls a ``torch.compile`` wrapper, with Inductor settings patched while it compiles.
+
+    ``torch.compile(options=...)`` reaches Inductor only, but freezing must also be on while
+    dynamo traces: otherwise the parameters become graph inputs, nothing is frozen and the
+    weights are re-laid-out on every call (seen on torch 2.13: frozen SD1.5 full graph 4.0 s,
+    eager 3.1 s). The patch is scoped to the compiling call; no global stays changed.
+    """
+
+    def __init__(self, compiled: Callable[..., Any], settings: dict[str, Any]) -> None:
+        self._compiled = compiled
+        self._settings = settings
+        self._warm = False
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        if self._warm:
+            return self._compiled(*args)
+        import torch._inductor.config as inductor_config  # private; checked on torch 2.6-2.13
+
+        with inductor_config.patch(self._settings):
+            out = self._compiled(*args)
+        self._warm = True
+        return out
+
+
 @register_backend("inductor", options=OPTIONS)
 def inductor(
     full: torch.nn.Module, shallow: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], **options: Any
@@ -27,14 +53,16 @@ def inductor(
     graph pair is compiled for one input shape: the runtime keeps one pair per shape, so the
     steps of a generation never recompile.
     """
-    settings = {**DEFAULT_INDUCTOR_OPTIONS, **(options.get("options") or {})}
     mode = options.get("mode")
     if mode is not None and options.get("options"):
         raise TypeError("inductor: pass either mode= or options=, as torch.compile takes one of them")
+    settings = {**DEFAULT_INDUCTOR_OPTIONS, **(options.get("options") or {})}
 
-    def compile_graph(gm: torch.nn.Module) -> Any:
+    def compile_graph(gm: torch.nn.Module) -> Callable[..., Any]:
         if mode is not None:
-            return torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False, mode=mode)
-        return torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False, options=settings)
+            compiled = torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False, mode=mode)
+            return _FirstCallPatched(compiled, DEFAULT_INDUCTOR_OPTIONS)
+        compiled = torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False, options=settings)
+        return _FirstCallPatched(compiled, settings)
 
     return CompiledPair(full=compile_graph(full), shallow=compile_graph(shallow))
