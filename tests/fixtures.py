@@ -14,62 +14,56 @@ from diffusers import (
     UNet2DModel,
 )
 
+TWO_BLOCKS = {
+    "block_out_channels": (8, 16),
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+}
+
+
+def tiny_unet(seed: int = 0, **config) -> UNet2DConditionModel:
+    """A UNet2DConditionModel of tiny widths; ``config`` overrides the two-block SD layout."""
+    torch.manual_seed(seed)
+    defaults = {
+        **TWO_BLOCKS,
+        "layers_per_block": 2,
+        "sample_size": 16,
+        "cross_attention_dim": 8,
+        "norm_num_groups": 4,
+        "attention_head_dim": 2,
+    }
+    return UNet2DConditionModel(**{**defaults, **config}).eval()
+
 
 def tiny_sd(layers_per_block: int = 2, seed: int = 0) -> UNet2DConditionModel:
     """SD 1.x layout: 3 blocks, cross-attention in the first two; L = layers_per_block + 1."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    return tiny_unet(
+        seed,
         block_out_channels=(8, 16, 16),
         layers_per_block=layers_per_block,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    ).eval()
+    )
 
 
 def tiny_sd2(seed: int = 0) -> UNet2DConditionModel:
     """SD 2.x layout: linear projections, a head dim per block."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=2,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=4,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-    ).eval()
+    return tiny_unet(seed, attention_head_dim=(2, 4), use_linear_projection=True)
 
 
 def tiny_sdxl(seed: int = 0) -> UNet2DConditionModel:
     """SDXL layout: text_time added conditioning, two transformer layers in the deep block."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=2,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
+    return tiny_unet(
+        seed,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
-        cross_attention_dim=8,
-        norm_num_groups=4,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=8 + 6 * 4,
-    ).eval()
+    )
 
 
 def tiny_ddpm(num_class_embeds: int | None = None, seed: int = 0) -> UNet2DModel:

@@ -6,25 +6,13 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import dcfx
-from tests.fixtures import example_call, tiny_sdxl
+from tests.fixtures import example_call, tiny_sdxl, tiny_unet
 from tests.test_runtime import Recorder
 
 
 def tiny_conditioned() -> UNet2DConditionModel:
     """SD layout with LCM's timestep_cond and a class embedding."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=2,
-        sample_size=16,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=4,
-        attention_head_dim=2,
-        time_cond_proj_dim=6,
-        num_class_embeds=5,
-    ).eval()
+    return tiny_unet(time_cond_proj_dim=6, num_class_embeds=5)
 
 
 def residuals(unet, call, scale):

@@ -7,7 +7,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 import dcfx
 from dcfx import runtime as runtime_module
-from tests.fixtures import example_call, tiny_sd, tiny_sdxl
+from tests.fixtures import example_call, tiny_sdxl, tiny_unet
 
 
 class Recorder:
@@ -49,7 +49,7 @@ def denoise(unet, scheduler, steps=10, size=16, batch=2, seed=0):
 
 @pytest.fixture(scope="module")
 def unet():
-    return tiny_sd()
+    return tiny_unet()
 
 
 def test_drop_in_attributes_and_return_types(unet):
@@ -116,6 +116,22 @@ def test_a_cache_that_does_not_fit_is_never_used(unet, change):
     assert rec.calls == ["full", "full"]
     torch.testing.assert_close(out, unet(other["sample"], 800, other["encoder_hidden_states"]).sample, atol=0, rtol=0)
     fast(other["sample"], 700, other["encoder_hidden_states"])
+    assert rec.calls[-1] == "shallow"
+
+
+def test_a_dtype_change_through_the_runtime_is_a_full_step_in_the_new_dtype():
+    unet = tiny_unet()
+    fast = dcfx.compile(unet, branch=0, interval=10)
+    rec = Recorder(fast)
+    call = example_call(unet)
+    fast(call["sample"], 900, call["encoder_hidden_states"])
+    fast.double()  # moves the shared parameters: the graphs see the same objects
+    assert unet.dtype == torch.float64
+    sample, ehs = call["sample"].double(), call["encoder_hidden_states"].double()
+    out = fast(sample, 800, ehs).sample
+    assert rec.calls == ["full", "full"] and out.dtype == torch.float64
+    torch.testing.assert_close(out, unet(sample, 800, ehs).sample, atol=0, rtol=0)
+    fast(sample, 700, ehs)
     assert rec.calls[-1] == "shallow"
 
 

@@ -11,9 +11,10 @@ from dcfx.backends import CompiledPair, register_backend
 
 OPTIONS = ("mode", "options")
 
-# Measured on the SD1.5 U-Net at 32x32 latents on 2 CPU cores: default Inductor ran the full
-# graph 1.45x slower than eager, Inductor with freezing 1.25x faster. Freezing folds the
-# weights into the compiled code: weights changed after the first call are not seen.
+# On the SD1.5 U-Net at 32x32 latents, batch 2, 2 CPU cores: default Inductor ran the full
+# graph 1.45x slower than eager (shared/NOTES.md); with freezing, 1.33x faster (median of 5,
+# benchmarks/graph_speed.py). Freezing folds the weights into the compiled code: weights
+# changed after the first call are not seen (DeepCacheUNet.clear_graphs() rebuilds).
 DEFAULT_INDUCTOR_OPTIONS = {"freezing": True}
 
 

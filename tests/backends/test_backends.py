@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx.backends import available_backends, get_backend
-from tests.fixtures import tiny_sd
+from tests.fixtures import tiny_sd, tiny_unet
 from tests.test_runtime import Recorder, denoise
 
 
@@ -33,7 +33,7 @@ def test_a_registered_backend_is_used_by_compile():
 
 @pytest.mark.slow
 def test_inductor_steps_never_recompile_and_match_eager():
-    unet = tiny_sd()
+    unet = tiny_unet()
     scheduler = DDIMScheduler()
     eager = denoise(dcfx.compile(unet, branch=1, interval=3, scheduler=scheduler), scheduler, steps=7)
     fast = dcfx.compile(unet, branch=1, interval=3, scheduler=scheduler, backend="inductor")
