@@ -45,3 +45,14 @@ def test_inductor_steps_never_recompile_and_match_eager():
     assert rec.calls.count("full") == 6 and rec.calls.count("shallow") == 8
     torch.testing.assert_close(first, eager, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(second, first, atol=0, rtol=0)
+    # Freezing is in effect (weights folded at compile time, not read per call): a weight
+    # changed afterwards moves the eager output but not the compiled one.
+    with torch.no_grad():
+        unet.conv_out.bias.add_(1.0)
+    try:
+        moved = denoise(dcfx.compile(unet, branch=1, interval=3, scheduler=scheduler), scheduler, steps=7)
+        assert (moved - eager).abs().max() > 1e-3
+        torch.testing.assert_close(denoise(fast, scheduler, steps=7), first, atol=0, rtol=0)
+    finally:
+        with torch.no_grad():
+            unet.conv_out.bias.sub_(1.0)
