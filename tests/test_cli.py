@@ -15,3 +15,11 @@ def test_branches_command_prints_every_branch(capsys):
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(SystemExit, match="neither a built-in config"):
         main(["branches", "--model", "no-such-model"])
+
+
+def test_demo_runs_and_reports_the_speedup(capsys):
+    assert main(["demo", "--steps", "4", "--interval", "2", "--repeats", "1", "--size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "max abs difference 0.0e+00" in out
+    assert "steps run by dcfx: 2 full, 2 shallow" in out
+    assert "speedup" in out and "FLOP-ideal" in out
