@@ -6,6 +6,7 @@ The rest of dcfx sees a model through a ``ModelSpec``: how a call flattens into 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -157,6 +158,7 @@ def _flatten_value(name: str, value: Any) -> list[tuple[str, torch.Tensor]]:
     )
 
 
+@functools.cache
 def _signature(model_class: type) -> inspect.Signature:
     sig = inspect.signature(model_class.forward)
     return sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "self"])
