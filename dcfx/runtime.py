@@ -133,7 +133,6 @@ class DeepCacheUNet(nn.Module):
         self._buffers: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self._tracker = StepTracker(scheduler)
         self._plans: dict[int | None, schedule.StepPlan] = {}
-        self._plan = schedule.plan(config, None) if config.schedule != "non-uniform" else None
         self._cache: torch.Tensor | None = None
         self._cache_for: Signature | None = None
         self.stats = {"full": 0, "shallow": 0}
@@ -177,8 +176,9 @@ class DeepCacheUNet(nn.Module):
         return self._spec.output(sample, return_dict)
 
     def _step_plan(self, num_steps: int | None) -> schedule.StepPlan:
-        if self._plan is not None:
-            return self._plan
+        # Only the non-uniform schedule depends on the step count: one plan per count, made once.
+        if self.deepcache_config.schedule != "non-uniform":
+            num_steps = None
         if num_steps not in self._plans:
             self._plans[num_steps] = schedule.plan(self.deepcache_config, num_steps)
         return self._plans[num_steps]

@@ -52,7 +52,7 @@ def partition(captured: fx.GraphModule, ctx: PassContext) -> GraphPair:
         input_names=ctx.input_names,
         feature_shape=tuple(feature.shape),
         feature_dtype=feature.dtype,
-        kept_layers=list(ctx.notes["kept_layers"]),
+        kept_layers=kept_layers(shallow, ctx.module_prefix),
         full_layers=kept_layers(full, ctx.module_prefix),
     )
 

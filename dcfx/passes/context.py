@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -28,4 +28,3 @@ class PassContext:
     layer: UpLayer
     feature: str | None = None
     module_prefix: str = "unet."
-    notes: dict[str, object] = field(default_factory=dict)

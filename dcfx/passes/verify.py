@@ -47,5 +47,4 @@ def verify_shallow(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                     f"branch {ctx.layer.branch}: shallow graph still runs {node.name} of {path}; "
                     f"the cut did not separate the deep part"
                 )
-    ctx.notes["kept_layers"] = kept_layers(gm, ctx.module_prefix)
     return gm

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dcfx.models import ModelSpec, UpLayer
+from dcfx.models import ModelSpec
 from dcfx.passes import PassContext, capture
 
 
@@ -85,6 +85,3 @@ def micro_context(branch: int) -> tuple[nn.Module, PassContext, tuple[torch.Tens
     names = ("sample", "timestep")
     ctx = PassContext(model=model, spec=spec, input_names=names, layer=layer)
     return model, ctx, inputs, capture(model, names, inputs)
-
-
-assert isinstance(UpLayer(0, 1, 1).path, str)
