@@ -11,7 +11,7 @@ from torch import nn
 
 from dcfx.backends import CompiledPair, check_options, get_backend
 from dcfx.config import DeepCacheConfig
-from dcfx.models import spec_for
+from dcfx.models import ModelSpec, spec_for
 from dcfx.passes import build_graph_pair
 from dcfx.runtime import DeepCacheUNet
 
@@ -31,6 +31,32 @@ def resolve_config(config: DeepCacheConfig | str | os.PathLike[str] | None, fiel
     if not isinstance(config, DeepCacheConfig):
         raise TypeError(f"config must be a DeepCacheConfig or a path to its JSON, got {type(config).__name__}")
     return config
+
+
+def split_config_fields(
+    config: DeepCacheConfig | str | os.PathLike[str] | None, kwargs: dict[str, Any]
+) -> tuple[DeepCacheConfig, dict[str, Any]]:
+    """Returns the config (object, JSON path or the DeepCacheConfig fields in ``kwargs``) and the other kwargs."""
+    fields = {k: v for k, v in kwargs.items() if k in _FIELDS}
+    rest = {k: v for k, v in kwargs.items() if k not in _FIELDS}
+    return resolve_config(config, fields), rest
+
+
+def model_spec(unet: nn.Module) -> ModelSpec:
+    """Returns the ``ModelSpec`` of ``unet``; refuses a module dcfx already wraps."""
+    if isinstance(unet, DeepCacheUNet):
+        raise TypeError("this U-Net is already compiled by dcfx; pass the original (runtime.model)")
+    return spec_for(unet)
+
+
+def check_branch(unet: nn.Module, spec: ModelSpec, cfg: DeepCacheConfig) -> None:
+    """Raises ValueError when ``cfg.branch`` is not a branch of ``unet``, naming the valid ids."""
+    n_branches = len(spec.up_layers(unet))
+    if cfg.branch >= n_branches:
+        raise ValueError(
+            f"branch {cfg.branch} is out of range for {type(unet).__name__} with {n_branches} up layers; "
+            f"valid branch ids: 0..{n_branches - 1} (see dcfx.branches(unet))"
+        )
 
 
 def compile(  # noqa: A001  (the public verb shadows the builtin inside this module only)
@@ -62,17 +88,9 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
         TypeError: unsupported model class, config and fields both given, unknown option.
         ValueError: branch out of range, bad schedule fields, unknown backend.
     """
-    if isinstance(unet, DeepCacheUNet):
-        raise TypeError("this U-Net is already compiled by dcfx; compile the original (runtime.model)")
-    spec = spec_for(unet)
-    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}
-    cfg = resolve_config(config, fields)
-    n_branches = len(spec.up_layers(unet))
-    if cfg.branch >= n_branches:
-        raise ValueError(
-            f"branch {cfg.branch} is out of range for {type(unet).__name__} with {n_branches} up layers; "
-            f"valid branch ids: 0..{n_branches - 1} (see dcfx.branches(unet))"
-        )
+    spec = model_spec(unet)
+    cfg, kwargs = split_config_fields(config, kwargs)
+    check_branch(unet, spec, cfg)
     if cfg.schedule == "non-uniform" and scheduler is None and cfg.steps is None:
         raise ValueError(
             "the non-uniform schedule needs the step count: pass scheduler=pipe.scheduler "

@@ -7,6 +7,7 @@ The rest of dcfx sees a model through a ``ModelSpec``: how a call flattens into 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ class ModelSpec:
             TypeError: for an argument that is not a tensor, a tuple of tensors, a dict of
                 tensors, or None (a graph cannot take it).
         """
-        bound = _signature(type(model)).bind(*args, **kwargs)
+        bound = self.signature(model).bind(*args, **kwargs)
         return_dict = bool(bound.arguments.pop("return_dict", True))
         sample = bound.arguments.get("sample")
         if not isinstance(sample, torch.Tensor):
@@ -78,11 +79,33 @@ class ModelSpec:
                 tensors.append(tensor)
         return (tuple(names), tuple(tensors)), return_dict
 
+    def signature(self, model: nn.Module) -> inspect.Signature:
+        """Returns the signature of ``model.forward`` (without ``self``)."""
+        return _signature(type(model))
+
+    def output_class(self) -> Callable[..., Any]:
+        """Returns the model's output dataclass (``UNet2DConditionOutput`` and the like)."""
+        return _output_class(self.model_class)
+
     def output(self, sample: torch.Tensor, return_dict: bool) -> Any:
         """Returns ``sample`` as the wrapped model would: its output dataclass or a 1-tuple."""
         if not return_dict:
             return (sample,)
-        return _output_class(self.model_class)(**{self.output_field: sample})
+        return self.output_class()(**{self.output_field: sample})
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """Returns what a ``StoredSpec`` needs to call like ``model`` without its code (JSON-able)."""
+        out = self.output_class()
+        return {
+            "class": type(model).__name__,
+            "forward": [
+                [p.name, p.default is inspect.Parameter.empty]
+                for p in self.signature(model).parameters.values()
+                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            ],
+            "output": f"{out.__module__}:{out.__qualname__}",
+            "output_field": self.output_field,
+        }
 
     def example_call(
         self, model: nn.Module, sample_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -112,6 +135,70 @@ class ModelSpec:
         elif getattr(cfg, "addition_embed_type", None):
             raise NotImplementedError(f"example inputs for addition_embed_type={cfg.addition_embed_type!r}")
         return call
+
+
+@dataclass
+class ModelOutput:
+    """The output of a U-Net call when the model's own output class cannot be imported.
+
+    Like diffusers' output classes it has the ``sample`` attribute and indexes as a 1-tuple.
+    """
+
+    sample: torch.Tensor
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # noqa: D105
+        return (self.sample,)[index]
+
+
+@dataclass(frozen=True)
+class StoredSpec(ModelSpec):
+    """A ``ModelSpec`` rebuilt from ``ModelSpec.describe`` (an export's manifest), not from code.
+
+    It flattens calls by the stored forward parameters and returns the stored output class
+    when it can be imported (diffusers installed), else a ``ModelOutput``.
+    """
+
+    parameters: tuple[tuple[str, bool], ...] = ()
+    output_path: str = ""
+
+    @classmethod
+    def from_description(cls, model_class: type[nn.Module], description: Mapping[str, Any]) -> StoredSpec:
+        """Returns the spec for ``description`` (``ModelSpec.describe``'s output)."""
+        return cls(
+            model_class=model_class,
+            output_field=description["output_field"],
+            parameters=tuple((str(name), bool(required)) for name, required in description["forward"]),
+            output_path=description["output"],
+        )
+
+    def signature(self, model: nn.Module) -> inspect.Signature:  # noqa: D102
+        return _stored_signature(self.parameters)
+
+    def output_class(self) -> Callable[..., Any]:  # noqa: D102
+        return _import_output(self.output_path)
+
+    def up_layers(self, model: nn.Module) -> list[UpLayer]:  # noqa: D102
+        raise TypeError("an exported U-Net has its branch fixed at export time; its layers are in the manifest")
+
+
+@functools.cache
+def _stored_signature(parameters: tuple[tuple[str, bool], ...]) -> inspect.Signature:
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = []
+    for name, required in parameters:
+        default = inspect.Parameter.empty if required else (True if name == "return_dict" else None)
+        params.append(inspect.Parameter(name, kind, default=default))
+    return inspect.Signature(params)
+
+
+@functools.cache
+def _import_output(path: str) -> Callable[..., Any]:
+    module_name, _, qualname = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return ModelOutput
+    return getattr(module, qualname, ModelOutput)
 
 
 def unflatten(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> dict[str, Any]:

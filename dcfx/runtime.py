@@ -166,12 +166,10 @@ class DeepCacheUNet(nn.Module):
         pair = self._pair(key, names, tensors)
         with torch.no_grad():
             if full:
-                sample, feature = pair.full(*tensors)
-                self._cache = self._buffer(feature)
-                self._cache.copy_(feature)
+                sample, self._cache = pair.run_full(tensors, self._buffer)
                 self._cache_for = key
             else:
-                sample = pair.shallow(*tensors, self._cache)
+                sample = pair.run_shallow(tensors, self._cache)
         self.stats["full" if full else "shallow"] += 1
         return self._spec.output(sample, return_dict)
 
@@ -194,13 +192,15 @@ class DeepCacheUNet(nn.Module):
         self._pairs.move_to_end(key)
         return pair
 
-    def _buffer(self, feature: torch.Tensor) -> torch.Tensor:
+    def _buffer(
+        self, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         # The buffer keeps the feature's strides: some features come out channels-last, and a
         # shallow graph fed another layout takes other kernels (1e-5 off over ten steps).
-        fkey = (feature.shape, feature.stride(), feature.dtype, feature.device)
+        fkey = (tuple(shape), tuple(stride), dtype, device)
         buffer = self._buffers.get(fkey)
         if buffer is None:
-            buffer = torch.empty_strided(feature.shape, feature.stride(), dtype=feature.dtype, device=feature.device)
+            buffer = torch.empty_strided(shape, stride, dtype=dtype, device=device)
             self._buffers[fkey] = buffer
             if len(self._buffers) > MAX_GRAPH_PAIRS:
                 self._buffers.popitem(last=False)

@@ -13,12 +13,34 @@ from typing import Any, Protocol
 import torch
 
 
+BufferFn = Callable[[torch.Size, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class CompiledPair:
-    """``full(*inputs) -> (sample, feature)`` and ``shallow(*inputs, feature) -> sample``."""
+    """``full(*inputs) -> (sample, feature)`` and ``shallow(*inputs, feature) -> sample``.
+
+    The runtime calls ``run_full`` and ``run_shallow``. The in-process version runs ``full``
+    and copies the feature into the runtime's buffer; exported formats override ``run_full``
+    to have the graph write the feature into that buffer directly (IO binding).
+    """
 
     full: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     shallow: Callable[..., torch.Tensor]
+
+    def run_full(self, inputs: tuple[torch.Tensor, ...], buffer_for: BufferFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the full graph; returns the sample and the buffer holding the cache feature.
+
+        ``buffer_for(shape, stride, dtype, device)`` returns the runtime's preallocated buffer.
+        """
+        sample, feature = self.full(*inputs)
+        buffer = buffer_for(feature.shape, feature.stride(), feature.dtype, feature.device)
+        buffer.copy_(feature)
+        return sample, buffer
+
+    def run_shallow(self, inputs: tuple[torch.Tensor, ...], feature: torch.Tensor) -> torch.Tensor:
+        """Runs the shallow graph on ``inputs`` and the cached ``feature``; returns the sample."""
+        return self.shallow(*inputs, feature)
 
 
 class Backend(Protocol):

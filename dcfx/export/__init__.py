@@ -1,0 +1,284 @@
+"""Deployment: the graph pair written as ONNX, TensorRT engines or AOTInductor packages.
+
+``export`` captures the U-Net over ranges of batch, height and width, cuts it, writes both
+graphs in a format plus manifest.json, and checks the written graphs against the in-process
+ones. ``load`` verifies a directory and returns the same runtime as ``dcfx.compile`` over the
+exported graphs, without the model object and without diffusers' model code.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcfx.config import DeepCacheConfig
+from dcfx.export.loaded import ExportedModel, ExportedPair
+from dcfx.export.manifest import ArtifactError, GraphEntry, Manifest, atomic_directory, read_manifest
+from dcfx.export.program import ProgramPair, downsampling_factor, export_programs, trace_size
+from dcfx.export.registry import available_formats, check_format_options, get_format, register_format
+from dcfx.export.shapes import dtype_name, parse_dims
+from dcfx.models import StoredSpec
+from dcfx.runtime import DeepCacheUNet
+
+__all__ = ["ArtifactError", "available_formats", "export", "load", "register_format"]
+
+logger = logging.getLogger(__name__)
+
+# Attributes diffusers pipelines read off pipe.unet besides its config (SDXL's add_time_ids).
+_ATTRIBUTES = ("add_embedding.linear_1.in_features",)
+_STAGES = ("capture and cut", "export full graph", "export shallow graph", "write files", "check outputs", "hash files")
+
+
+def export(
+    unet: nn.Module,
+    out_dir: str | os.PathLike[str],
+    config: DeepCacheConfig | str | os.PathLike[str] | None = None,
+    *,
+    format: str = "onnx",  # noqa: A002  (the documented keyword)
+    shapes: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    example: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **kwargs: Any,
+) -> Path:
+    """Writes the full and shallow graphs of ``unet`` in ``format`` and manifest.json to ``out_dir``.
+
+    Args:
+        unet: A diffusers ``UNet2DConditionModel`` or ``UNet2DModel`` (left unchanged).
+        out_dir: The export directory; it appears only once complete.
+        config: A ``DeepCacheConfig``, the path of its JSON, or None with its fields as keywords.
+            Only the branch shapes the graphs; the schedule is recorded as ``load``'s default.
+        format: ``"onnx"``, ``"tensorrt"`` or ``"aoti"`` (``dcfx.export.available_formats()``).
+        shapes: ``{"batch": ..., "height": ..., "width": ...}`` in latent pixels: an int (static),
+            ``(min, max)`` or ``(min, opt, max)``. Defaults: batch (1, 2, 4), height and width
+            from half to twice ``unet.config.sample_size``.
+        dtype: The graphs' dtype (default: the model's); a copy of the model is cast.
+        example: Keyword arguments of one U-Net call at the ``opt`` sizes, for inputs the
+            built-in example lacks (ControlNet residuals); default: a typical call.
+        overwrite: Replace an existing ``out_dir`` (once the new export is complete).
+        progress: Show a progress bar on stderr.
+        **kwargs: DeepCacheConfig fields, then format options (onnx: ``opset``; tensorrt:
+            ``precision``, ``timing_cache``, ``workspace``; aoti: ``inductor_configs``).
+
+    Returns:
+        The export directory.
+
+    Raises:
+        TypeError: unsupported model, unknown option, config and fields both given.
+        ValueError: bad branch, shapes or format.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        ImportError: the format's packages are missing (checked before any work).
+    """
+    from dcfx.api import check_branch, model_spec, split_config_fields
+
+    spec = model_spec(unet)
+    cfg, options = split_config_fields(config, kwargs)
+    check_branch(unet, spec, cfg)
+    fmt = get_format(format)
+    check_format_options(format, options)
+    fmt.check_available()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (or --overwrite) to replace it")
+    device = next(unet.parameters()).device
+    model_dtype = next(unet.parameters()).dtype
+    dtype = dtype or model_dtype
+    factor = downsampling_factor(unet)
+    dims = parse_dims(shapes, int(unet.config.sample_size), factor)
+    model = unet if dtype == model_dtype else copy.deepcopy(unet).to(dtype)
+    size = {name: trace_size(dim) for name, dim in dims.items()}
+    call = dict(example) if example is not None else spec.example_call(
+        model, (size["batch"], int(unet.config.in_channels), size["height"], size["width"]), dtype, device
+    )
+    bar = _progress(progress, f"dcfx export {format}")
+    try:
+        bar.set("capture and cut")
+        programs = export_programs(model, cfg.branch, dims, call, on_stage=bar.set)
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            bar.set("write files")
+            format_data = fmt.write(programs, tmp, **options)
+            manifest = _manifest(format, unet, spec, cfg, dtype, programs, format_data)
+            bar.set("check outputs")
+            manifest.checks = _check(fmt, tmp, manifest, programs, device)
+            bar.set("hash files")
+            manifest.write(tmp)
+        bar.done()
+    finally:
+        bar.close()
+    logger.info("dcfx: exported %s to %s (%s)", format, out_dir, manifest.checks)
+    return out_dir
+
+
+def load(
+    directory: str | os.PathLike[str],
+    *,
+    scheduler: Any = None,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> DeepCacheUNet:
+    """Returns the runtime of ``dcfx.compile`` running the graphs exported to ``directory``.
+
+    Every file is checked against the manifest's sha256 before anything is loaded; nothing is
+    unpickled. The model's config comes from the manifest, so ``pipe.unet = dcfx.load(dir)``
+    works in a pipeline built without the U-Net's weights.
+
+    Args:
+        directory: An export directory (``dcfx.export``).
+        scheduler: The pipeline's scheduler (as in ``dcfx.compile``).
+        device: Where the graphs run: "cpu" (onnx, aoti) or "cuda" (all formats). Default:
+            the device the format exported for.
+        **kwargs: DeepCacheConfig fields to change the schedule (``interval``, ``schedule``,
+            ...; not ``branch``: the graphs are cut for one branch), then the format's load
+            options (onnx: ``providers``, ``session_options``; tensorrt: ``cuda_graph``).
+
+    Raises:
+        ArtifactError: a missing or altered file, a newer format version, an engine built for
+            another GPU or TensorRT version.
+        ValueError: a branch other than the exported one.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    fmt = get_format(manifest.format)
+    stored = DeepCacheConfig.from_dict(manifest.deepcache)
+    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in stored.to_dict()}
+    if "branch" in fields and fields["branch"] != stored.branch:
+        raise ValueError(
+            f"{directory} holds the graphs of branch {stored.branch}; export again for branch {fields['branch']}"
+        )
+    cfg = DeepCacheConfig.from_dict({**stored.to_dict(), **fields})
+    if cfg.schedule == "non-uniform" and scheduler is None and cfg.steps is None:
+        raise ValueError("the non-uniform schedule needs the step count: pass scheduler=pipe.scheduler or steps=")
+    device = torch.device(device or manifest.format_data.get("device", "cpu"))
+    pair: ExportedPair = fmt.load(directory, manifest, device=device, **kwargs)
+    model = ExportedModel(manifest, device)
+    spec = StoredSpec.from_description(ExportedModel, manifest.model)
+
+    def build(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> ExportedPair:
+        pair.check(names, tensors)
+        return pair
+
+    return DeepCacheUNet(model, cfg, spec, build, scheduler=scheduler)
+
+
+def _manifest(
+    format: str,  # noqa: A002
+    unet: nn.Module,
+    spec: Any,
+    cfg: DeepCacheConfig,
+    dtype: torch.dtype,
+    programs: ProgramPair,
+    format_data: dict[str, Any],
+) -> Manifest:
+    import dcfx
+
+    versions = {"dcfx": dcfx.__version__, "torch": torch.__version__}
+    try:
+        import diffusers
+
+        versions["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    config = _jsonable(dict(unet.config))
+    model = {
+        **spec.describe(unet),
+        "config": config,
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "branch_layer": programs.graphs.kept_layers[-1] if programs.graphs.kept_layers else None,
+        "shallow_layers": programs.graphs.kept_layers,
+        "attributes": {path: v for path in _ATTRIBUTES if (v := _attribute(unet, path)) is not None},
+    }
+    files = format_data.pop("files")
+    graphs = {
+        "full": GraphEntry(files["full"], programs.inputs, programs.full_outputs),
+        "shallow": GraphEntry(files["shallow"], programs.shallow_inputs, programs.shallow_outputs),
+    }
+    return Manifest(
+        format=format,
+        versions=versions,
+        model=model,
+        deepcache=cfg.to_dict(),
+        dtype=dtype_name(dtype),
+        dims=programs.dims,
+        graphs=graphs,
+        format_data=format_data,
+    )
+
+
+def _check(fmt: Any, directory: Path, manifest: Manifest, programs: ProgramPair, device: torch.device) -> dict[str, Any]:
+    # The written graphs, loaded back, against the in-process graphs at the trace sizes.
+    if not manifest.format_data.get("runnable_here", True):
+        return {"skipped": "this machine cannot run the format"}
+    pair = fmt.load(directory, manifest, device=device)
+    example = programs.example
+    with torch.no_grad():
+        want_sample, want_feature = programs.graphs.full(*example)
+        got_sample, got_feature = pair.full(*example)
+        want_shallow = programs.graphs.shallow(*example, want_feature)
+        got_shallow = pair.shallow(*example, want_feature)
+    diffs = {
+        "full_max_abs_diff": (got_sample.float() - want_sample.float()).abs().max().item(),
+        "feature_max_abs_diff": (got_feature.float() - want_feature.float()).abs().max().item(),
+        "shallow_max_abs_diff": (got_shallow.float() - want_shallow.float()).abs().max().item(),
+    }
+    return {"at": {s.name: list(t.shape) for s, t in zip(programs.inputs, example, strict=True)}, **diffs}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _attribute(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, (int, float, str, bool)) else None
+
+
+class _progress:  # noqa: N801  (used like a function)
+    """Stage-by-stage progress on stderr (tqdm), or nothing."""
+
+    def __init__(self, enabled: bool, desc: str) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=len(_STAGES), desc=desc, unit="stage", leave=True)
+        self._seen: set[str] = set()
+
+    def set(self, stage: str) -> None:
+        if self._bar is not None and stage not in self._seen:
+            if self._seen:
+                self._bar.update(1)
+            self._seen.add(stage)
+            self._bar.set_postfix_str(stage)
+
+    def done(self) -> None:
+        if self._bar is not None:
+            self._bar.update(self._bar.total - self._bar.n)
+            self._bar.set_postfix_str("done")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+OnStage = Callable[[str], None]
+
+from dcfx.export import aoti, onnx, tensorrt  # noqa: E402,F401  (registration)

@@ -1,0 +1,172 @@
+"""What ``dcfx.load`` runs: a graph pair over exported files, and a stand-in for the model.
+
+A loaded export has no model object and needs no diffusers code: ``ExportedModel`` answers
+what a pipeline asks of ``pipe.unet`` (``config``, ``dtype``, ``device`` and a few recorded
+attributes) from the manifest, and ``ExportedPair`` sizes every output from the manifest's
+shape expressions, so a format's runtime can bind preallocated buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcfx.backends import BufferFn, CompiledPair
+from dcfx.export.manifest import Manifest
+from dcfx.export.shapes import TensorSpec, bind_inputs, dtype_from_name, evaluate
+
+
+class ConfigDict(dict):
+    """A read-only dict whose keys are also attributes (what diffusers' FrozenDict offers)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("an exported U-Net's config is read-only")
+
+    __setitem__ = __delitem__ = __setattr__ = update = pop = setdefault = _readonly  # type: ignore[assignment]
+
+
+def model_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Returns the stored config as diffusers' FrozenDict when diffusers is installed."""
+    try:
+        from diffusers.configuration_utils import FrozenDict
+    except ImportError:
+        return ConfigDict(config)
+    return FrozenDict(config)
+
+
+class ExportedModel(nn.Module):
+    """Stands in for the exported U-Net: its config, dtype, device and recorded attributes.
+
+    It has no weights and runs nothing itself (the ``DeepCacheUNet`` around it runs the
+    graphs); ``attributes`` holds dotted paths a pipeline reads, such as SDXL's
+    ``add_embedding.linear_1.in_features``.
+    """
+
+    def __init__(self, manifest: Manifest, device: torch.device) -> None:
+        super().__init__()
+        self.config = model_config(manifest.model["config"])
+        self._dtype = dtype_from_name(manifest.dtype)
+        self._device = torch.device(device)
+        for path, value in manifest.model.get("attributes", {}).items():
+            head, *rest = path.split(".")
+            node = self.__dict__.setdefault(head, SimpleNamespace())
+            for part in rest[:-1]:
+                node = node.__dict__.setdefault(part, SimpleNamespace())
+            setattr(node, rest[-1], value)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the graphs were exported in."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device the graphs run on."""
+        return self._device
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Refuses: an exported U-Net runs through ``dcfx.load``'s runtime only."""
+        raise RuntimeError("an exported U-Net has no eager forward; call the module dcfx.load returned")
+
+
+class ExportedPair(CompiledPair):
+    """The base of every format's loaded pair: input checks and output sizes from the manifest.
+
+    A format implements ``_run(graph, inputs, outputs)``: run graph "full" or "shallow" on
+    ``inputs``, writing into the preallocated ``outputs`` (IO binding).
+    """
+
+    def __init__(self, manifest: Manifest, device: torch.device) -> None:
+        super().__init__(full=self._call_full, shallow=self._call_shallow)
+        object.__setattr__(self, "manifest", manifest)
+        object.__setattr__(self, "device", torch.device(device))
+        full = manifest.graphs["full"]
+        # Where each named dimension can be read off the inputs (the sample's axes).
+        locate: dict[str, tuple[int, int]] = {}
+        for i, spec in enumerate(full.inputs):
+            for axis, expr in enumerate(spec.shape):
+                if isinstance(expr, str) and expr in manifest.dims:
+                    locate.setdefault(expr, (i, axis))
+        object.__setattr__(self, "_locate", locate)
+
+    def check(self, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+        """Checks a call's flat inputs against the export (once per input signature).
+
+        Raises:
+            ValueError: for inputs the export does not take (names, dtypes, sizes, device).
+        """
+        specs = self.manifest.graphs["full"].inputs
+        expected = [s.name for s in specs]
+        if list(names) != expected:
+            raise ValueError(
+                f"this export takes the inputs {expected}, the call gave {list(names)}: call the U-Net with the "
+                f"arguments it was exported with"
+            )
+        for name, tensor in zip(names, tensors, strict=True):
+            if tensor.device != self.device:
+                raise ValueError(
+                    f"input {name!r} is on {tensor.device}; this export runs on {self.device} (dcfx.load(device=...))"
+                )
+        bind_inputs(specs, tensors, self.manifest.dims)
+
+    def sizes(self, inputs: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+        """Returns the named dimensions' values in a call (sorted (name, value) pairs)."""
+        return tuple(sorted((name, inputs[i].shape[axis]) for name, (i, axis) in self._locate.items()))
+
+    def run_full(  # noqa: D102
+        self, inputs: tuple[torch.Tensor, ...], buffer_for: BufferFn
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sample_spec, feature_spec = self.manifest.graphs["full"].outputs
+        values = self.sizes(inputs)
+        sample = self._empty(sample_spec, values)
+        shape = torch.Size(_size(feature_spec, values))
+        feature = buffer_for(shape, _contiguous_strides(shape), feature_spec.torch_dtype, self.device)
+        self._run("full", inputs, (sample, feature))
+        return sample, feature
+
+    def run_shallow(self, inputs: tuple[torch.Tensor, ...], feature: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        (spec,) = self.manifest.graphs["shallow"].outputs
+        sample = self._empty(spec, self.sizes(inputs))
+        self._run("shallow", (*inputs, feature), (sample,))
+        return sample
+
+    def _call_full(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sample_spec, feature_spec = self.manifest.graphs["full"].outputs
+        values = self.sizes(inputs)
+        outputs = (self._empty(sample_spec, values), self._empty(feature_spec, values))
+        self._run("full", inputs, outputs)
+        return outputs
+
+    def _call_shallow(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run_shallow(inputs[:-1], inputs[-1])
+
+    def _empty(self, spec: TensorSpec, values: tuple[tuple[str, int], ...]) -> torch.Tensor:
+        return torch.empty(_size(spec, values), dtype=spec.torch_dtype, device=self.device)
+
+    def _run(self, graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+@functools.lru_cache(maxsize=256)
+def _size(spec: TensorSpec, values: tuple[tuple[str, int], ...]) -> tuple[int, ...]:
+    named = dict(values)
+    return tuple(evaluate(d, named) for d in spec.shape)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))

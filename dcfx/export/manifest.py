@@ -1,0 +1,208 @@
+"""manifest.json: what an export directory holds, and the checks made before anything runs.
+
+The manifest ties the two graphs of an export together: the format, the versions that wrote
+it, the model's config (and its hash), the DeepCache config, every input and output with its
+shape expressions and dtype, the dimension ranges, and the sha256 of every file. Reading it
+verifies all of that; a directory is written to a temporary sibling and renamed into place,
+so an interrupted export never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dcfx.export.shapes import DimRange, TensorSpec
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_CHUNK = 1 << 20
+
+
+class ArtifactError(ValueError):
+    """An export directory that cannot be trusted or used: missing, altered or incompatible."""
+
+
+@dataclass
+class GraphEntry:
+    """One exported graph: its file (relative to the directory), inputs and outputs."""
+
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def to_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "file": self.file,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GraphEntry:  # noqa: D102
+        return cls(
+            data["file"],
+            [TensorSpec.from_dict(s) for s in data["inputs"]],
+            [TensorSpec.from_dict(s) for s in data["outputs"]],
+        )
+
+
+@dataclass
+class Manifest:
+    """The contents of manifest.json (see the module docstring)."""
+
+    format: str
+    versions: dict[str, str]
+    model: dict[str, Any]
+    deepcache: dict[str, Any]
+    dtype: str
+    dims: dict[str, DimRange]
+    graphs: dict[str, GraphEntry]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format_data: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the manifest as JSON-able data."""
+        return {
+            "format_version": self.format_version,
+            "format": self.format,
+            "versions": self.versions,
+            "model": self.model,
+            "deepcache": self.deepcache,
+            "dtype": self.dtype,
+            "dims": {name: dim.to_dict() for name, dim in self.dims.items()},
+            "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
+            "format_data": self.format_data,
+            "checks": self.checks,
+            "files": self.files,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """Returns the manifest of ``data`` (``to_dict``'s output)."""
+        return cls(
+            format=data["format"],
+            versions=dict(data["versions"]),
+            model=dict(data["model"]),
+            deepcache=dict(data["deepcache"]),
+            dtype=data["dtype"],
+            dims={name: DimRange(name, **fields) for name, fields in data["dims"].items()},
+            graphs={name: GraphEntry.from_dict(g) for name, g in data["graphs"].items()},
+            files=dict(data["files"]),
+            format_data=dict(data.get("format_data", {})),
+            checks=dict(data.get("checks", {})),
+            format_version=int(data["format_version"]),
+        )
+
+    def write(self, directory: Path) -> None:
+        """Hashes every file in ``directory`` into ``files`` and writes manifest.json last."""
+        self.files = {}
+        for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+            rel = path.relative_to(directory).as_posix()
+            self.files[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+        (directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def sha256(path: Path) -> str:
+    """Returns the hex sha256 of the file at ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: str | os.PathLike[str], verify_files: bool = True) -> Manifest:
+    """Returns the verified manifest of an export directory.
+
+    Checks that the manifest is there and of a format version this dcfx reads, and (unless
+    ``verify_files`` is False) that every listed file exists with its recorded size and
+    sha256, and that no graph file is unlisted.
+
+    Raises:
+        ArtifactError: naming the file and what is wrong with it.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory} is not a directory (expected a dcfx export)")
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: {directory} is not a complete dcfx export")
+    try:
+        data = json.loads(path.read_text())
+        version = int(data["format_version"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{path} is not a dcfx manifest: {e}") from e
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format version {version}; this dcfx reads up to {FORMAT_VERSION}: upgrade dcfx to load it"
+        )
+    try:
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path} is malformed: {e!r}") from e
+    for entry in manifest.graphs.values():
+        if entry.file not in manifest.files:
+            raise ArtifactError(f"{path} does not list the sha256 of graph file {entry.file!r}")
+    if verify_files:
+        for rel, info in manifest.files.items():
+            verify_file(directory, rel, info)
+    return manifest
+
+
+def verify_file(directory: Path, rel: str, info: Mapping[str, Any]) -> Path:
+    """Returns the path of ``rel`` after checking its size and sha256 against ``info``.
+
+    Raises:
+        ArtifactError: the file is missing, escapes the directory, or differs.
+    """
+    path = (directory / rel).resolve()
+    if directory.resolve() not in path.parents:
+        raise ArtifactError(f"manifest lists {rel!r}, which lies outside {directory}")
+    if not path.is_file():
+        raise ArtifactError(f"{directory / rel} is missing (listed in the manifest)")
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        raise ArtifactError(f"{directory / rel} has {size} bytes, the manifest says {info['bytes']}: it was altered")
+    if sha256(path) != info["sha256"]:
+        raise ArtifactError(f"{directory / rel} does not match its sha256 in the manifest: it was altered")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling of ``target``; renames it to ``target`` when the block succeeds.
+
+    On an error the temporary directory is removed and ``target`` is untouched. An existing
+    ``target`` is replaced only with ``overwrite`` (and only once the new one is complete).
+
+    Raises:
+        FileExistsError: ``target`` exists and ``overwrite`` is False.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True (or --overwrite) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

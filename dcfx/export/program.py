@@ -1,0 +1,240 @@
+"""The graph pair of one branch as two ``ExportedProgram``s over named, ranged dimensions.
+
+Every deployment format starts here: the U-Net is captured with dynamic batch, height and
+width, cut into the full and the shallow graph, and each graph is exported again on its own
+(ONNX and AOTInductor take an ``ExportedProgram``). Shapes are recorded as expressions over
+the dimension names (``TensorSpec``), which is all a runtime needs to size buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import sympy
+import torch
+from torch import fx, nn
+from torch.export import Dim, ExportedProgram
+
+from dcfx.export.shapes import DimExpr, DimRange, TensorSpec, dtype_name
+from dcfx.models import spec_for
+from dcfx.passes import FEATURE_INPUT, GraphPair, build_graph_pair
+
+logger = logging.getLogger(__name__)
+
+SAMPLE = "sample"
+OUT_SAMPLE = "out_sample"
+
+
+@dataclass
+class ProgramPair:
+    """The exported full and shallow programs and the specs of their inputs and outputs.
+
+    ``full(*inputs) -> (out_sample, cache_feature)``;
+    ``shallow(*inputs, cache_feature) -> out_sample``. ``dims`` are the ranges the programs
+    accept (torch.export may narrow what was asked for). ``graphs`` are the in-process graphs
+    the programs came from, and ``example`` a call they were traced with: formats compare
+    their artifacts against them.
+    """
+
+    full: ExportedProgram
+    shallow: ExportedProgram
+    inputs: list[TensorSpec]
+    full_outputs: list[TensorSpec]
+    shallow_outputs: list[TensorSpec]
+    feature: TensorSpec
+    dims: dict[str, DimRange]
+    graphs: GraphPair
+    example: tuple[torch.Tensor, ...]
+    symbols: dict[str, str]
+
+    @property
+    def shallow_inputs(self) -> list[TensorSpec]:
+        """The shallow graph's inputs: the call's inputs and the cache feature."""
+        return [*self.inputs, self.feature]
+
+
+def downsampling_factor(model: nn.Module) -> int:
+    """Returns how much the U-Net shrinks the sample: 2 ** (number of downsampling blocks)."""
+    return 2 ** sum(1 for block in model.down_blocks if getattr(block, "downsamplers", None))
+
+
+def trace_size(dim: DimRange) -> int:
+    """Returns the size to trace ``dim`` at: ``opt``, moved off 1 unit (export specialises 0/1)."""
+    unit = dim.multiple
+    if dim.static or dim.opt // unit >= 2:
+        return dim.opt
+    return min(2 * unit, dim.max) if dim.max // unit >= 2 else dim.opt
+
+
+def export_programs(
+    model: nn.Module,
+    branch: int,
+    dims: Mapping[str, DimRange],
+    call: Mapping[str, Any],
+    on_stage: Callable[[str], None] = lambda stage: None,
+) -> ProgramPair:
+    """Returns the branch's graph pair exported over ``dims``, traced with ``call``.
+
+    Args:
+        model: The U-Net (in the dtype and on the device of the export).
+        branch: The skip branch.
+        dims: The batch, height and width ranges (``parse_dims``).
+        call: Keyword arguments of a U-Net call at the trace sizes; every input has the batch
+            first, and 4-d inputs (the sample, ControlNet residuals) scale with the sample.
+        on_stage: Called with the name of each stage as it starts (progress reporting).
+    """
+    spec = spec_for(model)
+    (names, tensors), _ = spec.flatten(model, (), dict(call))
+    factor = downsampling_factor(model)
+    sample = tensors[names.index(SAMPLE)]
+    torch_dims = {
+        name: None if dim.static else Dim(name if name == "batch" else f"{name}_units", min=_units(dim, 0), max=_units(dim, 1))
+        for name, dim in dims.items()
+    }
+    dynamic = {n: _dynamic_axes(t, sample, torch_dims, factor) for n, t in zip(names, tensors, strict=True)}
+    graphs = build_graph_pair(model, branch, names, tensors, dynamic)
+    symbols = _symbol_names(graphs.full, names, factor)
+    inputs = [_spec(n, ph.name, ph.meta["val"], symbols) for n, ph in zip(names, _placeholders(graphs.full), strict=True)]
+    out_sample, out_feature = _outputs(graphs.full)
+    full_outputs = [_spec(OUT_SAMPLE, OUT_SAMPLE, out_sample, symbols), _spec(FEATURE_INPUT, FEATURE_INPUT, out_feature, symbols)]
+    feature = full_outputs[1]
+    shallow_outputs = [_spec(OUT_SAMPLE, OUT_SAMPLE, _outputs(graphs.shallow)[0], symbols)]
+
+    positional = tuple(dynamic[n] for n in names)
+    with torch.no_grad():
+        on_stage("export full graph")
+        full = torch.export.export(graphs.full, tensors, dynamic_shapes=positional, strict=False)
+        example_feature = graphs.full(*tensors)[1]
+        feature_axes = _feature_axes(feature, torch_dims, factor)
+        on_stage("export shallow graph")
+        shallow = torch.export.export(
+            graphs.shallow, (*tensors, example_feature), dynamic_shapes=(*positional, feature_axes), strict=False
+        )
+    narrowed = _narrow(dict(dims), full, names, factor)
+    narrowed = _narrow(narrowed, shallow, names, factor)
+    for name, dim in narrowed.items():
+        if dim != dims[name]:
+            logger.warning("dcfx: torch.export narrowed %s to %s (asked: %s)", name, dim.describe(), dims[name].describe())
+    return ProgramPair(
+        full=full,
+        shallow=shallow,
+        inputs=inputs,
+        full_outputs=full_outputs,
+        shallow_outputs=shallow_outputs,
+        feature=feature,
+        dims=narrowed,
+        graphs=graphs,
+        example=tensors,
+        symbols=symbols,
+    )
+
+
+def _units(dim: DimRange, upper: int) -> int:
+    return (dim.max if upper else dim.min) // dim.multiple
+
+
+def _dynamic_axes(
+    tensor: torch.Tensor, sample: torch.Tensor, torch_dims: Mapping[str, Any], factor: int
+) -> dict[int, Any] | None:
+    axes: dict[int, Any] = {}
+    if tensor.ndim and tensor.shape[0] == sample.shape[0] and torch_dims["batch"] is not None:
+        axes[0] = torch_dims["batch"]
+    if tensor.ndim == 4:
+        for axis, name in ((2, "height"), (3, "width")):
+            if torch_dims[name] is None:
+                continue
+            ratio, rest = divmod(sample.shape[axis], tensor.shape[axis])
+            if rest or factor % ratio:
+                raise ValueError(
+                    f"a 4-d input of spatial size {tuple(tensor.shape[2:])} does not scale with the sample "
+                    f"{tuple(sample.shape[2:])} by a power of two up to {factor}; export it with a static {name}"
+                )
+            axes[axis] = (factor // ratio) * torch_dims[name] if factor // ratio > 1 else torch_dims[name]
+    return axes or None
+
+
+def _feature_axes(feature: TensorSpec, torch_dims: Mapping[str, Any], factor: int) -> dict[int, Any] | None:
+    # The feature's shape expressions over (batch, height, width) as torch.export dims.
+    axes: dict[int, Any] = {}
+    for axis, expr in enumerate(feature.shape):
+        if isinstance(expr, int):
+            continue
+        value = sympy.sympify(expr)
+        (symbol,) = value.free_symbols
+        name = str(symbol)
+        if name == "batch":
+            axes[axis] = torch_dims["batch"]
+            continue
+        scale = value / symbol * factor  # height/2 -> factor/2 units
+        axes[axis] = int(scale) * torch_dims[name] if scale != 1 else torch_dims[name]
+    return axes or None
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return list(gm.graph.find_nodes(op="placeholder"))
+
+
+def _outputs(gm: fx.GraphModule) -> list[torch.Tensor]:
+    (out,) = gm.graph.find_nodes(op="output")
+    values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    return [v.meta["val"] for v in values]
+
+
+def _symbol_names(gm: fx.GraphModule, names: tuple[str, ...], factor: int) -> dict[str, str]:
+    # Which shape symbol of the capture is which named dimension, read off the sample input.
+    sample = _placeholders(gm)[names.index(SAMPLE)].meta["val"]
+    symbols: dict[str, str] = {}
+    for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
+        expr = sample.shape[axis]
+        if isinstance(expr, torch.SymInt):
+            node = expr.node.expr
+            (symbol,) = node.free_symbols
+            scale = node / symbol  # height = scale * units
+            symbols[str(symbol)] = name if scale == 1 else f"({name})/{scale}"
+    return symbols
+
+
+def to_expr(size: Any, symbols: Mapping[str, str]) -> DimExpr:
+    """Returns a (symbolic) size as an int or an expression over the dimension names.
+
+    Raises:
+        ValueError: for a size that depends on something other than batch, height and width.
+    """
+    if isinstance(size, int):
+        return size
+    expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.sympify(size)
+    if expr.is_Integer:
+        return int(expr)
+    unknown = {str(s) for s in expr.free_symbols} - set(symbols)
+    if unknown:
+        raise ValueError(f"a shape depends on {sorted(unknown)}, not only on batch, height and width: {expr}")
+    named = expr.subs({s: sympy.sympify(symbols[str(s)], locals={n: sympy.Symbol(n) for n in ("batch", "height", "width")}) for s in expr.free_symbols})
+    return str(sympy.simplify(named))
+
+
+def _spec(name: str, graph_name: str, value: torch.Tensor, symbols: Mapping[str, str]) -> TensorSpec:
+    return TensorSpec(name, graph_name, dtype_name(value.dtype), tuple(to_expr(s, symbols) for s in value.shape))
+
+
+def _narrow(dims: dict[str, DimRange], program: ExportedProgram, names: tuple[str, ...], factor: int) -> dict[str, DimRange]:
+    # The ranges torch.export settled on for the program's sample dims (it may raise a minimum).
+    user_inputs = [n for n in program.graph.find_nodes(op="placeholder") if n.name in program.graph_signature.user_inputs]
+    sample = user_inputs[names.index(SAMPLE)].meta["val"]
+    for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
+        size = sample.shape[axis]
+        if not isinstance(size, torch.SymInt):
+            continue
+        expr = size.node.expr
+        (symbol,) = expr.free_symbols
+        scale = int(expr / symbol)
+        bounds = program.range_constraints.get(symbol)
+        if bounds is None:
+            continue
+        lo = max(dims[name].min, int(bounds.lower) * scale)
+        hi = dims[name].max if not bounds.upper.is_finite else min(dims[name].max, int(bounds.upper) * scale)
+        opt = min(max(dims[name].opt, lo), hi)
+        dims[name] = replace(dims[name], min=lo, opt=opt, max=hi)
+    return dims

@@ -1,0 +1,287 @@
+"""TensorRT: engines built from the ONNX export, and a runtime over them with fixed buffers.
+
+The ``tensorrt`` format writes the ONNX files (``dcfx.export.onnx``), then builds
+``full.plan`` and ``shallow.plan`` with the TensorRT Python API: one optimisation profile from
+the export's (min, opt, max) dimension ranges, fp16 or fp32, and a timing cache
+(``timing.cache``) that later builds reuse. Every ONNX export also writes ``trtexec.sh``, the
+same builds as ``trtexec`` command lines, for users who build engines by hand.
+
+TensorRT is imported lazily: everything up to the engine build (profiles, plans, commands) is
+plain Python and runs anywhere. At load, the manifest's TensorRT version and GPU are compared
+with the current ones before an engine is deserialized.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcfx.export.loaded import ExportedPair
+from dcfx.export.manifest import ArtifactError, GraphEntry, Manifest
+from dcfx.export.program import ProgramPair
+from dcfx.export.registry import register_format
+from dcfx.export.shapes import DimRange, TensorSpec
+
+PRECISIONS = ("fp16", "fp32")
+TIMING_CACHE = "timing.cache"
+DEFAULT_WORKSPACE = 8 << 30
+
+Shape = tuple[int, ...]
+
+
+def _tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise ImportError(
+            "the tensorrt format needs TensorRT (pip install tensorrt, on a machine with an NVIDIA GPU); "
+            "without it, export format='onnx' and build engines with the commands in trtexec.sh"
+        ) from e
+    return tensorrt
+
+
+def profile_shapes(inputs: Sequence[TensorSpec], dims: Mapping[str, DimRange]) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """Returns the (min, opt, max) shape of each graph input over the dimension ranges."""
+    points = [{name: getattr(dim, key) for name, dim in dims.items()} for key in ("min", "opt", "max")]
+    profile = {}
+    for spec in inputs:
+        lo, opt, hi = (spec.size(values) for values in points)
+        profile[spec.graph_name] = (lo, opt, hi)
+    return profile
+
+
+@dataclass(frozen=True)
+class EngineBuild:
+    """One engine to build: the ONNX file, the engine file, the precision and the profile."""
+
+    onnx: str
+    engine: str
+    precision: str
+    profile: dict[str, tuple[Shape, Shape, Shape]]
+    workspace: int = DEFAULT_WORKSPACE
+    timing_cache: str = TIMING_CACHE
+    flags: tuple[str, ...] = field(default=())
+
+    def trtexec(self) -> str:
+        """Returns the equivalent ``trtexec`` command line."""
+        shapes = {
+            key: ",".join(f"{name}:{'x'.join(map(str, shape[i]))}" for name, shape in self.profile.items())
+            for i, key in enumerate(("minShapes", "optShapes", "maxShapes"))
+        }
+        args = [
+            "trtexec",
+            f"--onnx={self.onnx}",
+            f"--saveEngine={self.engine}",
+            *(f"--{key}={value}" for key, value in shapes.items()),
+            f"--memPoolSize=workspace:{self.workspace >> 20}M",
+            f"--timingCacheFile={self.timing_cache}",
+        ]
+        if self.precision == "fp16":
+            args.append("--fp16")
+        return " ".join(shlex.quote(a) for a in args)
+
+
+def build_plan(
+    entries: Mapping[str, GraphEntry],
+    dims: Mapping[str, DimRange],
+    precision: str = "fp16",
+    workspace: int = DEFAULT_WORKSPACE,
+) -> dict[str, EngineBuild]:
+    """Returns the engine builds of an ONNX export (graph name -> ``EngineBuild``).
+
+    Raises:
+        ValueError: for an unknown precision.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return {
+        graph: EngineBuild(
+            onnx=entry.file,
+            engine=f"{graph}.plan",
+            precision=precision,
+            profile=profile_shapes(entry.inputs, dims),
+            workspace=workspace,
+        )
+        for graph, entry in entries.items()
+    }
+
+
+def trtexec_script(entries: Mapping[str, GraphEntry], dims: Mapping[str, DimRange]) -> str:
+    """Returns a shell script with the ``trtexec`` builds of both engines (fp16 and fp32)."""
+    lines = [
+        "#!/bin/sh",
+        "# TensorRT engines for this dcfx export, built by hand (run in this directory).",
+        "# The profiles cover the export's ranges: " + ", ".join(f"{d.name} {d.describe()}" for d in dims.values()),
+        "# fp16 (use these, or the fp32 ones below):",
+    ]
+    for precision in PRECISIONS:
+        if precision == "fp32":
+            lines.append("# fp32:")
+        for build in build_plan(entries, dims, precision).values():
+            line = build.trtexec()
+            lines.append(line if precision == "fp16" else "# " + line)
+    return "\n".join(lines) + "\n"
+
+
+def build_engine(build: EngineBuild, directory: Path) -> None:
+    """Builds one engine with the TensorRT Python API (needs TensorRT and a GPU).
+
+    Raises:
+        RuntimeError: the ONNX parser or the builder failed (with TensorRT's messages).
+    """
+    trt = _tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(directory / build.onnx)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"TensorRT could not parse {build.onnx}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, build.workspace)
+    if build.precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in build.profile.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache_path = directory / build.timing_cache
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {build.onnx}")
+    (directory / build.engine).write_bytes(bytes(serialized))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def gpu_identity(device: torch.device | None = None) -> dict[str, Any]:
+    """Returns what an engine is tied to: the GPU's name and compute capability."""
+    index = (device.index if device is not None else None) or 0
+    major, minor = torch.cuda.get_device_capability(index)
+    return {"gpu": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}"}
+
+
+@register_format("tensorrt", options=("precision", "workspace", "opset"))
+class TensorRTFormat:
+    """Writes the ONNX export plus TensorRT engines, and loads the engines."""
+
+    name = "tensorrt"
+
+    def check_available(self) -> None:
+        """Raises ImportError without TensorRT, RuntimeError without a CUDA GPU."""
+        _tensorrt()
+        if not torch.cuda.is_available():
+            raise RuntimeError("building TensorRT engines needs a CUDA GPU; export format='onnx' and use trtexec.sh")
+
+    def write(
+        self, programs: ProgramPair, out: Path, precision: str = "fp16", workspace: int = DEFAULT_WORKSPACE, **onnx: Any
+    ) -> dict[str, Any]:
+        """Writes the ONNX files, then builds full.plan and shallow.plan."""
+        from dcfx.export.onnx import OnnxFormat
+
+        data = OnnxFormat().write(programs, out, **onnx)
+        entries = {
+            "full": GraphEntry(data["files"]["full"], programs.inputs, programs.full_outputs),
+            "shallow": GraphEntry(data["files"]["shallow"], programs.shallow_inputs, programs.shallow_outputs),
+        }
+        plan = build_plan(entries, programs.dims, precision, workspace)
+        for build in plan.values():
+            build_engine(build, out)
+        trt = _tensorrt()
+        return {
+            **data,
+            "files": {graph: build.engine for graph, build in plan.items()},
+            "onnx_files": data["files"],
+            "device": "cuda",
+            "precision": precision,
+            "tensorrt": trt.__version__,
+            **gpu_identity(),
+        }
+
+    def load(self, directory: Path, manifest: Manifest, device: str | torch.device = "cuda", cuda_graph: bool = False) -> TensorRTPair:
+        """Returns the pair over the engines in ``directory``, after the version and GPU checks."""
+        return TensorRTPair(directory, manifest, torch.device(device), cuda_graph)
+
+
+def check_engine_compatible(manifest: Manifest, directory: Path, current: Mapping[str, Any]) -> None:
+    """Raises ArtifactError when the engines were built for another TensorRT version or GPU.
+
+    ``current`` holds ``tensorrt``, ``gpu`` and ``compute_capability`` of this machine.
+    """
+    built = manifest.format_data
+    engine = manifest.graphs["full"].file
+    for key in ("tensorrt", "compute_capability", "gpu"):
+        if built.get(key) != current.get(key):
+            raise ArtifactError(
+                f"{directory / engine} was built for {key} {built.get(key)!r}, this machine has {current.get(key)!r}: "
+                f"TensorRT engines run only where they were built; rebuild them (dcfx export --format tensorrt, or "
+                f"trtexec.sh on the ONNX files)"
+            )
+
+
+class TensorRTPair(ExportedPair):
+    """Both engines with one execution context each; tensors are bound by address.
+
+    The cache feature is bound as the full engine's output and the shallow engine's input at
+    the runtime buffer's address, so it never moves. With ``cuda_graph``, each engine's launch
+    is captured once per input shape into a CUDA graph and replayed (inputs are copied into
+    static buffers first; the buffer addresses are part of the capture's key).
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, device: torch.device, cuda_graph: bool) -> None:
+        super().__init__(manifest, device)
+        trt = _tensorrt()
+        check_engine_compatible(manifest, directory, {"tensorrt": trt.__version__, **gpu_identity(device)})
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engines, contexts = {}, {}
+        for graph in ("full", "shallow"):
+            path = directory / manifest.graphs[graph].file
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise ArtifactError(f"TensorRT {trt.__version__} could not deserialize {path}")
+            engines[graph] = engine
+            contexts[graph] = engine.create_execution_context()
+        object.__setattr__(self, "engines", engines)
+        object.__setattr__(self, "contexts", contexts)
+        object.__setattr__(self, "cuda_graph", cuda_graph)
+        object.__setattr__(self, "_graphs", {})
+
+    def _run(self, graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+        entry = self.manifest.graphs[graph]
+        inputs = [t.contiguous() for t in inputs]
+        stream = torch.cuda.current_stream(self.device)
+        if not self.cuda_graph:
+            self._bind(graph, entry, inputs, outputs)
+            self.contexts[graph].execute_async_v3(stream.cuda_stream)
+            return
+        key = (graph, tuple(t.shape for t in inputs), tuple(t.data_ptr() for t in outputs[1:]))
+        captured = self._graphs.get(key)
+        if captured is None:
+            static_in = [t.clone() for t in inputs]
+            static_out = [torch.empty_like(outputs[0]), *outputs[1:]]
+            self._bind(graph, entry, static_in, static_out)
+            self.contexts[graph].execute_async_v3(stream.cuda_stream)  # warm-up: TensorRT allocates lazily
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph, stream=stream):
+                self.contexts[graph].execute_async_v3(stream.cuda_stream)
+            captured = (cuda_graph, static_in, static_out)
+            self._graphs[key] = captured
+        cuda_graph, static_in, static_out = captured
+        for static, tensor in zip(static_in, inputs, strict=True):
+            static.copy_(tensor)
+        cuda_graph.replay()
+        outputs[0].copy_(static_out[0])
+
+    def _bind(self, graph: str, entry: GraphEntry, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+        context = self.contexts[graph]
+        for spec, tensor in zip(entry.inputs, inputs, strict=True):
+            context.set_input_shape(spec.graph_name, tuple(tensor.shape))
+            context.set_tensor_address(spec.graph_name, tensor.data_ptr())
+        for spec, tensor in zip(entry.outputs, outputs, strict=True):
+            context.set_tensor_address(spec.graph_name, tensor.data_ptr())
