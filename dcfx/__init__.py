@@ -1,17 +1,20 @@
 """dcfx: DeepCache for diffusion U-Nets as a compiler pass.
 
 pipe.unet = dcfx.compile(pipe.unet, branch=0, interval=5, scheduler=pipe.scheduler)
+dcfx.export(pipe.unet, "out/", branch=0, interval=5, format="onnx"); pipe.unet = dcfx.load("out/")
 """
 
 from dcfx.api import compile, disable, enable  # noqa: A004  (dcfx.compile is the public verb)
 from dcfx.backends import available_backends, register_backend
 from dcfx.branches import BranchInfo, branches
 from dcfx.config import DeepCacheConfig
+from dcfx.export import ArtifactError, export, load
 from dcfx.runtime import DeepCacheUNet
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactError",
     "BranchInfo",
     "DeepCacheConfig",
     "DeepCacheUNet",
@@ -20,5 +23,7 @@ __all__ = [
     "compile",
     "disable",
     "enable",
+    "export",
+    "load",
     "register_backend",
 ]

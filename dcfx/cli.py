@@ -1,4 +1,4 @@
-"""The ``dcfx`` command: ``dcfx demo``, ``dcfx branches``."""
+"""The ``dcfx`` command: ``dcfx demo``, ``dcfx branches``, ``dcfx export``, ``dcfx inspect``."""
 
 from __future__ import annotations
 
@@ -110,6 +110,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _range(text: str) -> int | tuple[int, ...]:
+    """Parses ``64`` (static) or ``32:128`` / ``32:64:128`` (min:max, min:opt:max)."""
+    try:
+        parts = tuple(int(p) for p in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N, MIN:MAX or MIN:OPT:MAX, got {text!r}") from None
+    if len(parts) not in (1, 2, 3):
+        raise argparse.ArgumentTypeError(f"expected N, MIN:MAX or MIN:OPT:MAX, got {text!r}")
+    return parts[0] if len(parts) == 1 else parts
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Exports a U-Net's graph pair in a deployment format."""
+    import dcfx
+
+    unet = load_unet(args.model)
+    shapes = {k: v for k, v in (("batch", args.batch), ("height", args.height), ("width", args.width)) if v is not None}
+    options = {k: v for k, v in (("opset", args.opset), ("precision", args.precision)) if v is not None}
+    config = args.config or None
+    fields = {} if config else {"branch": args.branch, "interval": args.interval}
+    out = dcfx.export(
+        unet,
+        args.out,
+        config,
+        format=args.format,
+        shapes=shapes,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        overwrite=args.overwrite,
+        **fields,
+        **options,
+    )
+    _print_summary(out)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Verifies an export directory against its manifest and prints what it holds."""
+    from dcfx.export.manifest import ArtifactError
+
+    try:
+        _print_summary(args.dir)
+    except ArtifactError as e:
+        print(f"dcfx inspect: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_summary(directory: str | os.PathLike[str]) -> None:
+    from dcfx.export.manifest import read_manifest
+
+    m = read_manifest(directory)
+    print(f"{directory}: {m.format} export of {m.model['class']} (format version {m.format_version}), all sha256 ok")
+    print(f"  deepcache: {m.deepcache}")
+    print("  dims: " + ", ".join(f"{d.name} {d.describe()}" for d in m.dims.values()) + f"; dtype {m.dtype}")
+    for name, entry in m.graphs.items():
+        shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in entry.inputs)
+        print(f"  {name}: {entry.file} ({m.files[entry.file]['bytes'] / 1e6:.1f} MB) takes {shapes}")
+    total = sum(f["bytes"] for f in m.files.values())
+    print(f"  files: {len(m.files)}, {total / 1e6:.1f} MB in all; checks: {m.checks}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser of the ``dcfx`` command."""
     parser = argparse.ArgumentParser(prog="dcfx", description="DeepCache for diffusion U-Nets as a compiler pass")
@@ -131,6 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=int, default=5, choices=range(1, 51), metavar="N")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="write the full and shallow graphs as ONNX, TensorRT engines or AOTInductor")
+    p.add_argument("out", help="the export directory (appears only when complete)")
+    p.add_argument("--model", default="small-sd", help=f"built-in config ({', '.join(CONFIGS)}) or a diffusers folder")
+    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt", "aoti"])
+    p.add_argument("--config", help="a DeepCacheConfig JSON file (instead of --branch/--interval)")
+    p.add_argument("--branch", type=int, default=0)
+    p.add_argument("--interval", type=int, default=3)
+    for dim in ("batch", "height", "width"):
+        p.add_argument(f"--{dim}", type=_range, help=f"{dim} (latent): N, MIN:MAX or MIN:OPT:MAX")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--opset", type=int, help="ONNX opset (onnx, tensorrt)")
+    p.add_argument("--precision", choices=["fp16", "fp32"], help="engine precision (tensorrt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="verify an export directory (sha256 of every file) and summarise it")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 

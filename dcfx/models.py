@@ -146,7 +146,7 @@ class ModelOutput:
 
     sample: torch.Tensor
 
-    def __getitem__(self, index: int) -> torch.Tensor:  # noqa: D105
+    def __getitem__(self, index: int) -> torch.Tensor:
         return (self.sample,)[index]
 
 

@@ -12,7 +12,6 @@ from typing import Any, Protocol
 
 import torch
 
-
 BufferFn = Callable[[torch.Size, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
 
 

@@ -97,8 +97,12 @@ def export(
     dims = parse_dims(shapes, int(unet.config.sample_size), factor)
     model = unet if dtype == model_dtype else copy.deepcopy(unet).to(dtype)
     size = {name: trace_size(dim) for name, dim in dims.items()}
-    call = dict(example) if example is not None else spec.example_call(
-        model, (size["batch"], int(unet.config.in_channels), size["height"], size["width"]), dtype, device
+    call = (
+        dict(example)
+        if example is not None
+        else spec.example_call(
+            model, (size["batch"], int(unet.config.in_channels), size["height"], size["width"]), dtype, device
+        )
     )
     bar = _progress(progress, f"dcfx export {format}")
     try:
@@ -214,7 +218,9 @@ def _manifest(
     )
 
 
-def _check(fmt: Any, directory: Path, manifest: Manifest, programs: ProgramPair, device: torch.device) -> dict[str, Any]:
+def _check(
+    fmt: Any, directory: Path, manifest: Manifest, programs: ProgramPair, device: torch.device
+) -> dict[str, Any]:
     # The written graphs, loaded back, against the in-process graphs at the trace sizes.
     if not manifest.format_data.get("runnable_here", True):
         return {"skipped": "this machine cannot run the format"}
@@ -251,7 +257,7 @@ def _attribute(obj: Any, path: str) -> Any:
     return obj if isinstance(obj, (int, float, str, bool)) else None
 
 
-class _progress:  # noqa: N801  (used like a function)
+class _progress:
     """Stage-by-stage progress on stderr (tqdm), or nothing."""
 
     def __init__(self, enabled: bool, desc: str) -> None:

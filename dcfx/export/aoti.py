@@ -36,7 +36,9 @@ class AotiFormat:
         if not hasattr(torch._inductor, "aoti_compile_and_package") or not hasattr(torch._C, "_aoti"):
             raise ImportError(f"torch {torch.__version__} has no AOTInductor packaging; upgrade torch")
 
-    def write(self, programs: ProgramPair, out: Path, inductor_configs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def write(
+        self, programs: ProgramPair, out: Path, inductor_configs: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Compiles full.pt2 and shallow.pt2; returns the format data."""
         configs = {**DEFAULT_INDUCTOR_CONFIGS, **(inductor_configs or {})}
         for graph, program in (("full", programs.full), ("shallow", programs.shallow)):

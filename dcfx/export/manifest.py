@@ -194,6 +194,9 @@ def atomic_directory(target: str | os.PathLike[str], overwrite: bool = False) ->
         raise FileExistsError(f"{target} exists; pass overwrite=True (or --overwrite) to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
     try:
         yield tmp
         if target.exists():

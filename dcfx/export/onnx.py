@@ -230,11 +230,21 @@ class OnnxPair(ExportedPair):
             tensor = tensor.contiguous()
             keep.append(tensor)
             binding.bind_input(
-                spec.graph_name, self._device_type, index, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr()
+                spec.graph_name,
+                self._device_type,
+                index,
+                _numpy_dtype(tensor.dtype),
+                tuple(tensor.shape),
+                tensor.data_ptr(),
             )
         for spec, tensor in zip(entry.outputs, outputs, strict=True):
             binding.bind_output(
-                spec.graph_name, self._device_type, index, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr()
+                spec.graph_name,
+                self._device_type,
+                index,
+                _numpy_dtype(tensor.dtype),
+                tuple(tensor.shape),
+                tensor.data_ptr(),
             )
         session.run_with_iobinding(binding)
 

@@ -91,15 +91,22 @@ def export_programs(
     factor = downsampling_factor(model)
     sample = tensors[names.index(SAMPLE)]
     torch_dims = {
-        name: None if dim.static else Dim(name if name == "batch" else f"{name}_units", min=_units(dim, 0), max=_units(dim, 1))
+        name: None
+        if dim.static
+        else Dim(name if name == "batch" else f"{name}_units", min=_units(dim, 0), max=_units(dim, 1))
         for name, dim in dims.items()
     }
     dynamic = {n: _dynamic_axes(t, sample, torch_dims, factor) for n, t in zip(names, tensors, strict=True)}
     graphs = build_graph_pair(model, branch, names, tensors, dynamic)
-    symbols = _symbol_names(graphs.full, names, factor)
-    inputs = [_spec(n, ph.name, ph.meta["val"], symbols) for n, ph in zip(names, _placeholders(graphs.full), strict=True)]
+    symbols = _symbol_names(graphs.full, names, tensors, dynamic)
+    inputs = [
+        _spec(n, ph.name, ph.meta["val"], symbols) for n, ph in zip(names, _placeholders(graphs.full), strict=True)
+    ]
     out_sample, out_feature = _outputs(graphs.full)
-    full_outputs = [_spec(OUT_SAMPLE, OUT_SAMPLE, out_sample, symbols), _spec(FEATURE_INPUT, FEATURE_INPUT, out_feature, symbols)]
+    full_outputs = [
+        _spec(OUT_SAMPLE, OUT_SAMPLE, out_sample, symbols),
+        _spec(FEATURE_INPUT, FEATURE_INPUT, out_feature, symbols),
+    ]
     feature = full_outputs[1]
     shallow_outputs = [_spec(OUT_SAMPLE, OUT_SAMPLE, _outputs(graphs.shallow)[0], symbols)]
 
@@ -117,7 +124,9 @@ def export_programs(
     narrowed = _narrow(narrowed, shallow, names, factor)
     for name, dim in narrowed.items():
         if dim != dims[name]:
-            logger.warning("dcfx: torch.export narrowed %s to %s (asked: %s)", name, dim.describe(), dims[name].describe())
+            logger.warning(
+                "dcfx: torch.export narrowed %s to %s (asked: %s)", name, dim.describe(), dims[name].describe()
+            )
     return ProgramPair(
         full=full,
         shallow=shallow,
@@ -183,17 +192,28 @@ def _outputs(gm: fx.GraphModule) -> list[torch.Tensor]:
     return [v.meta["val"] for v in values]
 
 
-def _symbol_names(gm: fx.GraphModule, names: tuple[str, ...], factor: int) -> dict[str, str]:
-    # Which shape symbol of the capture is which named dimension, read off the sample input.
-    sample = _placeholders(gm)[names.index(SAMPLE)].meta["val"]
+def _symbol_names(
+    gm: fx.GraphModule, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dynamic: Mapping[str, Any]
+) -> dict[str, str]:
+    # Which shape symbol of the capture is which named dimension. Every dynamic axis of every
+    # input is read: torch.export may give two inputs' batch axes their own symbols.
+    sample = tensors[names.index(SAMPLE)]
     symbols: dict[str, str] = {}
-    for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
-        expr = sample.shape[axis]
-        if isinstance(expr, torch.SymInt):
-            node = expr.node.expr
-            (symbol,) = node.free_symbols
-            scale = node / symbol  # height = scale * units
-            symbols[str(symbol)] = name if scale == 1 else f"({name})/{scale}"
+    for name, tensor, node in zip(names, tensors, _placeholders(gm), strict=True):
+        for axis in dynamic[name] or {}:
+            expr = node.meta["val"].shape[axis]
+            if not isinstance(expr, torch.SymInt):
+                continue
+            expr = expr.node.expr
+            (symbol,) = expr.free_symbols
+            if axis == 0:
+                named = "batch"
+            else:
+                dim = "height" if axis == 2 else "width"
+                ratio = sample.shape[axis] // tensor.shape[axis]
+                named = dim if ratio == 1 else f"{dim}/{ratio}"
+            scale = expr / symbol  # the axis is scale * symbol
+            symbols.setdefault(str(symbol), named if scale == 1 else f"({named})/{scale}")
     return symbols
 
 
@@ -211,7 +231,12 @@ def to_expr(size: Any, symbols: Mapping[str, str]) -> DimExpr:
     unknown = {str(s) for s in expr.free_symbols} - set(symbols)
     if unknown:
         raise ValueError(f"a shape depends on {sorted(unknown)}, not only on batch, height and width: {expr}")
-    named = expr.subs({s: sympy.sympify(symbols[str(s)], locals={n: sympy.Symbol(n) for n in ("batch", "height", "width")}) for s in expr.free_symbols})
+    named = expr.subs(
+        {
+            s: sympy.sympify(symbols[str(s)], locals={n: sympy.Symbol(n) for n in ("batch", "height", "width")})
+            for s in expr.free_symbols
+        }
+    )
     return str(sympy.simplify(named))
 
 
@@ -219,9 +244,13 @@ def _spec(name: str, graph_name: str, value: torch.Tensor, symbols: Mapping[str,
     return TensorSpec(name, graph_name, dtype_name(value.dtype), tuple(to_expr(s, symbols) for s in value.shape))
 
 
-def _narrow(dims: dict[str, DimRange], program: ExportedProgram, names: tuple[str, ...], factor: int) -> dict[str, DimRange]:
+def _narrow(
+    dims: dict[str, DimRange], program: ExportedProgram, names: tuple[str, ...], factor: int
+) -> dict[str, DimRange]:
     # The ranges torch.export settled on for the program's sample dims (it may raise a minimum).
-    user_inputs = [n for n in program.graph.find_nodes(op="placeholder") if n.name in program.graph_signature.user_inputs]
+    user_inputs = [
+        n for n in program.graph.find_nodes(op="placeholder") if n.name in program.graph_signature.user_inputs
+    ]
     sample = user_inputs[names.index(SAMPLE)].meta["val"]
     for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
         size = sample.shape[axis]

@@ -204,7 +204,9 @@ class TensorRTFormat:
             **gpu_identity(),
         }
 
-    def load(self, directory: Path, manifest: Manifest, device: str | torch.device = "cuda", cuda_graph: bool = False) -> TensorRTPair:
+    def load(
+        self, directory: Path, manifest: Manifest, device: str | torch.device = "cuda", cuda_graph: bool = False
+    ) -> TensorRTPair:
         """Returns the pair over the engines in ``directory``, after the version and GPU checks."""
         return TensorRTPair(directory, manifest, torch.device(device), cuda_graph)
 
@@ -278,7 +280,9 @@ class TensorRTPair(ExportedPair):
         cuda_graph.replay()
         outputs[0].copy_(static_out[0])
 
-    def _bind(self, graph: str, entry: GraphEntry, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+    def _bind(
+        self, graph: str, entry: GraphEntry, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+    ) -> None:
         context = self.contexts[graph]
         for spec, tensor in zip(entry.inputs, inputs, strict=True):
             context.set_input_shape(spec.graph_name, tuple(tensor.shape))

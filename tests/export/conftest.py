@@ -1,0 +1,44 @@
+"""Exports shared by the export tests: made once per session (each takes tens of seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dcfx
+from tests.fixtures import tiny_unet
+
+# Dynamic batch, height and width around the pipelines' sizes (the tiny U-Net downsamples by 2).
+SD_SHAPES = {"batch": (1, 2, 4), "height": (8, 16, 32), "width": (8, 16, 32)}
+SD_BRANCH = 1
+
+
+def sd_unet() -> torch.nn.Module:
+    return tiny_unet(layers_per_block=1)
+
+
+def sd_example(batch: int = 2, size: int = 16, seed: int = 0) -> dict:
+    """A call like the test pipelines' (prompt embeddings of 7 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, 4, size, size, generator=g),
+        "timestep": torch.tensor(500.0),
+        "encoder_hidden_states": torch.randn(batch, 7, 8, generator=g),
+    }
+
+
+@pytest.fixture(scope="session")
+def onnx_sd(tmp_path_factory):
+    """The tiny SD-layout U-Net exported to ONNX with dynamic batch, height and width."""
+    out = tmp_path_factory.mktemp("onnx") / "sd"
+    dcfx.export(
+        sd_unet(),
+        out,
+        branch=SD_BRANCH,
+        interval=3,
+        format="onnx",
+        shapes=SD_SHAPES,
+        example=sd_example(),
+        progress=False,
+    )
+    return out

@@ -1,0 +1,148 @@
+"""ONNX export: onnxruntime runs both graphs like the eager runtime, from one dynamic export."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import dcfx
+from dcfx.export.manifest import read_manifest
+from tests.export.conftest import SD_BRANCH, sd_unet
+from tests.export.fresh import run_fresh
+from tests.fixtures import make_ddim_pipeline, make_sd_pipeline, run_ddim, run_sd, tiny_ddpm
+
+ATOL = 1e-4
+
+
+def calls(unet, batch, height, width, ts=(900, 800, 700, 600, 500)):
+    g = torch.Generator().manual_seed(batch * 1000 + height + width)
+    x = torch.randn(batch, 4, height, width, generator=g)
+    ehs = torch.randn(batch, 7, 8, generator=g)
+    return [unet(x, t, encoder_hidden_states=ehs).sample for t in ts]
+
+
+@pytest.mark.parametrize(("batch", "height", "width"), [(1, 8, 8), (2, 16, 24), (4, 32, 32), (3, 24, 8)])
+def test_matches_eager_runtime_at_several_sizes(onnx_sd, batch, height, width):
+    loaded = dcfx.load(onnx_sd)
+    eager = dcfx.compile(sd_unet(), branch=SD_BRANCH, interval=3)
+    got, want = calls(loaded, batch, height, width), calls(eager, batch, height, width)
+    assert loaded.stats == eager.stats == {"full": 2, "shallow": 3}
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_pipeline_schedule_equals_eager_runtime(onnx_sd):
+    # Every U-Net call of a 10-step pipeline run with the eager runtime, replayed on the export.
+    reference = make_sd_pipeline(sd_unet())
+    reference.unet = dcfx.compile(reference.unet, branch=SD_BRANCH, interval=3, scheduler=reference.scheduler)
+    record = []
+    reference.unet.register_forward_hook(
+        lambda m, args, kwargs, out: record.append((args, kwargs, out[0].clone())), with_kwargs=True
+    )
+    want = run_sd(reference, steps=10, size=32)
+    replay = dcfx.load(onnx_sd)
+    for args, kwargs, out in record:
+        torch.testing.assert_close(replay(*args, **kwargs)[0], out, atol=ATOL, rtol=0)
+    assert replay.stats == reference.unet.stats == {"full": 4, "shallow": 6}
+
+    # The export in the pipeline itself. Guidance (7.5) amplifies the per-call differences
+    # (~1e-6) step by step, so the latents agree to 1e-3, not 1e-4.
+    pipe = make_sd_pipeline(sd_unet())
+    pipe.unet = dcfx.load(onnx_sd, scheduler=pipe.scheduler)
+    got = run_sd(pipe, steps=10, size=32)
+    assert pipe.unet.stats == {"full": 4, "shallow": 6}
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+    # Two generations in a row: the second equals the first (no state leaks between them).
+    torch.testing.assert_close(run_sd(pipe, steps=10, size=32), got, atol=0, rtol=0)
+
+
+def test_load_changes_the_schedule_not_the_branch(onnx_sd):
+    loaded = dcfx.load(onnx_sd, interval=2)
+    assert loaded.deepcache_config.interval == 2 and loaded.deepcache_config.branch == SD_BRANCH
+    calls(loaded, 2, 16, 16, ts=(900, 800, 700, 600))
+    assert loaded.stats == {"full": 2, "shallow": 2}
+    with pytest.raises(ValueError, match=f"holds the graphs of branch {SD_BRANCH}"):
+        dcfx.load(onnx_sd, branch=0)
+
+
+def test_shallow_weights_are_stored_once(onnx_sd):
+    manifest = read_manifest(onnx_sd)
+    sizes = manifest.format_data["weights"]
+    assert sizes["shallow_new_bytes"] == 0 < sizes["shallow_weight_bytes"] < sizes["full_weight_bytes"]
+    assert sizes["file_bytes"] >= sizes["full_weight_bytes"]
+    assert manifest.files["weights.bin"]["bytes"] == sizes["file_bytes"]
+    shallow = onnx.load(str(onnx_sd / "shallow.onnx"), load_external_data=False)
+    external = [t for t in shallow.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == {"weights.bin"}
+    for name in ("full.onnx", "shallow.onnx"):
+        onnx.checker.check_model(str(onnx_sd / name))
+        assert (onnx_sd / name).stat().st_size < 5e6  # graphs only; the weights live in weights.bin
+
+
+def test_graph_io_carries_the_dimension_names(onnx_sd):
+    model = onnx.load(str(onnx_sd / "shallow.onnx"), load_external_data=False)
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
+    assert shapes["sample"] == ["batch", 4, "height", "width"]
+    assert shapes["encoder_hidden_states"] == ["batch", 7, 8]
+    assert shapes["cache_feature"][0] == "batch" and shapes["cache_feature"][2:] == ["height", "width"]
+    manifest = json.loads((onnx_sd / "manifest.json").read_text())
+    assert manifest["dims"]["batch"] == {"min": 1, "opt": 2, "max": 4, "multiple": 1}
+    assert manifest["checks"]["full_max_abs_diff"] < ATOL and manifest["checks"]["shallow_max_abs_diff"] < ATOL
+    assert manifest["model"]["class"] == "UNet2DConditionModel" and manifest["deepcache"]["branch"] == SD_BRANCH
+
+
+def test_trtexec_script_covers_the_ranges(onnx_sd):
+    script = (onnx_sd / "trtexec.sh").read_text()
+    fp16 = [line for line in script.splitlines() if line.startswith("trtexec")]
+    assert len(fp16) == 2 and all("--fp16" in line for line in fp16)
+    full = next(line for line in fp16 if "--onnx=full.onnx" in line)
+    assert "--minShapes=sample:1x4x8x8,timestep:1,encoder_hidden_states:1x7x8" in full
+    assert "--maxShapes=sample:4x4x32x32,timestep:4,encoder_hidden_states:4x7x8" in full
+    shallow = next(line for line in fp16 if "--onnx=shallow.onnx" in line)
+    assert "cache_feature:2x16x16x16" in shallow  # opt: batch 2, 16x16, 16 channels at branch 1
+
+
+@pytest.mark.parametrize(
+    ("batch", "height", "match"),
+    [(5, 16, r"dim 0 \(batch\) is 5, outside the exported range 1..4"), (2, 40, r"\(height\) is 40"), (2, 15, "15")],
+)
+def test_inputs_outside_the_export_are_refused(onnx_sd, batch, height, match):
+    loaded = dcfx.load(onnx_sd)
+    with pytest.raises(ValueError, match=match):
+        loaded(torch.randn(batch, 4, height, 16), 900, encoder_hidden_states=torch.randn(batch, 7, 8))
+    with pytest.raises(ValueError, match="exported with"):
+        loaded(torch.randn(2, 4, 16, 16), 900, torch.randn(2, 7, 8), class_labels=torch.zeros(2))
+    assert loaded.stats == {"full": 0, "shallow": 0}
+
+
+def test_runs_in_a_fresh_process_without_diffusers(onnx_sd, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    x, ehs = torch.randn(2, 4, 16, 24, generator=g), torch.randn(2, 7, 8, generator=g)
+    outs, stdout = run_fresh(onnx_sd, tmp_path, x, ehs)
+    assert stdout.split() == ["ModelOutput", "1", "2"]  # dcfx's own output class: no diffusers there
+    eager = dcfx.compile(sd_unet(), branch=SD_BRANCH, interval=3)
+    for got, t in zip(outs, (900, 800, 700), strict=True):
+        torch.testing.assert_close(got, eager(x, t, encoder_hidden_states=ehs).sample, atol=ATOL, rtol=0)
+
+
+def test_unet2d_model_in_a_ddim_pipeline(tmp_path):
+    unet = tiny_ddpm()
+    out = dcfx.export(
+        unet,
+        tmp_path / "ddpm",
+        branch=2,
+        interval=3,
+        shapes={"batch": (1, 2), "height": 16, "width": 16},
+        progress=False,
+    )
+    reference = make_ddim_pipeline(tiny_ddpm())
+    reference.unet = dcfx.compile(reference.unet, branch=2, interval=3, scheduler=reference.scheduler)
+    pipe = make_ddim_pipeline(tiny_ddpm())
+    pipe.unet = dcfx.load(out, scheduler=pipe.scheduler)
+    torch.testing.assert_close(run_ddim(pipe), run_ddim(reference), atol=ATOL, rtol=0)
+    assert pipe.unet.stats == reference.unet.stats == {"full": 4, "shallow": 6}
+    assert read_manifest(out).model["class"] == "UNet2DModel"
