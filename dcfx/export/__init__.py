@@ -218,19 +218,17 @@ def _manifest(
     )
 
 
-def _check(
-    fmt: Any, directory: Path, manifest: Manifest, programs: ProgramPair, device: torch.device
-) -> dict[str, Any]:
+def _check(fmt: Any, directory: Path, manifest: Manifest, programs: ProgramPair, device: torch.device) -> dict[str, Any]:
     # The written graphs, loaded back, against the in-process graphs at the trace sizes.
-    if not manifest.format_data.get("runnable_here", True):
-        return {"skipped": "this machine cannot run the format"}
-    pair = fmt.load(directory, manifest, device=device)
+    run_on = torch.device(manifest.format_data.get("device", device))
+    pair = fmt.load(directory, manifest, device=run_on)
     example = programs.example
+    on_device = tuple(t.to(run_on) for t in example)
     with torch.no_grad():
         want_sample, want_feature = programs.graphs.full(*example)
-        got_sample, got_feature = pair.full(*example)
         want_shallow = programs.graphs.shallow(*example, want_feature)
-        got_shallow = pair.shallow(*example, want_feature)
+        got_sample, got_feature = (t.to(device) for t in pair.full(*on_device))
+        got_shallow = pair.shallow(*on_device, want_feature.to(run_on)).to(device)
     diffs = {
         "full_max_abs_diff": (got_sample.float() - want_sample.float()).abs().max().item(),
         "feature_max_abs_diff": (got_feature.float() - want_feature.float()).abs().max().item(),

@@ -233,9 +233,11 @@ def bind_inputs(
         expected = spec.size(values)
         if tuple(tensor.shape) != expected:
             axis = next(i for i, (a, b) in enumerate(zip(tensor.shape, expected, strict=True)) if a != b)
+            expr = spec.shape[axis]
+            how = "exactly" if isinstance(expr, int) else f"{expr} ="
             raise ValueError(
-                f"input {spec.name!r} dim {axis} is {tensor.shape[axis]}, expected {expected[axis]} "
-                f"({spec.shape[axis]} with {values}); shape {tuple(tensor.shape)} vs export {_show(spec.shape)}"
+                f"input {spec.name!r} dim {axis} is {tensor.shape[axis]}; the export takes {how} {expected[axis]} "
+                f"there (with {values or 'static shapes'}): shape {tuple(tensor.shape)} vs export {_show(spec.shape)}"
             )
     return values
 

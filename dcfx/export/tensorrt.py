@@ -81,8 +81,7 @@ class EngineBuild:
             f"--memPoolSize=workspace:{self.workspace >> 20}M",
             f"--timingCacheFile={self.timing_cache}",
         ]
-        if self.precision == "fp16":
-            args.append("--fp16")
+        args.append("--fp16" if self.precision == "fp16" else "--noTF32")
         return " ".join(shlex.quote(a) for a in args)
 
 
@@ -146,6 +145,8 @@ def build_engine(build: EngineBuild, directory: Path) -> None:
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, build.workspace)
     if build.precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: no TF32 matmuls and convolutions
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in build.profile.items():
         profile.set_shape(name, lo, opt, hi)

@@ -7,7 +7,6 @@ import json
 import onnx
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx.export.manifest import read_manifest

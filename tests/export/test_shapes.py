@@ -81,7 +81,7 @@ def test_bind_inputs_reads_the_dims():
         (call(batch=5), r"'sample' dim 0 \(batch\) is 5, outside the exported range 1..4"),
         (call(h=72), r"'sample' dim 2 \(height\) is 72, outside the exported range 16..64 in multiples of 8"),
         (call(h=36), r"dim 2 \(height\) is 36"),
-        (call(text_batch=3), r"'added_cond_kwargs.text_embeds' dim 0 is 3, expected 2"),
+        (call(text_batch=3), r"'added_cond_kwargs.text_embeds' dim 0 is 3; the export takes batch = 2 there"),
         (call(dtype=torch.float16), "dtype float16; the export takes float32"),
         (call()[:2], "takes inputs"),
         ([torch.zeros(2, 4, 32), *call()[1:]], "rank 4"),

@@ -1,0 +1,164 @@
+"""Bad artifacts: every alteration is refused before anything runs, naming the file.
+
+Each test alters a copy of the session's ONNX export. Also: the atomic write (an export that
+fails leaves nothing that looks like an export) and no pickle anywhere in a load.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import onnxruntime
+import pytest
+import torch
+
+import dcfx
+from dcfx.export import onnx as onnx_format
+from dcfx.export.manifest import FORMAT_VERSION, ArtifactError
+from tests.export.conftest import sd_unet
+
+
+@pytest.fixture
+def copy(onnx_sd, tmp_path):
+    target = tmp_path / "export"
+    shutil.copytree(onnx_sd, target)
+    return target
+
+
+@pytest.fixture
+def no_session(monkeypatch):
+    """Fails the test if onnxruntime is asked to open any graph."""
+    opened = []
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *a, **k: opened.append(a) or pytest.fail("ran"))
+    return opened
+
+
+def edit_manifest(directory, change):
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def flip_byte(path, offset=-100):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_untouched_copy_loads(copy):
+    assert isinstance(dcfx.load(copy), dcfx.DeepCacheUNet)
+
+
+@pytest.mark.parametrize("name", ["weights.bin", "full.onnx", "shallow.onnx", "trtexec.sh"])
+def test_altered_file(copy, no_session, name):
+    flip_byte(copy / name)
+    with pytest.raises(ArtifactError, match=f"{name} does not match its sha256"):
+        dcfx.load(copy)
+
+
+def test_truncated_file(copy, no_session):
+    path = copy / "weights.bin"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match=r"weights.bin has .* bytes, the manifest says"):
+        dcfx.load(copy)
+
+
+@pytest.mark.parametrize("name", ["weights.bin", "shallow.onnx"])
+def test_missing_file(copy, no_session, name):
+    (copy / name).unlink()
+    with pytest.raises(ArtifactError, match=f"{name} is missing"):
+        dcfx.load(copy)
+
+
+def test_missing_manifest(copy, no_session):
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match=r"manifest.json is missing: .* not a complete dcfx export"):
+        dcfx.load(copy)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(ArtifactError, match="is not a directory"):
+        dcfx.load(tmp_path / "nothing")
+
+
+def test_newer_format_version(copy, no_session):
+    edit_manifest(copy, lambda d: d.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(ArtifactError, match=f"format version {FORMAT_VERSION + 1}; this dcfx reads up to"):
+        dcfx.load(copy)
+
+
+def test_malformed_manifest(copy, no_session):
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="is not a dcfx manifest"):
+        dcfx.load(copy)
+    (copy / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(ArtifactError, match="is malformed"):
+        dcfx.load(copy)
+
+
+def test_graph_file_not_hashed(copy, no_session):
+    edit_manifest(copy, lambda d: d["files"].pop("shallow.onnx"))
+    with pytest.raises(ArtifactError, match=r"does not list the sha256 of graph file 'shallow.onnx'"):
+        dcfx.load(copy)
+
+
+def test_file_outside_the_directory(copy, no_session):
+    edit_manifest(copy, lambda d: d["files"].update({"../outside": {"sha256": "0" * 64, "bytes": 1}}))
+    with pytest.raises(ArtifactError, match="lies outside"):
+        dcfx.load(copy)
+
+
+def test_swapped_graph_is_caught(copy):
+    # The manifest itself edited: its full graph entry points at the shallow graph's file.
+    edit_manifest(copy, lambda d: d["graphs"]["full"].update(file="shallow.onnx"))
+    with pytest.raises(ArtifactError, match=r"shallow.onnx takes inputs .* the manifest says"):
+        dcfx.load(copy)
+
+
+def test_nothing_is_unpickled(copy, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    loaded = dcfx.load(copy)
+    loaded(torch.randn(2, 4, 16, 16), 900, encoder_hidden_states=torch.randn(2, 7, 8))
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    def fail(self, programs, out, **options):
+        (out / "full.onnx").write_bytes(b"half a graph")
+        raise KeyboardInterrupt  # an interrupt (Ctrl-C) half way through writing
+
+    monkeypatch.setattr(onnx_format.OnnxFormat, "write", fail)
+    target = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        dcfx.export(sd_unet(), target, format="onnx", shapes={"batch": 2, "height": 16, "width": 16}, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a partial directory
+
+
+def test_existing_directory_is_kept_unless_overwrite(tmp_path, copy, monkeypatch):
+    before = (copy / "manifest.json").read_text()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        dcfx.export(sd_unet(), copy, format="onnx", progress=False)
+    assert (copy / "manifest.json").read_text() == before
+
+    def fail(self, programs, out, **options):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(onnx_format.OnnxFormat, "write", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        dcfx.export(
+            sd_unet(),
+            copy,
+            format="onnx",
+            shapes={"batch": 2, "height": 16, "width": 16},
+            overwrite=True,
+            progress=False,
+        )
+    assert (copy / "manifest.json").read_text() == before  # the old export survives a failed overwrite
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["export"]

@@ -1,0 +1,110 @@
+"""Exports on a CUDA GPU: onnxruntime's CUDA provider, AOTInductor for CUDA, TensorRT engines.
+
+Each test skips cleanly where its runtime is missing (no GPU, no TensorRT, no CUDA provider).
+Per-call times are printed (run with -s) for the closing notes; no speed is asserted here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+import dcfx
+from tests.export.conftest import SD_BRANCH, sd_example, sd_unet
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+SHAPES = {"batch": (1, 2, 4), "height": (8, 16, 32), "width": (8, 16, 32)}
+
+
+def _ort_cuda() -> bool:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def _check_against_eager(loaded, sizes=((2, 16, 16), (4, 32, 24), (1, 8, 8)), atol=1e-4):
+    eager = dcfx.compile(sd_unet().cuda(), branch=SD_BRANCH, interval=3)
+    for batch, h, w in sizes:
+        g = torch.Generator(device="cuda").manual_seed(batch + h + w)
+        x = torch.randn(batch, 4, h, w, device="cuda", generator=g)
+        ehs = torch.randn(batch, 7, 8, device="cuda", generator=g)
+        for t in (900, 800, 700):
+            torch.testing.assert_close(
+                loaded(x, t, encoder_hidden_states=ehs).sample,
+                eager(x, t, encoder_hidden_states=ehs).sample,
+                atol=atol,
+                rtol=0,
+            )
+    assert loaded.stats == eager.stats
+
+
+def _per_call_ms(loaded, batch=2, size=16, calls=30):
+    x = torch.randn(batch, 4, size, size, device="cuda")
+    ehs = torch.randn(batch, 7, 8, device="cuda")
+    times = {"full": [], "shallow": []}
+    for i in range(calls):
+        kind = "full" if i % 3 == 0 else "shallow"
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loaded(x, 999 - i, encoder_hidden_states=ehs)
+        torch.cuda.synchronize()
+        times[kind].append((time.perf_counter() - start) * 1e3)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+@needs_cuda
+@pytest.mark.skipif(not _ort_cuda(), reason="needs onnxruntime-gpu (CUDAExecutionProvider)")
+def test_onnx_on_the_cuda_provider(tmp_path):
+    out = dcfx.export(
+        sd_unet(), tmp_path / "onnx", branch=SD_BRANCH, shapes=SHAPES, example=sd_example(), progress=False
+    )
+    loaded = dcfx.load(out, device="cuda")
+    _check_against_eager(loaded)
+    print("onnxruntime CUDA per call (ms):", _per_call_ms(loaded))
+
+
+@needs_cuda
+def test_aoti_for_cuda(tmp_path):
+    example = {k: v.cuda() for k, v in sd_example().items()}
+    out = dcfx.export(
+        sd_unet().cuda(),
+        tmp_path / "aoti",
+        branch=SD_BRANCH,
+        format="aoti",
+        shapes=SHAPES,
+        example=example,
+        progress=False,
+    )
+    loaded = dcfx.load(out)
+    assert loaded.device.type == "cuda"
+    _check_against_eager(loaded)
+    print("AOTInductor CUDA per call (ms):", _per_call_ms(loaded))
+
+
+@needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_tensorrt_engines(tmp_path_factory, precision, cuda_graph):
+    out = tmp_path_factory.mktemp("trt") / precision
+    dcfx.export(
+        sd_unet(),
+        out,
+        branch=SD_BRANCH,
+        format="tensorrt",
+        shapes=SHAPES,
+        example=sd_example(),
+        precision=precision,
+        progress=False,
+    )
+    assert (out / "timing.cache").exists() and (out / "trtexec.sh").exists()
+    loaded = dcfx.load(out, cuda_graph=cuda_graph)
+    _check_against_eager(loaded, atol=1e-3 if precision == "fp32" else 5e-2)
+    print(f"TensorRT {precision} cuda_graph={cuda_graph} per call (ms):", _per_call_ms(loaded))
