@@ -115,7 +115,15 @@ def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = 
 
 
 def disable(pipe: Any) -> Any:
-    """Returns ``pipe`` with its original U-Net back (a no-op when dcfx is not enabled)."""
+    """Returns ``pipe`` with its original U-Net back (a no-op when dcfx is not enabled).
+
+    Raises:
+        TypeError: ``pipe.unet`` came from ``dcfx.load``: there is no original U-Net to restore.
+    """
     if isinstance(pipe.unet, DeepCacheUNet):
+        from dcfx.export.loaded import ExportedModel
+
+        if isinstance(pipe.unet.model, ExportedModel):
+            raise TypeError("pipe.unet was loaded from an export (dcfx.load): there is no original U-Net to restore")
         pipe.unet = pipe.unet.model
     return pipe

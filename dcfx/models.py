@@ -193,12 +193,18 @@ def _stored_signature(parameters: tuple[tuple[str, bool], ...]) -> inspect.Signa
 
 @functools.cache
 def _import_output(path: str) -> Callable[..., Any]:
+    # The path comes from a manifest: only a diffusers output class is imported, never any
+    # other module (a directory on sys.path could otherwise ship code the import would run).
     module_name, _, qualname = path.partition(":")
+    if not module_name.startswith("diffusers.") or not qualname.isidentifier():
+        return ModelOutput
     try:
-        module = importlib.import_module(module_name)
+        from diffusers.utils import BaseOutput
+
+        cls = getattr(importlib.import_module(module_name), qualname, None)
     except ImportError:
         return ModelOutput
-    return getattr(module, qualname, ModelOutput)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseOutput) else ModelOutput
 
 
 def unflatten(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> dict[str, Any]:

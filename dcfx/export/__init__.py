@@ -9,8 +9,7 @@ exported graphs, without the model object and without diffusers' model code.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -22,7 +21,14 @@ from torch import nn
 
 from dcfx.config import DeepCacheConfig
 from dcfx.export.loaded import ExportedModel, ExportedPair
-from dcfx.export.manifest import ArtifactError, GraphEntry, Manifest, atomic_directory, read_manifest
+from dcfx.export.manifest import (
+    ArtifactError,
+    GraphEntry,
+    Manifest,
+    atomic_directory,
+    config_sha256,
+    read_manifest,
+)
 from dcfx.export.program import ProgramPair, downsampling_factor, export_programs, trace_size
 from dcfx.export.registry import available_formats, check_format_options, get_format, register_format
 from dcfx.export.shapes import dtype_name, parse_dims
@@ -97,6 +103,16 @@ def export(
     dims = parse_dims(shapes, int(unet.config.sample_size), factor)
     model = unet if dtype == model_dtype else copy.deepcopy(unet).to(dtype)
     size = {name: trace_size(dim) for name, dim in dims.items()}
+    if example is not None:
+        sample = example.get("sample")
+        if not isinstance(sample, torch.Tensor) or sample.ndim != 4:
+            raise ValueError("example must be the keyword arguments of a U-Net call, with a 4-d 'sample' tensor")
+        for name, value in zip(("batch", "height", "width"), (sample.shape[0], *sample.shape[2:]), strict=True):
+            if not dims[name].contains(value):
+                raise ValueError(
+                    f"the example's {name} {value} is outside shapes[{name!r}] ({dims[name].describe()}); "
+                    f"give an example at sizes inside the ranges (ideally the opt sizes)"
+                )
     call = (
         dict(example)
         if example is not None
@@ -163,6 +179,15 @@ def load(
     if cfg.schedule == "non-uniform" and scheduler is None and cfg.steps is None:
         raise ValueError("the non-uniform schedule needs the step count: pass scheduler=pipe.scheduler or steps=")
     device = torch.device(device or manifest.format_data.get("device", "cpu"))
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    valid = [p for p in inspect.signature(fmt.load).parameters if p not in ("directory", "manifest", "device")]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"dcfx.load got unknown option(s) {unknown}; it takes DeepCacheConfig fields (not branch) and, for "
+            f"{manifest.format}: {', '.join(valid) or 'none'}"
+        )
     pair: ExportedPair = fmt.load(directory, manifest, device=device, **kwargs)
     model = ExportedModel(manifest, device)
     spec = StoredSpec.from_description(ExportedModel, manifest.model)
@@ -196,7 +221,7 @@ def _manifest(
     model = {
         **spec.describe(unet),
         "config": config,
-        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "config_sha256": config_sha256(config),
         "branch_layer": programs.graphs.kept_layers[-1] if programs.graphs.kept_layers else None,
         "shallow_layers": programs.graphs.kept_layers,
         "attributes": {path: v for path in _ATTRIBUTES if (v := _attribute(unet, path)) is not None},
@@ -218,7 +243,9 @@ def _manifest(
     )
 
 
-def _check(fmt: Any, directory: Path, manifest: Manifest, programs: ProgramPair, device: torch.device) -> dict[str, Any]:
+def _check(
+    fmt: Any, directory: Path, manifest: Manifest, programs: ProgramPair, device: torch.device
+) -> dict[str, Any]:
     # The written graphs, loaded back, against the in-process graphs at the trace sizes.
     run_on = torch.device(manifest.format_data.get("device", device))
     pair = fmt.load(directory, manifest, device=run_on)

@@ -79,6 +79,8 @@ class AotiPair(ExportedPair):
         object.__setattr__(self, "loaders", loaders)
 
     def _run(self, graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+        # AOTInductor code assumes the strides it was traced with (contiguous): an expanded
+        # timestep (stride 0) would be read past its storage. ExportedPair passes contiguous inputs.
         results = self.loaders[graph].run(list(inputs))
         for target, result in zip(outputs, results, strict=True):
             target.copy_(result)

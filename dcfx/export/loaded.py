@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dcfx.backends import BufferFn, CompiledPair
-from dcfx.export.manifest import Manifest
+from dcfx.export.manifest import ArtifactError, Manifest
 from dcfx.export.shapes import TensorSpec, bind_inputs, dtype_from_name, evaluate
 
 
@@ -60,6 +60,8 @@ class ExportedModel(nn.Module):
         self._device = torch.device(device)
         for path, value in manifest.model.get("attributes", {}).items():
             head, *rest = path.split(".")
+            if not rest or not all(p.isidentifier() for p in (head, *rest)) or head in ("config", "forward"):
+                raise ArtifactError(f"manifest attribute {path!r} is not a dotted attribute path")
             node = self.__dict__.setdefault(head, SimpleNamespace())
             for part in rest[:-1]:
                 node = node.__dict__.setdefault(part, SimpleNamespace())
@@ -127,6 +129,7 @@ class ExportedPair(CompiledPair):
     def run_full(  # noqa: D102
         self, inputs: tuple[torch.Tensor, ...], buffer_for: BufferFn
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = _contiguous(inputs)
         sample_spec, feature_spec = self.manifest.graphs["full"].outputs
         values = self.sizes(inputs)
         sample = self._empty(sample_spec, values)
@@ -137,11 +140,13 @@ class ExportedPair(CompiledPair):
 
     def run_shallow(self, inputs: tuple[torch.Tensor, ...], feature: torch.Tensor) -> torch.Tensor:  # noqa: D102
         (spec,) = self.manifest.graphs["shallow"].outputs
+        inputs = _contiguous(inputs)
         sample = self._empty(spec, self.sizes(inputs))
         self._run("shallow", (*inputs, feature), (sample,))
         return sample
 
     def _call_full(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = _contiguous(inputs)
         sample_spec, feature_spec = self.manifest.graphs["full"].outputs
         values = self.sizes(inputs)
         outputs = (self._empty(sample_spec, values), self._empty(feature_spec, values))
@@ -156,6 +161,11 @@ class ExportedPair(CompiledPair):
 
     def _run(self, graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         raise NotImplementedError
+
+
+def _contiguous(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    # Every format reads its inputs as dense row-major memory (an expanded timestep has stride 0).
+    return tuple(t.contiguous() for t in tensors)
 
 
 @functools.lru_cache(maxsize=256)

@@ -113,6 +113,11 @@ class Manifest:
         (directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+def config_sha256(config: Mapping[str, Any]) -> str:
+    """Returns the sha256 of a model config (canonical JSON: sorted keys)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
 def sha256(path: Path) -> str:
     """Returns the hex sha256 of the file at ``path``."""
     digest = hashlib.sha256()
@@ -154,9 +159,14 @@ def read_manifest(directory: str | os.PathLike[str], verify_files: bool = True) 
     for entry in manifest.graphs.values():
         if entry.file not in manifest.files:
             raise ArtifactError(f"{path} does not list the sha256 of graph file {entry.file!r}")
+    if config_sha256(manifest.model.get("config", {})) != manifest.model.get("config_sha256"):
+        raise ArtifactError(f"{path}: the model config does not match its config_sha256: the manifest was altered")
     if verify_files:
         for rel, info in manifest.files.items():
-            verify_file(directory, rel, info)
+            try:
+                verify_file(directory, rel, info)
+            except (KeyError, TypeError) as e:
+                raise ArtifactError(f"{path} lists {rel!r} without a valid size and sha256: {e!r}") from e
     return manifest
 
 

@@ -225,10 +225,7 @@ class OnnxPair(ExportedPair):
         entry = self.manifest.graphs[graph]
         binding = session.io_binding()
         index = self.device.index or 0
-        keep = []
         for spec, tensor in zip(entry.inputs, inputs, strict=True):
-            tensor = tensor.contiguous()
-            keep.append(tensor)
             binding.bind_input(
                 spec.graph_name,
                 self._device_type,

@@ -122,6 +122,10 @@ def export_programs(
         )
     narrowed = _narrow(dict(dims), full, names, factor)
     narrowed = _narrow(narrowed, shallow, names, factor)
+    # Every recorded shape must be computable over the whole range (a runtime sizes its buffers so).
+    for point in ({n: getattr(d, key) for n, d in narrowed.items()} for key in ("min", "opt", "max")):
+        for spec in (*inputs, *full_outputs, *shallow_outputs):
+            spec.size(point)
     for name, dim in narrowed.items():
         if dim != dims[name]:
             logger.warning(

@@ -34,6 +34,13 @@ class DimRange:
     max: int
     multiple: int = 1
 
+    def __post_init__(self) -> None:
+        values = (self.min, self.opt, self.max, self.multiple)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"dimension {self.name!r}: min, opt, max and multiple must be ints, got {values}")
+        if not (1 <= self.min <= self.opt <= self.max and self.multiple >= 1):
+            raise ValueError(f"dimension {self.name!r}: need 1 <= min <= opt <= max and multiple >= 1, got {values}")
+
     @property
     def static(self) -> bool:
         """True when the range holds one size."""
@@ -62,6 +69,7 @@ def parse_dims(shapes: Mapping[str, Any] | None, sample_size: int, multiple: int
         shapes: ``{"batch": ..., "height": ..., "width": ...}`` in latent pixels, each an int
             (static), a ``(min, max)`` or a ``(min, opt, max)``. Missing names take defaults:
             batch (1, 2, 4), height and width (sample_size / 2, sample_size, 2 * sample_size).
+            A ``(min, max)`` range is tuned for batch 2 and ``sample_size`` (moved into the range).
         sample_size: The model's default latent size (``unet.config.sample_size``).
         multiple: The U-Net's downsampling factor: heights and widths must be multiples of it.
 
@@ -78,11 +86,12 @@ def parse_dims(shapes: Mapping[str, Any] | None, sample_size: int, multiple: int
     dims = {}
     for name in DIM_NAMES:
         step = 1 if name == "batch" else multiple
-        dims[name] = _parse_range(name, shapes.get(name, defaults[name]), step)
+        preferred = 2 if name == "batch" else sample_size
+        dims[name] = _parse_range(name, shapes.get(name, defaults[name]), step, preferred)
     return dims
 
 
-def _parse_range(name: str, value: Any, multiple: int) -> DimRange:
+def _parse_range(name: str, value: Any, multiple: int, preferred: int) -> DimRange:
     if isinstance(value, bool):
         raise ValueError(f"shapes[{name!r}] must be an int or a (min, max) / (min, opt, max) tuple, got {value!r}")
     if isinstance(value, int):
@@ -92,7 +101,8 @@ def _parse_range(name: str, value: Any, multiple: int) -> DimRange:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise ValueError(f"shapes[{name!r}] must hold ints, got {value!r}")
     lo, hi = value[0], value[-1]
-    opt = value[1] if len(value) == 3 else min(max(lo, 2 * multiple if name != "batch" else 2), hi)
+    # Without an opt: the model's own size (batch 2), moved into the range onto the multiple.
+    opt = value[1] if len(value) == 3 else min(max(lo, preferred // multiple * multiple), hi)
     if not 1 <= lo <= opt <= hi:
         raise ValueError(f"shapes[{name!r}] must satisfy 1 <= min <= opt <= max, got {tuple(value)!r}")
     off = [v for v in (lo, opt, hi) if v % multiple]
@@ -127,9 +137,13 @@ _BINARY = {
     ast.Add: lambda a, b: a + b,
     ast.Sub: lambda a, b: a - b,
     ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-    ast.FloorDiv: lambda a, b: Fraction(a // b),
+    ast.Div: lambda a, b: a / b if b else _zero(),
+    ast.FloorDiv: lambda a, b: Fraction(a // b) if b else _zero(),
 }
+
+
+def _zero() -> Fraction:
+    raise ValueError("shape expression divides by zero")
 
 
 def _eval(node: ast.AST, values: Mapping[str, int], expr: str) -> Fraction:

@@ -13,7 +13,10 @@ with the current ones before an engine is deserialized.
 
 from __future__ import annotations
 
+import hashlib
 import shlex
+import shutil
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from dcfx.export.manifest import ArtifactError, GraphEntry, Manifest
 from dcfx.export.program import ProgramPair
 from dcfx.export.registry import register_format
 from dcfx.export.shapes import DimRange, TensorSpec
+from dcfx.runtime import MAX_GRAPH_PAIRS
 
 PRECISIONS = ("fp16", "fp32")
 TIMING_CACHE = "timing.cache"
@@ -127,8 +131,11 @@ def trtexec_script(entries: Mapping[str, GraphEntry], dims: Mapping[str, DimRang
     return "\n".join(lines) + "\n"
 
 
-def build_engine(build: EngineBuild, directory: Path) -> None:
+def build_engine(build: EngineBuild, directory: Path, timing_cache: Path | None = None) -> None:
     """Builds one engine with the TensorRT Python API (needs TensorRT and a GPU).
+
+    The timing cache is read from and written back to ``timing_cache`` (a file shared by
+    builds; default: the export's own ``timing.cache``).
 
     Raises:
         RuntimeError: the ONNX parser or the builder failed (with TensorRT's messages).
@@ -151,7 +158,7 @@ def build_engine(build: EngineBuild, directory: Path) -> None:
     for name, (lo, opt, hi) in build.profile.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache_path = directory / build.timing_cache
+    cache_path = Path(timing_cache) if timing_cache is not None else directory / build.timing_cache
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
@@ -168,7 +175,7 @@ def gpu_identity(device: torch.device | None = None) -> dict[str, Any]:
     return {"gpu": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}"}
 
 
-@register_format("tensorrt", options=("precision", "workspace", "opset"))
+@register_format("tensorrt", options=("precision", "workspace", "timing_cache", "opset"))
 class TensorRTFormat:
     """Writes the ONNX export plus TensorRT engines, and loads the engines."""
 
@@ -181,9 +188,19 @@ class TensorRTFormat:
             raise RuntimeError("building TensorRT engines needs a CUDA GPU; export format='onnx' and use trtexec.sh")
 
     def write(
-        self, programs: ProgramPair, out: Path, precision: str = "fp16", workspace: int = DEFAULT_WORKSPACE, **onnx: Any
+        self,
+        programs: ProgramPair,
+        out: Path,
+        precision: str = "fp16",
+        workspace: int = DEFAULT_WORKSPACE,
+        timing_cache: str | Path | None = None,
+        **onnx: Any,
     ) -> dict[str, Any]:
-        """Writes the ONNX files, then builds full.plan and shallow.plan."""
+        """Writes the ONNX files, then builds full.plan and shallow.plan.
+
+        ``timing_cache``: a file that later builds reuse (read, then updated); the export
+        keeps a copy as timing.cache either way.
+        """
         from dcfx.export.onnx import OnnxFormat
 
         data = OnnxFormat().write(programs, out, **onnx)
@@ -193,7 +210,9 @@ class TensorRTFormat:
         }
         plan = build_plan(entries, programs.dims, precision, workspace)
         for build in plan.values():
-            build_engine(build, out)
+            build_engine(build, out, timing_cache)
+        if timing_cache is not None:
+            shutil.copyfile(timing_cache, out / TIMING_CACHE)
         trt = _tensorrt()
         return {
             **data,
@@ -233,60 +252,121 @@ class TensorRTPair(ExportedPair):
 
     The cache feature is bound as the full engine's output and the shallow engine's input at
     the runtime buffer's address, so it never moves. With ``cuda_graph``, each engine's launch
-    is captured once per input shape into a CUDA graph and replayed (inputs are copied into
-    static buffers first; the buffer addresses are part of the capture's key).
+    is captured once per input shape (and cache buffer) into a CUDA graph and replayed: the
+    other inputs are copied into static buffers first, the sample is copied out after.
     """
 
     def __init__(self, directory: Path, manifest: Manifest, device: torch.device, cuda_graph: bool) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"TensorRT engines run on a CUDA device, not {device}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         super().__init__(manifest, device)
         trt = _tensorrt()
         check_engine_compatible(manifest, directory, {"tensorrt": trt.__version__, **gpu_identity(device)})
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engines, contexts = {}, {}
-        for graph in ("full", "shallow"):
-            path = directory / manifest.graphs[graph].file
-            engine = runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is None:
-                raise ArtifactError(f"TensorRT {trt.__version__} could not deserialize {path}")
-            engines[graph] = engine
-            contexts[graph] = engine.create_execution_context()
+        with torch.cuda.device(device):
+            for graph in ("full", "shallow"):
+                entry = manifest.graphs[graph]
+                path = directory / entry.file
+                data = path.read_bytes()  # hashed again: the bytes checked are the bytes deserialized
+                if hashlib.sha256(data).hexdigest() != manifest.files[entry.file]["sha256"]:
+                    raise ArtifactError(f"{path} does not match its sha256 in the manifest: it was altered")
+                engine = runtime.deserialize_cuda_engine(data)
+                if engine is None:
+                    raise ArtifactError(f"TensorRT {trt.__version__} could not deserialize {path}")
+                _check_engine_io(trt, engine, entry, path)
+                engines[graph] = engine
+                contexts[graph] = engine.create_execution_context()
         object.__setattr__(self, "engines", engines)
         object.__setattr__(self, "contexts", contexts)
         object.__setattr__(self, "cuda_graph", cuda_graph)
-        object.__setattr__(self, "_graphs", {})
+        object.__setattr__(self, "_graphs", OrderedDict())
 
     def _run(self, graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         entry = self.manifest.graphs[graph]
-        inputs = [t.contiguous() for t in inputs]
-        stream = torch.cuda.current_stream(self.device)
-        if not self.cuda_graph:
-            self._bind(graph, entry, inputs, outputs)
-            self.contexts[graph].execute_async_v3(stream.cuda_stream)
-            return
-        key = (graph, tuple(t.shape for t in inputs), tuple(t.data_ptr() for t in outputs[1:]))
+        with torch.cuda.device(self.device):
+            if not self.cuda_graph:
+                self._bind(graph, entry, inputs, outputs)
+                self._execute(graph)
+                return
+            self._replay(graph, entry, inputs, outputs)
+
+    def _replay(
+        self, graph: str, entry: GraphEntry, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+    ) -> None:
+        # The cache feature (the full graph's second output, the shallow graph's last input) is
+        # the runtime's buffer: bound by its address, which is part of the key. Other inputs are
+        # copied into static buffers; the sample output is copied out.
+        feature = outputs[1] if graph == "full" else inputs[-1]
+        key = (graph, tuple(t.shape for t in inputs), feature.data_ptr())
         captured = self._graphs.get(key)
         if captured is None:
-            static_in = [t.clone() for t in inputs]
+            static_in = [t if t is feature else t.clone() for t in inputs]
             static_out = [torch.empty_like(outputs[0]), *outputs[1:]]
             self._bind(graph, entry, static_in, static_out)
-            self.contexts[graph].execute_async_v3(stream.cuda_stream)  # warm-up: TensorRT allocates lazily
+            self._execute(graph)  # warm-up: TensorRT allocates what it needs on the first run
             cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph, stream=stream):
-                self.contexts[graph].execute_async_v3(stream.cuda_stream)
+            with torch.cuda.graph(cuda_graph):  # captures on a side stream of torch's choosing
+                self._execute(graph)
             captured = (cuda_graph, static_in, static_out)
             self._graphs[key] = captured
+            if len(self._graphs) > MAX_GRAPH_PAIRS * 2:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
         cuda_graph, static_in, static_out = captured
         for static, tensor in zip(static_in, inputs, strict=True):
-            static.copy_(tensor)
+            if static is not tensor:
+                static.copy_(tensor)
         cuda_graph.replay()
         outputs[0].copy_(static_out[0])
+
+    def _execute(self, graph: str) -> None:
+        if not self.contexts[graph].execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run the {graph} engine")
 
     def _bind(
         self, graph: str, entry: GraphEntry, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
     ) -> None:
         context = self.contexts[graph]
         for spec, tensor in zip(entry.inputs, inputs, strict=True):
-            context.set_input_shape(spec.graph_name, tuple(tensor.shape))
+            if not context.set_input_shape(spec.graph_name, tuple(tensor.shape)):
+                raise ValueError(f"the {graph} engine refuses {spec.name} of shape {tuple(tensor.shape)}")
             context.set_tensor_address(spec.graph_name, tensor.data_ptr())
         for spec, tensor in zip(entry.outputs, outputs, strict=True):
+            shape = tuple(context.get_tensor_shape(spec.graph_name))
+            if shape != tuple(tensor.shape):
+                raise RuntimeError(
+                    f"the {graph} engine makes {spec.name} of shape {shape}, the manifest says {tuple(tensor.shape)}"
+                )
             context.set_tensor_address(spec.graph_name, tensor.data_ptr())
+
+
+def _check_engine_io(trt: Any, engine: Any, entry: GraphEntry, path: Path) -> None:
+    # The engine's tensors must be the manifest's: outputs are written by address into buffers
+    # sized from the manifest.
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    modes = {n: engine.get_tensor_mode(n) for n in names}
+    inputs = [n for n in names if modes[n] == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if modes[n] == trt.TensorIOMode.OUTPUT]
+    want_in = [s.graph_name for s in entry.inputs]
+    want_out = [s.graph_name for s in entry.outputs]
+    if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
+        raise ArtifactError(
+            f"{path} has inputs {inputs} and outputs {outputs}; the manifest says {want_in} and {want_out}"
+        )
+    dtypes = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.bfloat16: torch.bfloat16,
+        trt.int64: torch.int64,
+        trt.int32: torch.int32,
+        trt.bool: torch.bool,
+    }
+    for spec in (*entry.inputs, *entry.outputs):
+        dtype = dtypes.get(engine.get_tensor_dtype(spec.graph_name))
+        if dtype != spec.torch_dtype:
+            raise ArtifactError(
+                f"{path}: tensor {spec.graph_name} is {dtype} in the engine, {spec.dtype} in the manifest"
+            )

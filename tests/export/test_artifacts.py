@@ -162,3 +162,26 @@ def test_existing_directory_is_kept_unless_overwrite(tmp_path, copy, monkeypatch
         )
     assert (copy / "manifest.json").read_text() == before  # the old export survives a failed overwrite
     assert sorted(p.name for p in copy.parent.iterdir()) == ["export"]
+
+
+def test_altered_model_config(copy, no_session):
+    edit_manifest(copy, lambda d: d["model"]["config"].update(sample_size=999))
+    with pytest.raises(ArtifactError, match="config does not match its config_sha256"):
+        dcfx.load(copy)
+
+
+def test_manifest_cannot_make_load_import_code(copy, tmp_path, monkeypatch):
+    # A module next to the export, named as the output class: it must never be imported.
+    (tmp_path / "planted.py").write_text("import os\nos.environ['DCFX_PLANTED'] = 'ran'\nclass Out:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("DCFX_PLANTED", raising=False)
+    edit_manifest(copy, lambda d: d["model"].update(output="planted:Out"))
+    loaded = dcfx.load(copy)
+    out = loaded(torch.randn(2, 4, 16, 16), 900, encoder_hidden_states=torch.randn(2, 7, 8))
+    assert type(out).__name__ == "ModelOutput" and "DCFX_PLANTED" not in __import__("os").environ
+
+
+def test_bad_attribute_path_in_manifest(copy, no_session):
+    edit_manifest(copy, lambda d: d["model"].update(attributes={"__class__": 1}))
+    with pytest.raises(ArtifactError, match="not a dotted attribute path"):
+        dcfx.load(copy)

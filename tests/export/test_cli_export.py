@@ -16,10 +16,8 @@ def test_export_then_inspect(tmp_path, capsys):
     folder = tmp_path / "unet"
     sd_unet().save_pretrained(folder)
     out = tmp_path / "out"
-    code = main(
-        ["export", str(out), "--model", str(folder), "--branch", "1", "--interval", "4"]
-        + ["--batch", "2", "--height", "16", "--width", "8:16:16"]
-    )
+    args = ["--model", str(folder), "--branch", "1", "--interval", "4", "--batch", "2", "--height", "16"]
+    code = main(["export", str(out), *args, "--width", "8:16:16"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "onnx export of UNet2DConditionModel" in printed and "width 8..16 in multiples of 2" in printed

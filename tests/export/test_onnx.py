@@ -10,7 +10,7 @@ import torch
 
 import dcfx
 from dcfx.export.manifest import read_manifest
-from tests.export.conftest import SD_BRANCH, sd_unet
+from tests.export.conftest import SD_BRANCH, SD_SHAPES, sd_example, sd_unet
 from tests.export.fresh import run_fresh
 from tests.fixtures import make_ddim_pipeline, make_sd_pipeline, run_ddim, run_sd, tiny_ddpm
 
@@ -66,6 +66,22 @@ def test_load_changes_the_schedule_not_the_branch(onnx_sd):
     assert loaded.stats == {"full": 2, "shallow": 2}
     with pytest.raises(ValueError, match=f"holds the graphs of branch {SD_BRANCH}"):
         dcfx.load(onnx_sd, branch=0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['cuda_graph'\].*onnx: providers, session_options"):
+        dcfx.load(onnx_sd, cuda_graph=True)
+
+
+def test_loaded_runtime_has_no_original_to_restore(onnx_sd):
+    pipe = make_sd_pipeline(sd_unet())
+    pipe.unet = dcfx.load(onnx_sd, scheduler=pipe.scheduler)
+    assert pipe.unet.config.cross_attention_dim == 8 and pipe.unet.dtype == torch.float32
+    with pytest.raises(TypeError, match="no original U-Net to restore"):
+        dcfx.disable(pipe)
+
+
+def test_example_outside_the_shapes_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"example's height 40 is outside shapes\['height'\] \(8..32"):
+        dcfx.export(sd_unet(), tmp_path / "x", shapes=SD_SHAPES, example=sd_example(size=40), progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 def test_shallow_weights_are_stored_once(onnx_sd):

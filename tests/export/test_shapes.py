@@ -11,7 +11,7 @@ from dcfx.export.shapes import DimRange, TensorSpec, bind_inputs, evaluate, pars
 def test_parse_dims_forms_and_defaults():
     dims = parse_dims({"batch": 2, "height": (16, 64), "width": (16, 32, 64)}, sample_size=64, multiple=8)
     assert dims["batch"] == DimRange("batch", 2, 2, 2, 1) and dims["batch"].static
-    assert (dims["height"].min, dims["height"].opt, dims["height"].max) == (16, 16, 64)
+    assert (dims["height"].min, dims["height"].opt, dims["height"].max) == (16, 64, 64)  # opt: sample_size
     assert dims["width"] == DimRange("width", 16, 32, 64, 8)
     default = parse_dims(None, sample_size=64, multiple=8)
     assert (default["batch"].min, default["batch"].opt, default["batch"].max) == (1, 2, 4)
@@ -47,6 +47,8 @@ def test_evaluate_expressions():
         evaluate("height/3", values)
     with pytest.raises(ValueError, match="unknown dimension"):
         evaluate("depth", values)
+    with pytest.raises(ValueError, match="divides by zero"):
+        evaluate("height/(width-48)", values)
 
 
 @pytest.mark.parametrize("expr", ["__import__('os').getcwd()", "height.real", "[1][0]", "height ** 2", "'a'"])
