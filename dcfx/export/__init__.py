@@ -188,9 +188,12 @@ def load(
             f"dcfx.load got unknown option(s) {unknown}; it takes DeepCacheConfig fields (not branch) and, for "
             f"{manifest.format}: {', '.join(valid) or 'none'}"
         )
+    try:
+        model = ExportedModel(manifest, device)
+        spec = StoredSpec.from_description(ExportedModel, manifest.model)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{directory / 'manifest.json'}: malformed model entry: {e!r}") from e
     pair: ExportedPair = fmt.load(directory, manifest, device=device, **kwargs)
-    model = ExportedModel(manifest, device)
-    spec = StoredSpec.from_description(ExportedModel, manifest.model)
 
     def build(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> ExportedPair:
         pair.check(names, tensors)

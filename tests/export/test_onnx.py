@@ -12,7 +12,15 @@ import dcfx
 from dcfx.export.manifest import read_manifest
 from tests.export.conftest import SD_BRANCH, SD_SHAPES, sd_example, sd_unet
 from tests.export.fresh import run_fresh
-from tests.fixtures import make_ddim_pipeline, make_sd_pipeline, run_ddim, run_sd, tiny_ddpm
+from tests.fixtures import (
+    UNET_FACTORIES,
+    example_call,
+    make_ddim_pipeline,
+    make_sd_pipeline,
+    run_ddim,
+    run_sd,
+    tiny_ddpm,
+)
 
 ATOL = 1e-4
 
@@ -161,3 +169,31 @@ def test_unet2d_model_in_a_ddim_pipeline(tmp_path):
     torch.testing.assert_close(run_ddim(pipe), run_ddim(reference), atol=ATOL, rtol=0)
     assert pipe.unet.stats == reference.unet.stats == {"full": 4, "shallow": 6}
     assert read_manifest(out).model["class"] == "UNet2DModel"
+
+
+@pytest.mark.parametrize("layout", ["sdxl", "ddpm-class"])
+def test_other_inputs_enter_the_export(tmp_path, layout):
+    # SDXL's added_cond_kwargs (a dict of tensors) and class labels (int64) are graph inputs too.
+    make = UNET_FACTORIES[layout]
+    call = example_call(make(), batch=2, size=16)
+    out = dcfx.export(
+        make(),
+        tmp_path / layout,
+        branch=1,
+        interval=2,
+        shapes={"batch": 2, "height": 16, "width": 16},
+        example=call,
+        progress=False,
+    )
+    loaded, eager = dcfx.load(out), dcfx.compile(make(), branch=1, interval=2)
+    for t in (900, 800, 700):
+        torch.testing.assert_close(
+            loaded(**{**call, "timestep": t})[0], eager(**{**call, "timestep": t})[0], atol=ATOL, rtol=0
+        )
+    assert loaded.stats == {"full": 2, "shallow": 1}
+    names = [s.name for s in read_manifest(out).graphs["full"].inputs]
+    if layout == "sdxl":
+        assert names[-2:] == ["added_cond_kwargs.text_embeds", "added_cond_kwargs.time_ids"]
+        assert loaded.add_embedding.linear_1.in_features == make().add_embedding.linear_1.in_features
+    else:
+        assert "class_labels" in names
