@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
+from dcfx.registry import Registry
+
 BufferFn = Callable[[torch.Size, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
 
 
@@ -50,16 +52,14 @@ class Backend(Protocol):
     ) -> CompiledPair: ...
 
 
-_BACKENDS: dict[str, Backend] = {}
-_OPTIONS: dict[str, tuple[str, ...]] = {}
+_BACKENDS: Registry[Backend] = Registry("backend")
 
 
 def register_backend(name: str, options: tuple[str, ...] = ()) -> Callable[[Backend], Backend]:
     """Returns a decorator that registers a backend under ``name``, taking ``options``."""
 
     def register(fn: Backend) -> Backend:
-        _BACKENDS[name] = fn
-        _OPTIONS[name] = options
+        _BACKENDS.add(name, fn, options)
         return fn
 
     return register
@@ -67,27 +67,17 @@ def register_backend(name: str, options: tuple[str, ...] = ()) -> Callable[[Back
 
 def available_backends() -> list[str]:
     """Returns the registered backend names."""
-    return sorted(_BACKENDS)
+    return _BACKENDS.names()
 
 
 def get_backend(name: str) -> Backend:
-    """Returns the backend registered as ``name``.
-
-    Raises:
-        ValueError: for an unknown name, listing the registered ones.
-    """
-    if not isinstance(name, str) or name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; registered: {', '.join(available_backends())}")
-    return _BACKENDS[name]
+    """Returns the backend registered as ``name`` (ValueError listing the others if unknown)."""
+    return _BACKENDS.get(name)
 
 
 def check_options(backend: str, options: dict[str, Any]) -> None:
     """Raises TypeError for an option ``backend`` does not take, naming the ones it does."""
-    get_backend(backend)
-    valid = _OPTIONS[backend]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise TypeError(f"backend {backend!r} got unknown option(s) {unknown}; it takes: {', '.join(valid) or 'none'}")
+    _BACKENDS.check_options(backend, options)
 
 
 from dcfx.backends import eager, inductor  # noqa: E402,F401  (registration)

@@ -12,7 +12,7 @@ import copy
 import inspect
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -312,7 +312,5 @@ class _progress:
         if self._bar is not None:
             self._bar.close()
 
-
-OnStage = Callable[[str], None]
 
 from dcfx.export import aoti, onnx, tensorrt  # noqa: E402,F401  (registration)

@@ -196,6 +196,8 @@ class OnnxPair(ExportedPair):
         providers: Sequence[Any] | None,
         session_options: Any,
     ) -> None:
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"dcfx runs ONNX exports on cpu or cuda devices, not {device}")
         super().__init__(manifest, device)
         ort = _ort()
         if providers is None:
@@ -218,32 +220,24 @@ class OnnxPair(ExportedPair):
                 raise ArtifactError(f"{directory / entry.file} takes inputs {got}, the manifest says {want}")
             sessions[graph] = session
         object.__setattr__(self, "sessions", sessions)
-        object.__setattr__(self, "_device_type", "cuda" if device.type == "cuda" else "cpu")
 
     def _run(self, graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
-        session = self.sessions[graph]
         entry = self.manifest.graphs[graph]
-        binding = session.io_binding()
-        index = self.device.index or 0
-        for spec, tensor in zip(entry.inputs, inputs, strict=True):
-            binding.bind_input(
-                spec.graph_name,
-                self._device_type,
-                index,
-                _numpy_dtype(tensor.dtype),
-                tuple(tensor.shape),
-                tensor.data_ptr(),
-            )
-        for spec, tensor in zip(entry.outputs, outputs, strict=True):
-            binding.bind_output(
-                spec.graph_name,
-                self._device_type,
-                index,
-                _numpy_dtype(tensor.dtype),
-                tuple(tensor.shape),
-                tensor.data_ptr(),
-            )
-        session.run_with_iobinding(binding)
+        binding = self.sessions[graph].io_binding()
+        for bind, specs, tensors in (
+            (binding.bind_input, entry.inputs, inputs),
+            (binding.bind_output, entry.outputs, outputs),
+        ):
+            for spec, tensor in zip(specs, tensors, strict=True):
+                bind(
+                    spec.graph_name,
+                    self.device.type,
+                    self.device.index or 0,
+                    _numpy_dtype(tensor.dtype),
+                    tuple(tensor.shape),
+                    tensor.data_ptr(),
+                )
+        self.sessions[graph].run_with_iobinding(binding)
 
 
 def _numpy_dtype(dtype: torch.dtype) -> Any:

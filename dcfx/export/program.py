@@ -120,8 +120,8 @@ def export_programs(
         shallow = torch.export.export(
             graphs.shallow, (*tensors, example_feature), dynamic_shapes=(*positional, feature_axes), strict=False
         )
-    narrowed = _narrow(dict(dims), full, names, factor)
-    narrowed = _narrow(narrowed, shallow, names, factor)
+    narrowed = _narrow(dict(dims), full, names)
+    narrowed = _narrow(narrowed, shallow, names)
     # Every recorded shape must be computable over the whole range (a runtime sizes its buffers so).
     for point in ({n: getattr(d, key) for n, d in narrowed.items()} for key in ("min", "opt", "max")):
         for spec in (*inputs, *full_outputs, *shallow_outputs):
@@ -248,9 +248,7 @@ def _spec(name: str, graph_name: str, value: torch.Tensor, symbols: Mapping[str,
     return TensorSpec(name, graph_name, dtype_name(value.dtype), tuple(to_expr(s, symbols) for s in value.shape))
 
 
-def _narrow(
-    dims: dict[str, DimRange], program: ExportedProgram, names: tuple[str, ...], factor: int
-) -> dict[str, DimRange]:
+def _narrow(dims: dict[str, DimRange], program: ExportedProgram, names: tuple[str, ...]) -> dict[str, DimRange]:
     # The ranges torch.export settled on for the program's sample dims (it may raise a minimum).
     user_inputs = [
         n for n in program.graph.find_nodes(op="placeholder") if n.name in program.graph_signature.user_inputs

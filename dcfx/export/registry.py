@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dcfx.export.manifest import Manifest
+from dcfx.registry import Registry
 
 
 class ExportFormat(Protocol):
@@ -29,8 +30,7 @@ class ExportFormat(Protocol):
         ...
 
 
-_FORMATS: dict[str, ExportFormat] = {}
-_OPTIONS: dict[str, tuple[str, ...]] = {}
+_FORMATS: Registry[ExportFormat] = Registry("export format")
 
 
 def register_format(name: str, options: tuple[str, ...] = ()) -> Callable[[type], type]:
@@ -40,8 +40,7 @@ def register_format(name: str, options: tuple[str, ...] = ()) -> Callable[[type]
     """
 
     def register(cls: type) -> type:
-        _FORMATS[name] = cls()
-        _OPTIONS[name] = options
+        _FORMATS.add(name, cls(), options)
         return cls
 
     return register
@@ -49,23 +48,14 @@ def register_format(name: str, options: tuple[str, ...] = ()) -> Callable[[type]
 
 def available_formats() -> list[str]:
     """Returns the registered format names."""
-    return sorted(_FORMATS)
+    return _FORMATS.names()
 
 
 def get_format(name: str) -> ExportFormat:
-    """Returns the format registered as ``name``.
-
-    Raises:
-        ValueError: for an unknown name, listing the registered ones.
-    """
-    if not isinstance(name, str) or name not in _FORMATS:
-        raise ValueError(f"unknown export format {name!r}; available: {', '.join(available_formats())}")
-    return _FORMATS[name]
+    """Returns the format registered as ``name`` (ValueError listing the others if unknown)."""
+    return _FORMATS.get(name)
 
 
 def check_format_options(name: str, options: dict[str, Any]) -> None:
     """Raises TypeError for an option format ``name`` does not take, naming the ones it does."""
-    valid = _OPTIONS[name]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise TypeError(f"format {name!r} got unknown option(s) {unknown}; it takes: {', '.join(valid) or 'none'}")
+    _FORMATS.check_options(name, options)

@@ -27,18 +27,13 @@ def sd_example(batch: int = 2, size: int = 16, seed: int = 0) -> dict:
     }
 
 
+def export_sd(out, **overrides):
+    """Exports the tiny SD-layout U-Net (branch SD_BRANCH, N=3, the pipelines' prompt length)."""
+    options = {"branch": SD_BRANCH, "interval": 3, "format": "onnx", "shapes": SD_SHAPES, "example": sd_example()}
+    return dcfx.export(sd_unet(), out, progress=False, **{**options, **overrides})
+
+
 @pytest.fixture(scope="session")
 def onnx_sd(tmp_path_factory):
     """The tiny SD-layout U-Net exported to ONNX with dynamic batch, height and width."""
-    out = tmp_path_factory.mktemp("onnx") / "sd"
-    dcfx.export(
-        sd_unet(),
-        out,
-        branch=SD_BRANCH,
-        interval=3,
-        format="onnx",
-        shapes=SD_SHAPES,
-        example=sd_example(),
-        progress=False,
-    )
-    return out
+    return export_sd(tmp_path_factory.mktemp("onnx") / "sd")

@@ -7,7 +7,7 @@ import torch
 
 import dcfx
 from dcfx.export.manifest import ArtifactError, read_manifest
-from tests.export.conftest import SD_BRANCH, sd_example, sd_unet
+from tests.export.conftest import SD_BRANCH, export_sd, sd_unet
 from tests.export.fresh import run_fresh
 
 pytestmark = pytest.mark.slow  # two C++ compiles (about 90 s here)
@@ -16,17 +16,7 @@ pytestmark = pytest.mark.slow  # two C++ compiles (about 90 s here)
 @pytest.fixture(scope="module")
 def aoti_sd(tmp_path_factory):
     out = tmp_path_factory.mktemp("aoti") / "sd"
-    dcfx.export(
-        sd_unet(),
-        out,
-        branch=SD_BRANCH,
-        interval=3,
-        format="aoti",
-        shapes={"batch": 2, "height": 16, "width": 16},
-        example=sd_example(),
-        progress=False,
-    )
-    return out
+    return export_sd(out, format="aoti", shapes={"batch": 2, "height": 16, "width": 16})
 
 
 def test_matches_eager_in_a_fresh_process_without_diffusers(aoti_sd, tmp_path):

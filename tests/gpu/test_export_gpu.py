@@ -13,12 +13,11 @@ import pytest
 import torch
 
 import dcfx
-from tests.export.conftest import SD_BRANCH, sd_example, sd_unet
+from tests.export.conftest import SD_BRANCH, SD_SHAPES, export_sd, sd_example, sd_unet
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-SHAPES = {"batch": (1, 2, 4), "height": (8, 16, 32), "width": (8, 16, 32)}
 
 
 def _ort_cuda() -> bool:
@@ -62,10 +61,7 @@ def _per_call_ms(loaded, batch=2, size=16, calls=30):
 @needs_cuda
 @pytest.mark.skipif(not _ort_cuda(), reason="needs onnxruntime-gpu (CUDAExecutionProvider)")
 def test_onnx_on_the_cuda_provider(tmp_path):
-    out = dcfx.export(
-        sd_unet(), tmp_path / "onnx", branch=SD_BRANCH, shapes=SHAPES, example=sd_example(), progress=False
-    )
-    loaded = dcfx.load(out, device="cuda")
+    loaded = dcfx.load(export_sd(tmp_path / "onnx"), device="cuda")
     _check_against_eager(loaded)
     print("onnxruntime CUDA per call (ms):", _per_call_ms(loaded))
 
@@ -78,7 +74,7 @@ def test_aoti_for_cuda(tmp_path):
         tmp_path / "aoti",
         branch=SD_BRANCH,
         format="aoti",
-        shapes=SHAPES,
+        shapes=SD_SHAPES,
         example=example,
         progress=False,
     )
@@ -93,17 +89,7 @@ def test_aoti_for_cuda(tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_tensorrt_engines(tmp_path_factory, precision, cuda_graph):
-    out = tmp_path_factory.mktemp("trt") / precision
-    dcfx.export(
-        sd_unet(),
-        out,
-        branch=SD_BRANCH,
-        format="tensorrt",
-        shapes=SHAPES,
-        example=sd_example(),
-        precision=precision,
-        progress=False,
-    )
+    out = export_sd(tmp_path_factory.mktemp("trt") / precision, format="tensorrt", precision=precision)
     assert (out / "timing.cache").exists() and (out / "trtexec.sh").exists()
     loaded = dcfx.load(out, cuda_graph=cuda_graph)
     _check_against_eager(loaded, atol=1e-3 if precision == "fp32" else 5e-2)

@@ -33,49 +33,41 @@ def _seeded(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _prompts() -> dict:
-    return {"prompt_embeds": _seeded(1, 1, 7, 8), "negative_prompt_embeds": _seeded(2, 1, 7, 8)}
-
-
-def _generator() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
-
-
 def _image() -> torch.Tensor:
     return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
+def _sd_pipeline(cls, unet, scheduler=None, **components):
+    """An SD-family pipeline without text encoder, tokenizer or safety checker, progress bar off."""
+    pipe = cls(
+        vae=tiny_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=scheduler or DDIMScheduler(),
+        **components,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, **inputs) -> torch.Tensor:
+    """Output latents of a fixed-seed run with seeded prompt embeddings (guidance on)."""
+    prompts = {"prompt_embeds": _seeded(1, 1, 7, 8), "negative_prompt_embeds": _seeded(2, 1, 7, 8)}
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(**prompts, **inputs, num_inference_steps=STEPS, output_type="latent", generator=generator)
+    return out.images
+
+
 def make_sdxl():
-    return _quiet(
-        StableDiffusionXLPipeline(
-            vae=tiny_vae(),
-            text_encoder=None,
-            text_encoder_2=None,
-            tokenizer=None,
-            tokenizer_2=None,
-            unet=tiny_sdxl(),
-            scheduler=EulerDiscreteScheduler(),
-        )
+    return _sd_pipeline(
+        StableDiffusionXLPipeline, tiny_sdxl(), EulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None
     )
 
 
 def run_sdxl(pipe) -> torch.Tensor:
     pooled = {"pooled_prompt_embeds": _seeded(4, 1, 8), "negative_pooled_prompt_embeds": _seeded(5, 1, 8)}
-    out = pipe(
-        **_prompts(),
-        **pooled,
-        height=32,
-        width=32,
-        num_inference_steps=STEPS,
-        output_type="latent",
-        generator=_generator(),
-    )
-    return out.images
+    return _generate(pipe, **pooled, height=32, width=32)
 
 
 def tiny_controlnet() -> ControlNetModel:
@@ -92,76 +84,32 @@ def tiny_controlnet() -> ControlNetModel:
 
 
 def make_controlnet():
-    return _quiet(
-        StableDiffusionControlNetPipeline(
-            vae=tiny_vae(),
-            text_encoder=None,
-            tokenizer=None,
-            unet=tiny_sd(),
-            controlnet=tiny_controlnet(),
-            scheduler=DDIMScheduler(),
-            **_NO_SAFETY,
-        )
-    )
+    return _sd_pipeline(StableDiffusionControlNetPipeline, tiny_sd(), controlnet=tiny_controlnet(), **_NO_SAFETY)
 
 
 def run_controlnet(pipe) -> torch.Tensor:
-    out = pipe(
-        **_prompts(),
-        image=_image(),
-        height=32,
-        width=32,
-        num_inference_steps=STEPS,
-        output_type="latent",
-        generator=_generator(),
-    )
-    return out.images
+    return _generate(pipe, image=_image(), height=32, width=32)
 
 
 def make_img2img():
-    return _quiet(
-        StableDiffusionImg2ImgPipeline(
-            vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=tiny_sd(), scheduler=DDIMScheduler(), **_NO_SAFETY
-        )
-    )
+    return _sd_pipeline(StableDiffusionImg2ImgPipeline, tiny_sd(), **_NO_SAFETY)
 
 
 def run_img2img(pipe) -> torch.Tensor:
     # strength 0.6: the last 6 of 10 steps run; the schedule starts at the first of them.
-    out = pipe(
-        **_prompts(),
-        image=_image(),
-        strength=0.6,
-        num_inference_steps=STEPS,
-        output_type="latent",
-        generator=_generator(),
-    )
-    return out.images
+    return _generate(pipe, image=_image(), strength=0.6)
 
 
 def make_inpaint():
-    unet = tiny_unet(
-        in_channels=9, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **SD_BLOCKS
-    )
-    return _quiet(
-        StableDiffusionInpaintPipeline(
-            vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(), **_NO_SAFETY
-        )
-    )
+    up = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    unet = tiny_unet(in_channels=9, up_block_types=up, **SD_BLOCKS)
+    return _sd_pipeline(StableDiffusionInpaintPipeline, unet, **_NO_SAFETY)
 
 
 def run_inpaint(pipe) -> torch.Tensor:
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., 8:24, 8:24] = 1
-    out = pipe(
-        **_prompts(),
-        image=_image(),
-        mask_image=mask,
-        num_inference_steps=STEPS,
-        output_type="latent",
-        generator=_generator(),
-    )
-    return out.images
+    return _generate(pipe, image=_image(), mask_image=mask)
 
 
 CASES: dict[str, tuple[Callable, Callable[..., torch.Tensor], int]] = {
