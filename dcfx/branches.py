@@ -77,8 +77,9 @@ def branches(unet: nn.Module, sample_shape: tuple[int, ...] | None = None) -> li
 
     Args:
         unet: A supported diffusers U-Net.
-        sample_shape: (batch, channels, height, width) of the latents; default: batch 2 at the
-            model's ``sample_size``.
+        sample_shape: (batch, channels, height, width) of the latents ((batch, frames,
+            channels, height, width) for a video U-Net); default: batch 2 at the model's
+            ``sample_size``.
 
     Example:
         >>> [(b.branch, round(b.flop_share, 3)) for b in dcfx.branches(unet, (2, 4, 64, 64))][:3]
@@ -88,9 +89,8 @@ def branches(unet: nn.Module, sample_shape: tuple[int, ...] | None = None) -> li
     cfg = unet.config
     if sample_shape is None:
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        sample_shape = (2, cfg.in_channels, size, size)
-    if len(sample_shape) != 4 or sample_shape[1] != cfg.in_channels:
-        raise ValueError(f"sample_shape must be (batch, {cfg.in_channels}, height, width), got {sample_shape}")
+        sample_shape = spec.sample_shape(unet, 2, size, size)
+    spec.check_sample_shape(unet, tuple(sample_shape))
     param = next(unet.parameters())
     call = spec.example_call(unet, tuple(sample_shape), param.dtype, param.device)
     (names, tensors), _ = spec.flatten(unet, (), call)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from dcfx.branches import branches, format_branches, ideal_speedup
+from dcfx.models import spec_for
 from dcfx.zoo import CONFIGS, build_unet
 
 
@@ -21,21 +23,28 @@ def load_unet(model: str) -> nn.Module:
     if model in CONFIGS:
         return build_unet(model)
     if os.path.isdir(model):
-        from diffusers import UNet2DConditionModel, UNet2DModel
+        import diffusers
 
         sub = os.path.join(model, "unet")
         folder = sub if os.path.isdir(sub) else model
         try:
-            return UNet2DConditionModel.from_pretrained(folder).eval()
-        except (OSError, ValueError):
-            return UNet2DModel.from_pretrained(folder).eval()
+            with open(os.path.join(folder, "config.json")) as f:
+                name = json.load(f).get("_class_name", "")
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"dcfx: cannot read {folder}/config.json: {e}") from e
+        cls = getattr(diffusers, name, None)
+        if not isinstance(cls, type):
+            raise SystemExit(f"dcfx: {folder}/config.json names {name!r}, which is not a diffusers model class")
+        unet = cls.from_pretrained(folder).eval()
+        spec_for(unet)  # a TypeError naming the supported classes, before any work
+        return unet
     raise SystemExit(f"dcfx: --model {model!r} is neither a built-in config ({', '.join(CONFIGS)}) nor a folder")
 
 
 def cmd_branches(args: argparse.Namespace) -> int:
     """Prints every branch of a model with its cache shape, FLOP share and ideal speedups."""
     unet = load_unet(args.model)
-    shape = (args.batch, unet.config.in_channels, args.size, args.size)
+    shape = spec_for(unet).sample_shape(unet, args.batch, args.size, args.size)
     print(f"dcfx branches: {args.model}, sample {list(shape)}", file=sys.stderr)
     infos = branches(unet, shape)
     print(format_branches(infos))
@@ -64,7 +73,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from diffusers import DDIMScheduler
 
     import dcfx
-    from dcfx.models import spec_for
     from dcfx.passes import build_graph_pair
 
     unet = build_unet(args.model)

@@ -43,6 +43,27 @@ class ModelSpec:
 
     model_class: type[nn.Module]
     output_field: str = "sample"
+    # The sample's dimensions: image U-Nets take (batch, channels, height, width); video U-Nets
+    # (SVD) take (batch, frames, channels, height, width).
+    sample_dims: tuple[str, ...] = ("batch", "channels", "height", "width")
+
+    def sample_shape(self, model: nn.Module, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """Returns the sample shape of a call at ``batch``, ``height``, ``width``.
+
+        A video U-Net's frame count comes from its config's ``num_frames``.
+        """
+        sizes = {"batch": batch, "channels": int(model.config.in_channels), "height": height, "width": width}
+        if "frames" in self.sample_dims:
+            sizes["frames"] = int(model.config.num_frames)
+        return tuple(sizes[d] for d in self.sample_dims)
+
+    def check_sample_shape(self, model: nn.Module, shape: tuple[int, ...]) -> None:
+        """Raises ValueError unless ``shape`` has this layout's rank and the model's channels."""
+        channels = int(model.config.in_channels)
+        at = self.sample_dims.index("channels")
+        if len(shape) != len(self.sample_dims) or shape[at] != channels:
+            want = ", ".join(str(channels) if d == "channels" else d for d in self.sample_dims)
+            raise ValueError(f"sample shape must be ({want}) for {type(model).__name__}, got {tuple(shape)}")
 
     def up_layers(self, model: nn.Module) -> list[UpLayer]:
         """Returns every up layer of ``model``, ordered by branch id (output end first)."""
@@ -117,10 +138,17 @@ class ModelSpec:
             "sample": torch.randn(sample_shape, dtype=dtype, device=device),
             "timestep": torch.tensor(500.0, device=device),
         }
-        if "encoder_hidden_states" in _signature(type(model)).parameters:
+        params = _signature(type(model)).parameters
+        if "encoder_hidden_states" in params:
             dim = cfg.cross_attention_dim
             dim = dim[0] if isinstance(dim, (tuple, list)) else dim
-            call["encoder_hidden_states"] = torch.randn(batch, 77, dim, dtype=dtype, device=device)
+            tokens = 1 if "frames" in self.sample_dims else 77  # SVD: one CLIP image embedding
+            call["encoder_hidden_states"] = torch.randn(batch, tokens, dim, dtype=dtype, device=device)
+        if "added_time_ids" in params:  # SVD: fps, motion bucket id, noise augmentation strength
+            n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
+            call["added_time_ids"] = torch.tensor([6.0, 127.0, 0.02][:n_ids], dtype=dtype, device=device).repeat(
+                batch, 1
+            )
         if getattr(cfg, "num_class_embeds", None):
             call["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
         if getattr(cfg, "time_cond_proj_dim", None):
@@ -276,10 +304,12 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 def _register_diffusers() -> None:
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    from diffusers import UNet2DConditionModel, UNet2DModel, UNetSpatioTemporalConditionModel
 
     register_model(ModelSpec(UNet2DConditionModel))
     register_model(ModelSpec(UNet2DModel))
+    video = ("batch", "frames", "channels", "height", "width")
+    register_model(ModelSpec(UNetSpatioTemporalConditionModel, sample_dims=video))
 
 
 def spec_for(model: nn.Module) -> ModelSpec:

@@ -49,12 +49,17 @@ class StepTracker:
     entry, so a call costs no host-device sync. Step i is the i-th call from that start, and
     the generation has ``len(timesteps) - start`` steps.
 
+    Samplers that call the U-Net several times per step (Heun, DPM2, PNDM's Runge-Kutta
+    start) list one timestep entry per call, repeats included: every call is a step.
+
     Without a scheduler, a generation starts when the timestep does not descend; this reads
-    the timestep on the host on every call.
+    the timestep on the host on every call. A repeated timestep then starts over (a warning
+    says to pass the scheduler).
     """
 
     def __init__(self, scheduler: Any = None) -> None:
         self.scheduler = scheduler
+        self._warned_repeat = False
         self.reset()
 
     def reset(self) -> None:
@@ -99,6 +104,14 @@ class StepTracker:
     def _advance_by_value(self, timestep: torch.Tensor) -> Step:
         t = float(timestep[0])
         fresh = self._last_t is None or t >= self._last_t
+        if t == self._last_t and not self._warned_repeat:
+            self._warned_repeat = True
+            logger.warning(
+                "dcfx: timestep %s repeated; without a scheduler this starts a new generation (a full "
+                "step). For samplers that repeat timesteps (Heun, DPM2, PNDM) pass scheduler= to "
+                "dcfx.compile (or use dcfx.enable(pipe, ...)) so that every U-Net call counts as a step",
+                t,
+            )
         self._index = 0 if fresh else self._index + 1
         self._last_t = t
         return Step(self._index, None, fresh)

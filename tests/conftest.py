@@ -8,6 +8,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--inductor-matrix",
+        action="store_true",
+        help="also run every pipeline under Inductor (about 40 min on 2 CPU cores; CI runs one)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--inductor-matrix"):
+        return
+    skip = pytest.mark.skip(reason="one Inductor compile per pipeline: run with --inductor-matrix")
+    for item in items:
+        if "inductor_matrix" in item.keywords:
+            item.add_marker(skip)
+
+
 def shared_dir() -> Path:
     """Returns ../shared beside the checkout (DCFX_SHARED overrides)."""
     return Path(os.environ.get("DCFX_SHARED", ROOT.parent / "shared"))

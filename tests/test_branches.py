@@ -50,5 +50,5 @@ def test_ideal_speedup_formula():
 
 
 def test_bad_sample_shape():
-    with pytest.raises(ValueError, match=r"sample_shape must be \(batch, 4, height, width\)"):
+    with pytest.raises(ValueError, match=r"sample shape must be \(batch, 4, height, width\) for UNet2DConditionModel"):
         dcfx.branches(tiny_sd(), (2, 3, 16, 16))

@@ -80,7 +80,8 @@ def export(
         The export directory.
 
     Raises:
-        TypeError: unsupported model, unknown option, config and fields both given.
+        TypeError: unsupported model (video U-Nets are not exported), unknown option, config
+            and fields both given.
         ValueError: bad branch, shapes or format.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
         ImportError: the format's packages are missing (checked before any work).
@@ -88,6 +89,11 @@ def export(
     from dcfx.api import check_branch, model_spec, split_config_fields
 
     spec = model_spec(unet)
+    if len(spec.sample_dims) != 4:
+        raise TypeError(
+            f"dcfx.export takes image U-Nets (4-d samples); {type(unet).__name__} takes "
+            f"({', '.join(spec.sample_dims)}). Use dcfx.compile for it (eager or inductor)."
+        )
     cfg, options = split_config_fields(config, kwargs)
     check_branch(unet, spec, cfg)
     fmt = get_format(format)
