@@ -324,8 +324,28 @@ def spec_for(model: nn.Module) -> ModelSpec:
         if cls in _SPECS:
             return _SPECS[cls]
     supported = ", ".join(sorted(c.__name__ for c in _SPECS))
+    name = type(model).__name__
+    if _is_transformer_denoiser(model):
+        raise TypeError(
+            f"dcfx does not support {name}: it is a transformer (DiT) denoiser, which has no U-Net "
+            f"skip branches to cache. Supported: {supported}. For DiT models use diffusers' cache "
+            f"hooks: diffusers.hooks.apply_first_block_cache(pipe.transformer, "
+            f"diffusers.FirstBlockCacheConfig(threshold=0.05)) (also apply_faster_cache, "
+            f"apply_pyramid_attention_broadcast, or pipe.transformer.enable_cache(config) where it exists)."
+        )
     raise TypeError(
-        f"dcfx does not support {type(model).__name__}: DeepCache needs a U-Net whose up blocks "
-        f"take skip connections in the diffusers layout. Supported: {supported}. For transformer "
-        f"(DiT) denoisers use diffusers' own cache hooks (e.g. FirstBlockCache, FasterCache)."
+        f"dcfx does not support {name}: DeepCache needs a diffusers U-Net whose up blocks take the "
+        f"skip connections in the diffusers layout (up_blocks[i].resnets[j], one skip each). "
+        f"Supported: {supported}. A custom U-Net with that layout and a diffusers-style forward can be "
+        f"registered with dcfx.models.register_model(dcfx.models.ModelSpec({name})); "
+        f"for transformer (DiT) denoisers use diffusers' cache hooks (e.g. FirstBlockCache)."
+    )
+
+
+def _is_transformer_denoiser(model: nn.Module) -> bool:
+    # diffusers' DiT-family models (DiT, PixArt, SD3, Flux, ...) live in models/transformers and
+    # are named *Transformer*Model; a transformer without up_blocks cannot be a U-Net.
+    module = type(model).__module__
+    return "Transformer" in type(model).__name__ and (
+        ".transformers." in module or not hasattr(model, "up_blocks")
     )
