@@ -1,7 +1,7 @@
 """The shallow/full FLOP share r of the first skip branches, per supported pipeline layout, at full size.
 
-Each U-Net is built from its published config on the meta device (no weights, no download),
-captured and cut by dcfx, and both graphs are FLOP-counted on meta tensors (``dcfx.branches``).
+Each U-Net is built from its published config on the meta device (no weights, no download;
+SVD with random weights, as its forward mixes in a CPU tensor), captured and cut by dcfx, and both graphs are FLOP-counted on meta tensors (``dcfx.branches``).
 For ControlNet pipelines the ControlNet runs on every step, shallow ones included, so the
 pipeline's share is (controlnet + shallow) / (controlnet + full); the table gives both.
 
@@ -105,6 +105,7 @@ LAYOUTS: dict[str, tuple[str, type, dict[str, Any], tuple[int, ...]]] = {
     "ldm4g": ("LDM-4-G-like class-conditional UNet2DModel", UNet2DModel, LDM4G, (2, 3, 64, 64)),
 }
 BRANCHES = (0, 1, 2)
+REAL_WEIGHTS = {"svd"}
 
 
 def controlnet_flops(unet: torch.nn.Module, shape: tuple[int, ...]) -> int:
@@ -136,7 +137,8 @@ def controlnet_flops(unet: torch.nn.Module, shape: tuple[int, ...]) -> int:
 def measure(name: str) -> dict[str, Any]:
     pipelines, cls, config, shape = LAYOUTS[name]
     start = time.perf_counter()
-    with torch.device("meta"):
+    # SVD's AlphaBlender makes a CPU tensor in its forward: that model needs real weights.
+    with torch.device("cpu" if name in REAL_WEIGHTS else "meta"):
         unet = cls(**config).eval()
     infos = dcfx.branches(unet, shape)
     extra = controlnet_flops(unet, shape) if name.endswith("controlnet") else 0

@@ -83,7 +83,7 @@ def branches(unet: nn.Module, sample_shape: tuple[int, ...] | None = None) -> li
 
     Example:
         >>> [(b.branch, round(b.flop_share, 3)) for b in dcfx.branches(unet, (2, 4, 64, 64))][:3]
-        [(0, 0.061), (1, 0.169), (2, 0.29)]   # SD1.5
+        [(0, 0.079), (1, 0.224), (2, 0.38)]   # SD1.5 (benchmarks/layout_shares.py)
     """
     spec = spec_for(unet)
     cfg = unet.config

@@ -110,7 +110,14 @@ def tiny_controlnet(**config) -> ControlNetModel:
         "attention_head_dim": 2,
         "conditioning_embedding_out_channels": (4,),
     }
-    return ControlNetModel(**{**defaults, **config}).eval()
+    net = ControlNetModel(**{**defaults, **config}).eval()
+    # A fresh ControlNet's output convolutions are zero (residuals of zero: the pipeline would
+    # equal plain SD). Random ones make the residuals count.
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.3)
+            conv.bias.normal_(0, 0.3)
+    return net
 
 
 def make_controlnet():
