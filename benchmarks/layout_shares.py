@@ -1,12 +1,13 @@
 """The shallow/full FLOP share r of the first skip branches, per supported pipeline layout, at full size.
 
 Each U-Net is built from its published config on the meta device (no weights, no download;
-SVD with random weights, as its forward mixes in a CPU tensor), captured and cut by dcfx, and both graphs are FLOP-counted on meta tensors (``dcfx.branches``).
-For ControlNet pipelines the ControlNet runs on every step, shallow ones included, so the
-pipeline's share is (controlnet + shallow) / (controlnet + full); the table gives both.
+SVD with random weights, as its forward mixes in a CPU tensor), captured and cut by dcfx, and
+both graphs are FLOP-counted on meta tensors (``dcfx.branches``). For ControlNet pipelines the
+ControlNet runs on every step, shallow ones included, so the pipeline's share is
+(controlnet + shallow) / (controlnet + full); the JSON also keeps the U-Net-only share.
 
 Usage:
-    python benchmarks/layout_shares.py                 # every layout (~5 min on 2 CPU cores)
+    python benchmarks/layout_shares.py                 # every layout (~8 min on 2 CPU cores)
     python benchmarks/layout_shares.py --only sd15,svd
 Writes docs/benchmarks/layout_shares.{json,md}.
 """

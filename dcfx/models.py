@@ -346,6 +346,4 @@ def _is_transformer_denoiser(model: nn.Module) -> bool:
     # diffusers' DiT-family models (DiT, PixArt, SD3, Flux, ...) live in models/transformers and
     # are named *Transformer*Model; a transformer without up_blocks cannot be a U-Net.
     module = type(model).__module__
-    return "Transformer" in type(model).__name__ and (
-        ".transformers." in module or not hasattr(model, "up_blocks")
-    )
+    return "Transformer" in type(model).__name__ and (".transformers." in module or not hasattr(model, "up_blocks"))
