@@ -7,6 +7,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers run side by side (-n 2 on 2 cores): one thread each, no oversubscription. Most of
+    # the suite's time is single-threaded Python (torch.export, Inductor's codegen) anyway.
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
