@@ -96,14 +96,29 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
             "the non-uniform schedule needs the step count: pass scheduler=pipe.scheduler "
             "(or use dcfx.enable(pipe, ...)), or set steps= in the config"
         )
-    compile_pair = get_backend(backend)
+    get_backend(backend)
     check_options(backend, kwargs)
-
-    def build(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
-        pair = build_graph_pair(unet, cfg.branch, names, tensors)
-        return compile_pair(pair.full, pair.shallow, tensors, **kwargs)
-
+    build = CaptureAndCompile(unet, cfg.branch, backend, dict(kwargs))
     return DeepCacheUNet(unet, cfg, spec, build, scheduler=scheduler)
+
+
+@dataclasses.dataclass
+class CaptureAndCompile:
+    """Builds the graph pair of one input signature: capture, cut at ``branch``, compile.
+
+    A plain object rather than a closure, so that a ``DeepCacheUNet`` pickles (the backend
+    is looked up by name when a pair is built).
+    """
+
+    unet: nn.Module
+    branch: int
+    backend: str
+    options: dict[str, Any]
+
+    def __call__(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
+        """Returns the compiled pair for inputs named ``names`` like ``tensors``."""
+        pair = build_graph_pair(self.unet, self.branch, names, tensors)
+        return get_backend(self.backend)(pair.full, pair.shallow, tensors, **self.options)
 
 
 def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:

@@ -150,6 +150,19 @@ class DeepCacheUNet(nn.Module):
         self._cache_for: Signature | None = None
         self.stats = {"full": 0, "shallow": 0}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy, pickle, torch.save) starts clean: no graphs (compiled code does
+        # not pickle, and graphs hold the original's weights), no buffers, no cache, a new
+        # generation, zero stats. Its first call of each input signature builds graphs again.
+        state = dict(super().__getstate__())
+        state["_pairs"] = OrderedDict()
+        state["_buffers"] = OrderedDict()
+        state["_cache"] = None
+        state["_cache_for"] = None
+        state["_tracker"] = StepTracker(self.scheduler)
+        state["stats"] = {"full": 0, "shallow": 0}
+        return state
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)

@@ -201,11 +201,25 @@ def load(
         raise ArtifactError(f"{directory / 'manifest.json'}: malformed model entry: {e!r}") from e
     pair: ExportedPair = fmt.load(directory, manifest, device=device, **kwargs)
 
-    def build(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> ExportedPair:
-        pair.check(names, tensors)
-        return pair
+    return DeepCacheUNet(model, cfg, spec, _LoadedBuild(pair, str(directory)), scheduler=scheduler)
 
-    return DeepCacheUNet(model, cfg, spec, build, scheduler=scheduler)
+
+class _LoadedBuild:
+    """Hands the runtime the loaded pair for every input signature, after checking the inputs."""
+
+    def __init__(self, pair: ExportedPair, directory: str) -> None:
+        self.pair = pair
+        self.directory = directory
+
+    def __call__(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> ExportedPair:
+        self.pair.check(names, tensors)
+        return self.pair
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"a U-Net loaded from an export ({self.directory}) cannot be pickled or deep-copied: its "
+            f"graphs live in runtime sessions; pickle the directory path and dcfx.load it again"
+        )
 
 
 def _manifest(

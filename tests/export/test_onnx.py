@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import onnx
 import pytest
@@ -197,3 +199,10 @@ def test_other_inputs_enter_the_export(tmp_path, layout):
         assert loaded.add_embedding.linear_1.in_features == make().add_embedding.linear_1.in_features
     else:
         assert "class_labels" in names
+
+
+def test_a_loaded_export_refuses_to_be_pickled_or_copied(onnx_sd):
+    loaded = dcfx.load(onnx_sd)
+    for copy_it in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"loaded from an export .* pickle the directory path and dcfx.load"):
+            copy_it(loaded)
