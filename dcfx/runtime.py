@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,26 +142,25 @@ class DeepCacheUNet(nn.Module):
         self.scheduler = scheduler
         self._spec = spec
         self._build = build
-        self._pairs: OrderedDict[Signature, CompiledPair] = OrderedDict()
-        self._buffers: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
-        self._tracker = StepTracker(scheduler)
         self._plans: dict[int | None, schedule.StepPlan] = {}
-        self._cache: torch.Tensor | None = None
-        self._cache_for: Signature | None = None
-        self.stats = {"full": 0, "shallow": 0}
+        self.__dict__.update(self._clean_state())
+
+    def _clean_state(self) -> dict[str, Any]:
+        """The state of a runtime that has run nothing: no graphs, buffers or cache, zero stats."""
+        return {
+            "_pairs": OrderedDict(),  # Signature -> CompiledPair
+            "_buffers": OrderedDict(),  # feature layout -> preallocated buffer
+            "_tracker": StepTracker(self.scheduler),
+            "_cache": None,  # the buffer holding this generation's cache feature
+            "_cache_for": None,  # the input signature the cache was made for
+            "stats": {"full": 0, "shallow": 0},
+        }
 
     def __getstate__(self) -> dict[str, Any]:
-        # A copy (copy.deepcopy, pickle, torch.save) starts clean: no graphs (compiled code does
-        # not pickle, and graphs hold the original's weights), no buffers, no cache, a new
-        # generation, zero stats. Its first call of each input signature builds graphs again.
-        state = dict(super().__getstate__())
-        state["_pairs"] = OrderedDict()
-        state["_buffers"] = OrderedDict()
-        state["_cache"] = None
-        state["_cache_for"] = None
-        state["_tracker"] = StepTracker(self.scheduler)
-        state["stats"] = {"full": 0, "shallow": 0}
-        return state
+        # A copy (copy.deepcopy, pickle, torch.save) starts clean: compiled code does not
+        # pickle, and graphs hold the original's weights. Its first call of each input
+        # signature builds graphs again, from the copy's own weights.
+        return {**super().__getstate__(), **self._clean_state()}
 
     def __getattr__(self, name: str) -> Any:
         try:

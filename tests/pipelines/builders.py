@@ -32,7 +32,7 @@ from diffusers import (
 )
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from tests.fixtures import tiny_ddpm, tiny_sd, tiny_sdxl, tiny_unet, tiny_vae
+from tests.fixtures import tiny_ddpm, tiny_sd, tiny_sd2, tiny_sdxl, tiny_unet, tiny_vae
 
 STEPS = 10
 SD_BLOCKS = {
@@ -173,14 +173,10 @@ def run_inpaint(pipe) -> torch.Tensor:
 def make_sd2():
     """SD 2.x: linear projections, a head dim per block, v-prediction."""
     scheduler = DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing")
-    return _sd_pipeline(StableDiffusionPipeline, tiny_sd2_blocks(), scheduler, **_NO_SAFETY)
+    return _sd_pipeline(StableDiffusionPipeline, tiny_sd2(), scheduler, **_NO_SAFETY)
 
 
-def tiny_sd2_blocks():
-    return tiny_unet(**SD_BLOCKS, up_block_types=_SD_UP, attention_head_dim=(2, 4, 4), use_linear_projection=True)
-
-
-def run_sd(pipe) -> torch.Tensor:
+def run_txt2img(pipe) -> torch.Tensor:
     return _generate(pipe, height=32, width=32)
 
 
@@ -328,7 +324,7 @@ CASES: dict[str, tuple[Callable, Callable[..., torch.Tensor], int]] = {
     "inpaint": (make_inpaint, run_inpaint, STEPS),
     "sdxl-img2img": (make_sdxl_img2img, run_sdxl_img2img, 6),
     "sdxl-controlnet": (make_sdxl_controlnet, run_sdxl_controlnet, STEPS),
-    "sd2-v": (make_sd2, run_sd, STEPS),
+    "sd2-v": (make_sd2, run_txt2img, STEPS),
     "lcm": (make_lcm, run_lcm, LCM_STEPS),
     "ddpm": (make_ddpm, run_ddpm, STEPS),
     "class-conditional": (make_class_conditional, run_class_conditional, STEPS),

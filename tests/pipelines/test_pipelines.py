@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch._dynamo
 from DeepCache import DeepCacheSDHelper
+from torch.utils._pytree import tree_map
 
 import dcfx
 from tests.pipelines.builders import CASES
@@ -37,6 +38,14 @@ def with_dcfx(make, run, **config) -> tuple[torch.Tensor, dict[str, int]]:
     pipe = make()
     pipe.unet = dcfx.compile(pipe.unet, scheduler=pipe.scheduler, **config)
     return run(pipe), pipe.unet.stats
+
+
+def _clone(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _sample(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.sample
 
 
 def expected_stats(calls: int, interval: int) -> dict[str, int]:
@@ -78,11 +87,22 @@ def test_pipeline_under_inductor(case):
     want, _ = with_dcfx(make, run, branch=0, interval=3)
     pipe = make()
     pipe.unet = dcfx.compile(pipe.unet, branch=0, interval=3, scheduler=pipe.scheduler, backend="inductor")
+    recorded = []
+    hook = pipe.unet.register_forward_hook(
+        lambda _, args, kwargs, out: recorded.append((tree_map(_clone, (args, kwargs)), _sample(out))),
+        with_kwargs=True,
+    )
     # Two generations, one compile: the steps of a shape never recompile.
     with torch._dynamo.config.patch(error_on_recompile=True):
         first = run(pipe)
         assert pipe.unet.stats == expected_stats(calls, 3)
+        hook.remove()
         second = run(pipe)
+    # Per call, on the very same inputs, the compiled graphs equal the eager ones closely.
+    eager_runtime = dcfx.compile(make().unet, branch=0, interval=3, scheduler=pipe.scheduler)
+    for (args, kwargs), out in recorded:
+        torch.testing.assert_close(out, _sample(eager_runtime(*args, **kwargs)), atol=1e-4, rtol=1e-4)
+    assert eager_runtime.stats == expected_stats(calls, 3)  # the same full/shallow steps
     # Inductor's kernels round differently (~1e-6 per call); guidance 7.5 amplifies that over
     # ten steps to ~5e-4 of the output's scale (seen on SDXL); caching itself moves the
     # outputs by 5e-2 of that scale or more in these cases.
