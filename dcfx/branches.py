@@ -42,6 +42,19 @@ def ideal_speedup(interval: int, flop_share: float) -> float:
     return interval / (1 + (interval - 1) * flop_share)
 
 
+def ideal_speedup_of_counts(full_steps: int, shallow_steps: int, flop_share: float) -> float:
+    """Returns (full + shallow) / (full + shallow r): the speedup of these steps if time followed FLOPs.
+
+    Equals ``ideal_speedup(N, r)`` when the step count is a multiple of N; use it for any other
+    count and for non-uniform schedules.
+    """
+    if full_steps < 0 or shallow_steps < 0 or full_steps + shallow_steps == 0:
+        raise ValueError(
+            f"need non-negative step counts, not both zero; got {full_steps} full, {shallow_steps} shallow"
+        )
+    return (full_steps + shallow_steps) / (full_steps + shallow_steps * flop_share)
+
+
 class _MetaInterpreter(fx.Interpreter):
     """Runs a graph on meta tensors: shapes only, no arithmetic, so any model size is cheap."""
 

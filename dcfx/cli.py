@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from dcfx.branches import branches, format_branches, ideal_speedup
+from dcfx.branches import branches, format_branches
 from dcfx.models import spec_for
 from dcfx.zoo import CONFIGS, build_unet
 
@@ -54,67 +52,35 @@ def cmd_branches(args: argparse.Namespace) -> int:
     return 0
 
 
-def _timed_loop(unet: nn.Module, scheduler: object, latents: torch.Tensor, text: torch.Tensor, steps: int) -> float:
-    """Returns the seconds a DDIM loop of ``steps`` U-Net calls takes."""
-    from tqdm.auto import tqdm
-
-    scheduler.set_timesteps(steps)
-    x = latents.clone()
-    start = time.perf_counter()
-    with torch.no_grad():
-        for t in tqdm(scheduler.timesteps, leave=False, file=sys.stderr):
-            eps = unet(x, t, encoder_hidden_states=text).sample
-            x = scheduler.step(eps, t, x).prev_sample
-    return time.perf_counter() - start
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Runs a short denoising loop without and with DeepCache on a built-in model."""
-    from diffusers import DDIMScheduler
+    """Generates digits with the bundled model without and with DeepCache; prints speed and quality."""
+    from dcfx.demo import run_demo
 
-    import dcfx
-    from dcfx.passes import build_graph_pair
-
-    unet = build_unet(args.model)
-    cfg = unet.config
-    shape = (args.batch, cfg.in_channels, args.size, args.size)
-    print(f"model {args.model}: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters, random weights")
-    print(f"latents {list(shape)}, {args.steps} DDIM steps, branch {args.branch}, 1:{args.interval} uniform\n")
-    infos = branches(unet, shape)
-    print(format_branches(infos), "\n")
-
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(shape, generator=g)
-    text = torch.randn(args.batch, 77, cfg.cross_attention_dim, generator=g)
-    t0 = time.perf_counter()
-    (names, tensors), _ = spec_for(unet).flatten(unet, (latents, 999), {"encoder_hidden_states": text})
-    pair = build_graph_pair(unet, args.branch, names, tensors)
-    print(
-        f"capture + partition: {time.perf_counter() - t0:.1f} s; graph nodes: full {len(pair.full.graph.nodes)}, "
-        f"shallow {len(pair.shallow.graph.nodes)}"
+    res = run_demo(
+        branch=args.branch,
+        interval=args.interval,
+        steps=args.steps,
+        per_class=args.per_class,
+        guidance=args.guidance,
+        repeats=args.repeats,
+        backend=args.backend,
+        out=args.out,
+        seed=args.seed,
     )
-    with torch.no_grad():
-        sample, feature = pair.full(*tensors)
-        gap = (pair.shallow(*tensors, feature) - sample).abs().max().item()
-    print(f"check: shallow(x, cache of full(x)) == full(x): max abs difference {gap:.1e}")
-
-    scheduler = DDIMScheduler()
-    fast = dcfx.compile(unet, branch=args.branch, interval=args.interval, scheduler=scheduler)
-
-    t0 = time.perf_counter()
-    _timed_loop(fast, scheduler, latents, text, 2)  # warm-up: the runtime builds its graphs here
-    print(f"dcfx runtime ready in {time.perf_counter() - t0:.1f} s (capture, partition, backend)")
-    fast.stats.update(full=0, shallow=0)
-    base, cached = [], []
-    for _ in range(args.repeats):
-        base.append(_timed_loop(unet, scheduler, latents, text, args.steps))
-        cached.append(_timed_loop(fast, scheduler, latents, text, args.steps))
-    tb, tc = statistics.median(base), statistics.median(cached)
-    r = infos[args.branch].flop_share
-    ideal = ideal_speedup(args.interval, r)
-    print(f"no cache: {tb:.2f} s   dcfx eager: {tc:.2f} s   (median of {args.repeats})")
-    print(f"speedup {tb / tc:.2f}x   FLOP-ideal {ideal:.2f}x   measured/ideal {tb / tc / ideal:.2f}")
-    print(f"steps run by dcfx: {fast.stats['full']} full, {fast.stats['shallow']} shallow")
+    print(f"bundled digits model, {args.per_class * 10} digits, {args.steps} DDIM steps, guidance {args.guidance}")
+    print(f"dcfx {args.backend}, branch {args.branch}, 1:{args.interval} uniform")
+    print(f"  graphs built in {res.build_s:.1f} s (capture, cut, {args.backend}); not in the times below")
+    print(f"  denoising loop: no cache {res.base_s:.2f} s, dcfx {res.cached_s:.2f} s (median of {args.repeats})")
+    print(
+        f"  speedup {res.speedup:.2f}x; FLOP-ideal {res.ideal:.2f}x ({res.full_steps} full + {res.shallow_steps} "
+        f"shallow steps, r = {res.flop_share:.3f}); measured/ideal {res.speedup / res.ideal:.2f}"
+    )
+    print(f"  fidelity to no cache: PSNR {res.psnr_db:.1f} dB (mean over images)")
+    print(
+        f"  classifier accuracy on the requested digit: no cache {res.accuracy_base:.1%}, "
+        f"dcfx {res.accuracy_cached:.1%}"
+    )
+    print(f"  grids side by side: {args.out}")
     return 0
 
 
@@ -191,14 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", action="store_true", help="also list the layers each shallow graph runs")
     p.set_defaults(func=cmd_branches)
 
-    p = sub.add_parser("demo", help="a short denoising loop with and without DeepCache (random weights)")
-    p.add_argument("--model", default="small-sd", choices=sorted(CONFIGS))
-    p.add_argument("--size", type=int, default=32, help="latent height and width")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=20)
+    p = sub.add_parser("demo", help="the bundled digits model without and with DeepCache: speedup, quality, a PNG")
     p.add_argument("--branch", type=int, default=0)
     p.add_argument("--interval", type=int, default=5, choices=range(1, 51), metavar="N")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--per-class", type=int, default=4, help="digits generated per class (10 classes)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations each way (the median is reported)")
+    p.add_argument("--backend", default="eager", help="a registered backend: eager or inductor")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="dcfx_demo.png", help="where to write the side-by-side grids")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="write the full and shallow graphs as ONNX, TensorRT engines or AOTInductor")

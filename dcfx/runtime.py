@@ -6,6 +6,7 @@ function for each input signature; it knows nothing of FX or of how they were ma
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -173,6 +174,38 @@ class DeepCacheUNet(nn.Module):
         """Starts a new generation: forgets the step count and invalidates the cache."""
         self._tracker.reset()
         self._cache_for = None
+
+    def reschedule(self, config: DeepCacheConfig | None = None, **fields: Any) -> DeepCacheUNet:
+        """Returns this runtime switched to another schedule of the same branch, graphs kept.
+
+        Pass a whole ``DeepCacheConfig`` or the fields to change (``reschedule(interval=5)``).
+        The graphs are cut at the branch, so they serve every schedule of it: trying intervals
+        costs no new capture or compile. Starts a new generation.
+
+        Raises:
+            ValueError: the branch differs (compile again for another branch), or the
+                non-uniform schedule lacks its step count.
+            TypeError: both a config and fields, or a config of the wrong type.
+        """
+        if config is not None and fields:
+            raise TypeError(f"pass either a DeepCacheConfig or fields to change, not both (got {sorted(fields)})")
+        if config is None:
+            config = dataclasses.replace(self.deepcache_config, **fields)
+        elif not isinstance(config, DeepCacheConfig):
+            raise TypeError(f"config must be a DeepCacheConfig, got {type(config).__name__}")
+        if config.branch != self.deepcache_config.branch:
+            raise ValueError(
+                f"this runtime's graphs are cut at branch {self.deepcache_config.branch}; branch {config.branch} "
+                "needs its own graphs: dcfx.compile(runtime.model, ...) again"
+            )
+        if config.schedule == "non-uniform" and config.steps is None and self.scheduler is None:
+            raise ValueError(
+                "the non-uniform schedule needs the step count: set steps= (this runtime has no scheduler)"
+            )
+        self.deepcache_config = config
+        self._plans.clear()
+        self.reset()
+        return self
 
     def clear_graphs(self) -> None:
         """Drops every built graph pair and buffer (after changing weights, for example)."""

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import dcfx
-from dcfx.branches import flop_counts, format_branches, ideal_speedup
+from dcfx.branches import flop_counts, format_branches, ideal_speedup, ideal_speedup_of_counts
 from dcfx.models import spec_for
 from dcfx.passes import capture
 from tests.fixtures import tiny_ddpm, tiny_sd
@@ -47,6 +47,10 @@ def test_ideal_speedup_formula():
     assert ideal_speedup(1, 0.3) == 1
     assert ideal_speedup(5, 0.0) == 5
     assert ideal_speedup(3, 0.061) == pytest.approx(3 / 1.122)
+    assert ideal_speedup_of_counts(4, 16, 0.1) == pytest.approx(ideal_speedup(5, 0.1))
+    assert ideal_speedup_of_counts(7, 13, 0.1) == pytest.approx(20 / 8.3)  # 20 steps at 1:3
+    with pytest.raises(ValueError, match="step counts"):
+        ideal_speedup_of_counts(0, 0, 0.1)
 
 
 def test_bad_sample_shape():

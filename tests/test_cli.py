@@ -1,4 +1,7 @@
+import re
+
 import pytest
+from PIL import Image
 
 from dcfx.cli import main
 
@@ -17,9 +20,20 @@ def test_unknown_model_is_a_clear_error():
         main(["branches", "--model", "no-such-model"])
 
 
-def test_demo_runs_and_reports_the_speedup(capsys):
-    assert main(["demo", "--steps", "4", "--interval", "2", "--repeats", "1", "--size", "8"]) == 0
+def test_demo_on_the_bundled_model_reports_speed_and_quality(capsys, tmp_path):
+    png = tmp_path / "demo.png"
+    args = ["demo", "--steps", "6", "--interval", "3", "--per-class", "1", "--repeats", "1", "--out", str(png)]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "max abs difference 0.0e+00" in out
-    assert "steps run by dcfx: 2 full, 2 shallow" in out
-    assert "speedup" in out and "FLOP-ideal" in out
+    assert "10 digits, 6 DDIM steps" in out
+    assert "(2 full + 4 shallow steps, r = 0." in out
+    assert re.search(r"speedup \d+\.\d\dx; FLOP-ideal \d+\.\d\dx", out)
+    assert re.search(r"PSNR \d+\.\d dB", out)
+    assert re.search(r"no cache \d+\.\d%, dcfx \d+\.\d%", out)
+    with Image.open(png) as image:  # two panels of one row of ten 16x16 digits, 4x enlarged
+        assert image.size == (2 * (10 * 17 + 1) * 4 + 12, (17 + 1) * 4 + 16)
+
+
+def test_demo_rejects_a_bad_branch(tmp_path):
+    with pytest.raises(ValueError, match=r"valid: 0\.\.8"):
+        main(["demo", "--branch", "9", "--steps", "2", "--per-class", "1", "--out", str(tmp_path / "x.png")])

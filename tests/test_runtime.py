@@ -105,6 +105,43 @@ def test_reset_forces_a_full_step(unet):
     assert rec.calls == ["full", "shallow", "full"]
 
 
+def test_reschedule_keeps_the_graphs_and_follows_the_new_schedule(unet):
+    scheduler = DDIMScheduler()
+    fast = dcfx.compile(unet, branch=1, interval=3, scheduler=scheduler)
+    rec = Recorder(fast)
+    builds = []
+    build = fast._build
+    fast._build = lambda names, tensors: builds.append(1) or build(names, tensors)
+    denoise(fast, scheduler)
+    call = example_call(unet)
+    for t in scheduler.timesteps[:2]:  # mid-generation state that reschedule must drop
+        fast(call["sample"], t, call["encoder_hidden_states"])
+    rec.calls.clear()
+    assert fast.reschedule(interval=5) is fast
+    five = denoise(fast, scheduler)
+    assert rec.full_steps() == [0, 5]
+    assert len(builds) == 1  # one capture served both schedules
+    fresh = dcfx.compile(unet, branch=1, interval=5, scheduler=scheduler)
+    torch.testing.assert_close(five, denoise(fresh, scheduler), atol=0, rtol=0)
+    rec.calls.clear()
+    fast.reschedule(dcfx.DeepCacheConfig(branch=1, interval=1))
+    torch.testing.assert_close(denoise(fast, scheduler), denoise(unet, scheduler), atol=1e-5, rtol=1e-5)
+    assert rec.calls == ["full"] * 10
+
+
+def test_reschedule_refuses_another_branch_and_bad_input(unet):
+    fast = dcfx.compile(unet, branch=1, interval=3)
+    with pytest.raises(ValueError, match="cut at branch 1"):
+        fast.reschedule(branch=0)
+    with pytest.raises(ValueError, match="step count"):
+        fast.reschedule(dcfx.DeepCacheConfig(branch=1, schedule="non-uniform", center=5, power=1.5))
+    with pytest.raises(TypeError, match="not both"):
+        fast.reschedule(dcfx.DeepCacheConfig(branch=1), interval=2)
+    with pytest.raises(ValueError, match="interval"):
+        fast.reschedule(interval=0)
+    assert fast.deepcache_config == dcfx.DeepCacheConfig(branch=1, interval=3)  # nothing changed
+
+
 @pytest.mark.parametrize("change", ["resolution", "batch"])
 def test_a_cache_that_does_not_fit_is_never_used(unet, change):
     fast = dcfx.compile(unet, branch=0, interval=10)

@@ -1,0 +1,68 @@
+"""The benchmarks run end to end at toy sizes, and what they write is consistent."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcfx.digits import generate, load_classifier, load_model
+
+ROOT = Path(__file__).parents[2]
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_pipeline_speed_smoke(tmp_path):
+    run_script(
+        "pipeline_speed.py",
+        *("--model", "small-sd", "--size", "64", "--steps", "4", "--intervals", "2", "--branches", "0"),
+        *("--repeats", "1", "--variants", "nocache-eager,helper,dcfx-eager", "--out", str(tmp_path)),
+    )
+    result = json.loads((tmp_path / "pipeline_small-sd_64px_4steps_cpu.json").read_text())
+    assert not result["failed"]
+    rows = {(r["variant"], r["interval"]): r for r in result["rows"]}
+    assert set(rows) == {("nocache-eager", 1), ("helper", 1), ("helper", 2), ("dcfx-eager", 1), ("dcfx-eager", 2)}
+    ours = rows[("dcfx-eager", 2)]
+    assert ours["max_diff_vs_helper"] == 0.0  # the same images as the official helper
+    r = result["settings"]["flop_shares"]["0"]
+    assert ours["ideal"] == pytest.approx(4 / (2 + 2 * r))  # 2 full + 2 shallow steps
+    assert ours["measured_over_ideal"] == pytest.approx(ours["speedup"] / ours["ideal"])
+    for row in result["rows"]:
+        assert row["loop_median_s"] < row["total_median_s"] and row["peak_mb"] >= 0
+    assert (tmp_path / "pipeline_small-sd_64px_4steps_cpu.png").stat().st_size > 0
+    assert "| dcfx-eager | 2 | 0 |" in (tmp_path / "pipeline_small-sd_64px_4steps_cpu.md").read_text()
+
+
+def test_quality_smoke(tmp_path):
+    run_script(
+        "quality.py",
+        *("--per-class", "2", "--steps", "6", "--intervals", "3", "--branches", "0"),
+        *("--schedules", "uniform", "--out", str(tmp_path)),
+    )
+    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["no cache", "dcfx uniform", "fewer steps"]
+    base, cached, fewer = rows
+    assert "psnr" not in base and 0 <= base["accuracy"] <= 1 and base["fd"] > 0
+    assert cached["full_steps"] == 2 and 0 < cached["psnr"] < 100
+    assert fewer["steps"] == round(2 + 4 * cached["r"])
+    assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_training_scripts_write_loadable_models(tmp_path):
+    run_script("train_digits.py", "--steps", "3", "--batch", "4", "--warmup", "1", "--out", str(tmp_path))
+    model = load_model(tmp_path)
+    assert json.loads((tmp_path / "train_log.json").read_text())["settings"]["steps"] == 3
+    images = generate(model.unet, model.tokens, model.scheduler(), torch.tensor([1, 7]), steps=2)
+    assert images.shape == (2, 1, 16, 16)
+    run_script("train_digit_classifier.py", "--epochs", "1", "--out", str(tmp_path))
+    classifier, mean, cov = load_classifier(tmp_path)
+    assert classifier(images).shape == (2, 10) and mean.shape == (64,) and cov.shape == (64, 64)
