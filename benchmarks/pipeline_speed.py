@@ -89,6 +89,11 @@ class Scenario:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    limits: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (variant, branches): fewer branches for it
+
+    def branches_of(self, variant: str) -> tuple[int, ...]:
+        """Returns the branches timed for ``variant``: all, unless ``limits`` names fewer."""
+        return dict(self.limits).get(variant, self.branches)
 
     def __post_init__(self) -> None:
         if self.model not in CONFIGS and not os.path.isdir(self.model):
@@ -104,6 +109,9 @@ class Scenario:
             raise ValueError(f"size must be a multiple of 64 px (8x VAE, three U-Net downsamplings), got {self.size}")
         if self.steps < 2 or self.repeats < 1:
             raise ValueError(f"need steps >= 2 and repeats >= 1, got {self.steps}, {self.repeats}")
+        for name, branches in self.limits:
+            if name not in self.variants or not set(branches) <= set(self.branches) or not branches:
+                raise ValueError(f"--limit {name}:{branches}: need a chosen variant and some of {self.branches}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
@@ -448,7 +456,7 @@ def run_worker(scenario: Scenario, name: str, out: Path) -> None:
     rows: list[RowTimes] = []
     first_use: dict[str, dict[str, float]] = {}
     images: dict[str, np.ndarray] = {}
-    groups: list[int | None] = list(scenario.branches) if variant.cached else [None]
+    groups: list[int | None] = list(scenario.branches_of(name)) if variant.cached else [None]
     plans = [_row_plan(variant, scenario, first=i == 0) for i in range(len(groups))]
     bar = tqdm(total=sum(len(p) for p in plans) * scenario.repeats + len(groups), desc=name, file=sys.stderr)
     try:
@@ -581,6 +589,7 @@ def markdown(scenario: Scenario, table: list[dict[str, Any]], results: dict[str,
             f"| {_fmt(row.get('measured_over_ideal'), '.2f')} | {_fmt(row['speedup_vs_nocache_eager'], '.2f', 'x')} "
             f"| {row['first_use_s']:.1f} | {row['peak_mb']:.0f} | {_fmt(row.get('max_diff_vs_helper'), '.1e')} |"
         )
+    lines += [f"- {v} was timed at branch(es) {list(b)} only." for v, b in scenario.limits]
     lines += ["", *verdict(table)]
     failed = {k: v for k, v in results.items() if not isinstance(v, dict)}
     lines += [""] + [f"- **{k} failed**: {v}" for k, v in failed.items()]
@@ -684,6 +693,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, Path, argparse.
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline_speed"))
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="VARIANT:B,B",
+        help="time VARIANT at these branches only (repeatable), e.g. helper-compile:0",
+    )
+    p.add_argument("--summarise-only", action="store_true", help="rebuild the table from the workers' files in --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     ints = lambda s: tuple(int(x) for x in s.split(",") if x.strip())  # noqa: E731
@@ -699,6 +716,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, Path, argparse.
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
+        limits=tuple((v, ints(b)) for v, b in (item.split(":", 1) for item in args.limit)),
     )
     return scenario, args.out, args
 
@@ -716,6 +734,10 @@ def main(argv: list[str] | None = None) -> None:
     shares = flop_shares(scenario)
     results: dict[str, Any] = {}
     for name in scenario.variants:
+        if args.summarise_only:
+            path = raw / f"{name}.json"
+            results[name] = json.loads(path.read_text()) if path.exists() else "not run (no worker file)"
+            continue
         for stale in (raw / f"{name}.json", raw / f"{name}_images.npz"):
             stale.unlink(missing_ok=True)
         log(f"worker {name}")
