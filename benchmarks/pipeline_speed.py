@@ -270,6 +270,17 @@ def generate(pipe: Any, scenario: Scenario, steps: int | None = None) -> Generat
     return Generation(total, marks["loop_end"] - marks["loop_start"], mem.peak, out.images[0])
 
 
+def graphs_compiled() -> int:
+    """Returns how many graphs torch.compile (Dynamo) has compiled in this process so far.
+
+    Reads Dynamo's own statistics counter, a private API (checked on torch 2.13): the one place
+    the benchmarks touch torch internals, to show recompilation, which no public API counts.
+    """
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def step_counts(steps: int, interval: int) -> tuple[int, int]:
     """Returns (full, shallow) steps of a uniform 1:N schedule over ``steps`` steps."""
     full = math.ceil(steps / interval)
@@ -461,6 +472,7 @@ def run_worker(scenario: Scenario, name: str, out: Path) -> None:
     bar = tqdm(total=sum(len(p) for p in plans) * scenario.repeats + len(groups), desc=name, file=sys.stderr)
     try:
         for branch, plan in zip(groups, plans, strict=True):
+            graphs_before = graphs_compiled()
             start = time.perf_counter()
             variant.start_branch(branch or 0)
             setup = time.perf_counter() - start
@@ -479,6 +491,7 @@ def run_worker(scenario: Scenario, name: str, out: Path) -> None:
                     row.loop_s.append(gen.loop_s)
                     row.peak_bytes.append(gen.peak_bytes - (0 if scenario.device.startswith("cuda") else base_rss))
                     images[f"{row.interval}_{row.branch}"] = gen.image
+            first_use[str(branch)]["graphs_compiled"] = graphs_compiled() - graphs_before
             rows += group
             done = ", ".join(f"1:{r.interval} {statistics.median(r.loop_s):.2f} s" for r in group)
             log(f"{name}: branch {branch}: loop medians {done}")
@@ -542,6 +555,7 @@ def summarise(scenario: Scenario, results: dict[str, Any], shares: dict[int, flo
                 "total_speedup_vs_nocache_eager": statistics.median(eager["total_s"]) / total if eager else None,
                 "first_use_s": first["setup_s"] + first["warmup_s"],
                 "warmup_steps": first["warmup_steps"],
+                "graphs_compiled": first["graphs_compiled"],
                 "peak_mb": max(r["peak_bytes"]) / 2**20,
             }
             if r["branch"] is not None and r["interval"] > 1:
@@ -575,8 +589,8 @@ def markdown(scenario: Scenario, table: list[dict[str, Any]], results: dict[str,
         f"diffusers {machine['diffusers']}. Median of {scenario.repeats} generations per row.",
         "",
         "| variant | N | branch | loop s | pipeline s | speedup (same backend) | FLOP-ideal | measured/ideal "
-        "| vs no-cache eager | first use s | peak MB | max diff vs helper |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs no-cache eager | first use s | graphs compiled | peak MB | max diff vs helper |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in sorted(
         table,
@@ -587,7 +601,8 @@ def markdown(scenario: Scenario, table: list[dict[str, Any]], results: dict[str,
             f"| {row['total_median_s']:.2f} | {_fmt(row['speedup'], '.2f', 'x')} "
             f"| {_fmt(row.get('ideal'), '.2f', 'x')} "
             f"| {_fmt(row.get('measured_over_ideal'), '.2f')} | {_fmt(row['speedup_vs_nocache_eager'], '.2f', 'x')} "
-            f"| {row['first_use_s']:.1f} | {row['peak_mb']:.0f} | {_fmt(row.get('max_diff_vs_helper'), '.1e')} |"
+            f"| {row['first_use_s']:.1f} | {row['graphs_compiled']} | {row['peak_mb']:.0f} "
+            f"| {_fmt(row.get('max_diff_vs_helper'), '.1e')} |"
         )
     lines += [f"- {v} was timed at branch(es) {list(b)} only." for v, b in scenario.limits]
     lines += ["", *verdict(table)]
@@ -605,6 +620,8 @@ def markdown(scenario: Scenario, table: list[dict[str, Any]], results: dict[str,
         "- first use s: preparing the branch (exports) and the untimed warm-up generation with caching on: "
         "capture and compile (torch.compile, Inductor) happen there. The warm-up runs 2 steps (one full, one "
         "shallow), except helper-compile's, a whole generation: it recompiles step after step.",
+        "- graphs compiled: graphs torch.compile compiled for the variant's branch, all its rows and "
+        "generations included (Dynamo's counter; eager variants 0). A recompile is one more graph.",
         "- no-cache rows (N = 1) are timed with the first branch only; the full graph's work does not depend on it.",
         "- peak MB: CPU: the largest RSS during a timed generation above the worker's RSS once the pipeline is "
         "built (graphs, compiled code and export sessions count); CUDA: torch.cuda.max_memory_allocated.",

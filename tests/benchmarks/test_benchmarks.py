@@ -38,6 +38,7 @@ def test_pipeline_speed_smoke(tmp_path):
     assert ours["measured_over_ideal"] == pytest.approx(ours["speedup"] / ours["ideal"])
     for row in result["rows"]:
         assert row["loop_median_s"] < row["total_median_s"] and row["peak_mb"] >= 0
+        assert row["graphs_compiled"] == 0  # eager variants: nothing goes through torch.compile
     assert (tmp_path / "pipeline_small-sd_64px_4steps_cpu.png").stat().st_size > 0
     assert "| dcfx-eager | 2 | 0 |" in (tmp_path / "pipeline_small-sd_64px_4steps_cpu.md").read_text()
 
