@@ -291,6 +291,23 @@ def markdown(scenario: Scenario, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_results(
+    out: Path,
+    stem: str,
+    result: dict[str, Any],
+    table: str,
+    plot_to: Callable[[Path], None],
+    log_to: Callable[[str], None] | None = None,
+) -> None:
+    """Writes ``stem``.json (the result), .md (the table) and .png (``plot_to``) into ``out``, and prints the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(table + "\n")
+    plot_to(out / f"{stem}.png")
+    print(table)
+    (log_to or log)(f"wrote {out / stem}.{{json,md,png}}")
+
+
 def _speedup(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -372,12 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine,
         "rows": rows,
     }
-    table = markdown(scenario, rows)
-    (out / f"{scenario.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{scenario.stem}.md").write_text(table + "\n")
-    plot(scenario, rows, out / f"{scenario.stem}.png")
-    print(table)
-    log(f"wrote {out / scenario.stem}.{{json,md,png}}")
+    write_results(out, scenario.stem, result, markdown(scenario, rows), lambda path: plot(scenario, rows, path))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import shutil
 import statistics
@@ -53,11 +52,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from graph_speed import machine_info
+from graph_speed import machine_info, write_results
 from tqdm import tqdm
 
 import dcfx
 from dcfx.branches import ideal_speedup_of_counts
+from dcfx.schedule import full_step_indices
 from dcfx.zoo import CONFIGS, build_unet
 
 VARIANTS_ORDER = (
@@ -279,12 +279,6 @@ def graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def step_counts(steps: int, interval: int) -> tuple[int, int]:
-    """Returns (full, shallow) steps of a uniform 1:N schedule over ``steps`` steps."""
-    full = math.ceil(steps / interval)
-    return full, steps - full
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,8 +553,9 @@ def summarise(scenario: Scenario, results: dict[str, Any], shares: dict[int, flo
                 "peak_mb": max(r["peak_bytes"]) / 2**20,
             }
             if r["branch"] is not None and r["interval"] > 1:
-                full, shallow = step_counts(scenario.steps, r["interval"])
-                ideal = ideal_speedup_of_counts(full, shallow, shares[r["branch"]])
+                config = dcfx.DeepCacheConfig(branch=r["branch"], interval=r["interval"])
+                full = len(full_step_indices(config, scenario.steps))
+                ideal = ideal_speedup_of_counts(full, scenario.steps - full, shares[r["branch"]])
                 row |= {"r": shares[r["branch"]], "ideal": ideal}
                 row["measured_over_ideal"] = row["speedup"] / ideal if row["speedup"] else None
                 key = f"{r['interval']}_{r['branch']}"
@@ -779,11 +774,7 @@ def main(argv: list[str] | None = None) -> None:
         "failed": {k: v for k, v in results.items() if not isinstance(v, dict)},
         "rows": table,
     }
-    (out / f"{scenario.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{scenario.stem}.md").write_text(md + "\n")
-    plot(scenario, table, out / f"{scenario.stem}.png")
-    print(md)
-    log(f"wrote {out / scenario.stem}.{{json,md,png}}")
+    write_results(out, scenario.stem, result, md, lambda path: plot(scenario, table, path), log)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from graph_speed import machine_info
+from graph_speed import machine_info, write_results
 from tqdm import tqdm
 
 import dcfx
@@ -264,12 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows = run(scenario, args.out)
     result = {"benchmark": "quality", "started": started, "scenario": asdict(scenario), "machine": machine_info()}
-    (args.out / "quality.json").write_text(json.dumps(result | {"rows": rows}, indent=2) + "\n")
-    table = markdown(scenario, rows)
-    (args.out / "quality.md").write_text(table + "\n")
-    plot(scenario, rows, args.out / "quality.png")
-    print(table)
-    log(f"wrote {args.out}/quality.{{json,md,png}} and grid_*.png")
+    result |= {"rows": rows}
+    write_results(args.out, "quality", result, markdown(scenario, rows), lambda path: plot(scenario, rows, path), log)
 
 
 if __name__ == "__main__":

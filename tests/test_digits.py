@@ -60,3 +60,12 @@ def test_generate_rejects_bad_labels(model):
         generate(model.unet, model.tokens, model.scheduler(), torch.tensor([3, 10]))
     with pytest.raises(ValueError, match="non-empty 1-d"):
         generate(model.unet, model.tokens, model.scheduler(), torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="guidance must be >= 1"):
+        generate(model.unet, model.tokens, model.scheduler(), torch.tensor([1]), guidance=0.5)
+
+
+def test_a_missing_model_names_the_script_that_makes_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train_digits\.py"):
+        load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"train_digit_classifier\.py"):
+        load_classifier(tmp_path)

@@ -40,7 +40,19 @@ def test_pipeline_speed_smoke(tmp_path):
         assert row["loop_median_s"] < row["total_median_s"] and row["peak_mb"] >= 0
         assert row["graphs_compiled"] == 0  # eager variants: nothing goes through torch.compile
     assert (tmp_path / "pipeline_small-sd_64px_4steps_cpu.png").stat().st_size > 0
-    assert "| dcfx-eager | 2 | 0 |" in (tmp_path / "pipeline_small-sd_64px_4steps_cpu.md").read_text()
+    table = (tmp_path / "pipeline_small-sd_64px_4steps_cpu.md").read_text()
+    assert "| dcfx-eager | 2 | 0 |" in table
+    assert "The fastest dcfx variant beats the peer in" in table  # the verdict on the goal
+
+
+def test_pipeline_speed_refuses_a_limit_outside_the_run():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pipeline_speed.py"), "--variants", "helper", "--limit", "helper:5"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0 and "need a chosen variant and some of (0, 1, 2)" in proc.stderr
 
 
 def test_quality_smoke(tmp_path):
