@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcfx.backends import CompiledPair, check_options, get_backend
+from dcfx.backends import CompiledPair, check_options, compile_lock, get_backend
+from dcfx import schedule
 from dcfx.config import DeepCacheConfig
 from dcfx.models import ModelSpec, spec_for
 from dcfx.passes import build_graph_pair
@@ -86,7 +87,8 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
 
     Raises:
         TypeError: unsupported model class, config and fields both given, unknown option.
-        ValueError: branch out of range, bad schedule fields, unknown backend.
+        ValueError: branch out of range, bad schedule fields, a non-uniform schedule with no
+            solution for ``steps``, unknown backend.
     """
     spec = model_spec(unet)
     cfg, kwargs = split_config_fields(config, kwargs)
@@ -96,6 +98,8 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
             "the non-uniform schedule needs the step count: pass scheduler=pipe.scheduler "
             "(or use dcfx.enable(pipe, ...)), or set steps= in the config"
         )
+    if cfg.steps is not None:
+        schedule.plan(cfg)  # a schedule without a solution fails here, not at the first step
     get_backend(backend)
     check_options(backend, kwargs)
     build = CaptureAndCompile(unet, cfg.branch, backend, dict(kwargs))
@@ -117,8 +121,9 @@ class CaptureAndCompile:
 
     def __call__(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
         """Returns the compiled pair for inputs named ``names`` like ``tensors``."""
-        pair = build_graph_pair(self.unet, self.branch, names, tensors)
-        return get_backend(self.backend)(pair.full, pair.shallow, tensors, **self.options)
+        with compile_lock:
+            pair = build_graph_pair(self.unet, self.branch, names, tensors)
+            return get_backend(self.backend)(pair.full, pair.shallow, tensors, **self.options)
 
 
 def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 SCHEDULES = ("uniform", "non-uniform", "explicit", "window")
+# The non-uniform search lowers the power in steps of 0.02 towards 1: a bound keeps it short.
+MAX_POWER = 10.0
 
 ScheduleName = Literal["uniform", "non-uniform", "explicit", "window"]
 
@@ -18,6 +20,15 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+
+
+def check_center(center: int, steps: int) -> None:
+    """Raises ValueError unless the non-uniform ``center`` is a step of a ``steps``-step generation."""
+    if center >= steps:
+        raise ValueError(
+            f"non-uniform center {center} is outside the {steps} steps of the generation (valid: 0..{steps - 1}); "
+            f"the paper centres its schedule at about step 15 of 50"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +45,7 @@ class DeepCacheConfig:
             steps listed in ``full_steps``) or ``"window"`` (uniform 1:N inside
             ``[start, stop)``, every step outside is full).
         center: Non-uniform only: the step around which full steps are densest.
-        power: Non-uniform only: the initial power (> 1) of the schedule; lowered in steps of
+        power: Non-uniform only: the initial power (> 1, at most 10) of the schedule; lowered in steps of
             0.02, as the reference does, until the requested number of full steps appears.
         steps: Non-uniform only: the number of denoising steps, when no scheduler tells it.
         full_steps: Explicit only: the indices of the full steps.
@@ -88,11 +99,15 @@ class DeepCacheConfig:
         _check_int("center", self.center, 0)
         if isinstance(self.power, bool) or not isinstance(self.power, (int, float)):
             raise TypeError(f"power must be a number > 1, got {self.power!r}")
-        if not self.power > 1:
-            raise ValueError(f"power must be > 1 (the reference lowers it towards 1), got {self.power}")
+        if not 1 < self.power <= MAX_POWER:
+            raise ValueError(
+                f"power must be > 1 and <= {MAX_POWER:g} (the reference starts at 1.2-1.5 and lowers it towards 1), "
+                f"got {self.power}"
+            )
         object.__setattr__(self, "power", float(self.power))
         if self.steps is not None:
             _check_int("steps", self.steps, 1)
+            check_center(self.center, self.steps)
 
     def _check_explicit(self) -> None:
         if self.full_steps is None or isinstance(self.full_steps, (str, bytes)):

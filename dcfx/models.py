@@ -65,6 +65,51 @@ class ModelSpec:
             want = ", ".join(str(channels) if d == "channels" else d for d in self.sample_dims)
             raise ValueError(f"sample shape must be ({want}) for {type(model).__name__}, got {tuple(shape)}")
 
+    def check_inputs(self, model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+        """Raises for a call ``model`` cannot take, before any graph is built for it.
+
+        Checks the sample's layout, channels, dtype and device against the
+        model's, that every other input is on the sample's device with the sample's batch, and
+        the shape of ``encoder_hidden_states``. Heights and widths need not be multiples of
+        the model's downsampling factor: diffusers U-Nets take any size, and so does dcfx.
+
+        Raises:
+            TypeError: a sample that is not floating point, or not in the weights' dtype.
+            ValueError: a wrong shape, batch or device, naming what the model takes.
+        """
+        sample = tensors[names.index("sample")]
+        self.check_sample_shape(model, tuple(sample.shape))
+        batch = sample.shape[0]
+        dtype, device = model.dtype, model.device
+        if not sample.dtype.is_floating_point:
+            raise TypeError(f"sample must be a floating-point tensor ({dtype} for this model), got {sample.dtype}")
+        if sample.device != device:
+            raise ValueError(
+                f"sample is on {sample.device}, the U-Net's weights on {device}: move the inputs, or the model "
+                f"(runtime.to(device)), so that they match"
+            )
+        if sample.dtype != dtype and not torch.is_autocast_enabled(device.type):
+            raise TypeError(
+                f"sample has dtype {sample.dtype}, the U-Net's weights {dtype}: cast the inputs, or the model "
+                f"(runtime.to(dtype)), so that they match"
+            )
+        for name, tensor in zip(names, tensors, strict=True):
+            if tensor.device != sample.device:
+                raise ValueError(
+                    f"{name} is on {tensor.device}, the sample on {sample.device}: inputs must share a device"
+                )
+            if tensor.ndim >= 1 and tensor.shape[0] != batch:
+                raise ValueError(
+                    f"{name} has batch size {tensor.shape[0]} (shape {tuple(tensor.shape)}), the sample {batch} "
+                    f"(shape {tuple(sample.shape)}): every input needs the sample's batch size"
+                )
+        if "encoder_hidden_states" in names:
+            states = tensors[names.index("encoder_hidden_states")]
+            width = getattr(model.config, "encoder_hid_dim", None) or getattr(model.config, "cross_attention_dim", None)
+            if states.ndim != 3 or (isinstance(width, int) and states.shape[-1] != width):
+                want = f"(batch, tokens, {width if isinstance(width, int) else 'dim'})"
+                raise ValueError(f"encoder_hidden_states must have shape {want}, got {tuple(states.shape)}")
+
     def up_layers(self, model: nn.Module) -> list[UpLayer]:
         """Returns every up layer of ``model``, ordered by branch id (output end first)."""
         layers = []
@@ -85,11 +130,16 @@ class ModelSpec:
             TypeError: for an argument that is not a tensor, a tuple of tensors, a dict of
                 tensors, or None (a graph cannot take it).
         """
-        bound = self.signature(model).bind(*args, **kwargs)
+        try:
+            bound = self.signature(model).bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(model).__name__}.forward: {e}") from None
         return_dict = bool(bound.arguments.pop("return_dict", True))
         sample = bound.arguments.get("sample")
         if not isinstance(sample, torch.Tensor):
             raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+        if sample.ndim == 0 or sample.shape[0] < 1:
+            raise ValueError(f"sample must have a batch dimension of size >= 1, got shape {tuple(sample.shape)}")
         names: list[str] = []
         tensors: list[torch.Tensor] = []
         for name, value in bound.arguments.items():
@@ -254,6 +304,8 @@ def normalize_timestep(timestep: Any, sample: torch.Tensor) -> torch.Tensor:
     if isinstance(timestep, bool) or not isinstance(timestep, (int, float, torch.Tensor)):
         raise TypeError(f"timestep must be a tensor, int or float, got {type(timestep).__name__}")
     t = torch.as_tensor(timestep, device=sample.device)
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"timestep must hold real numbers, got a {t.dtype} tensor")
     if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, sample.shape[0])):
         raise ValueError(
             f"timestep must be a scalar or have shape ({sample.shape[0]},) to match the batch, "

@@ -6,8 +6,10 @@ function for each input signature; it knows nothing of FX or of how they were ma
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +28,14 @@ logger = logging.getLogger(__name__)
 # At most this many graph pairs (one per input signature: shapes, dtypes, device) are kept;
 # the least recently used is dropped first. Feature buffers follow the same bound.
 MAX_GRAPH_PAIRS = 8
+# At most this many non-uniform step plans (one per generation length) are kept.
+MAX_STEP_PLANS = 32
 
-Signature = tuple[tuple[str, ...], tuple[tuple[torch.Size, torch.dtype, torch.device], ...]]
+Signature = tuple[
+    tuple[str, ...],
+    tuple[tuple[torch.Size, torch.dtype, torch.device], ...],
+    tuple[torch.dtype, torch.device] | None,  # the weights' dtype and device
+]
 BuildFn = Callable[[tuple[str, ...], tuple[torch.Tensor, ...]], CompiledPair]
 
 
@@ -126,7 +134,18 @@ class DeepCacheUNet(nn.Module):
     runs the full graph (and stores the cache feature in a preallocated buffer) or the
     shallow graph (which reads it). A step is full when the schedule says so, when no cache
     exists in this generation, or when the cache was made for other inputs (batch,
-    resolution, dtype, device): a stale cache is never used. Inference only (no autograd).
+    resolution, dtype, device, or weights moved to another dtype or device): a stale cache is
+    never used. Inference only (no autograd).
+
+    Faults leave nothing behind: a call that raises invalidates the cache (the next call
+    starts a new generation), and a call refused for bad input changes nothing. Each
+    generation checks that the model still holds the weights its graphs were built from
+    (replaced or moved parameters drop the graphs, which are then built again).
+
+    One runtime keeps one generation's state, so it serves one thread at a time: a call while
+    another thread is inside ``forward``, or a call from another thread that would continue
+    the generation in progress, raises RuntimeError. Pipelines that run in parallel each
+    take their own runtime; ``dcfx.compile`` shares the weights, not copies them.
     """
 
     def __init__(
@@ -143,7 +162,8 @@ class DeepCacheUNet(nn.Module):
         self.scheduler = scheduler
         self._spec = spec
         self._build = build
-        self._plans: dict[int | None, schedule.StepPlan] = {}
+        self._plans: OrderedDict[int | None, schedule.StepPlan] = OrderedDict()
+        self._lock = threading.Lock()
         self.__dict__.update(self._clean_state())
 
     def _clean_state(self) -> dict[str, Any]:
@@ -154,6 +174,9 @@ class DeepCacheUNet(nn.Module):
             "_tracker": StepTracker(self.scheduler),
             "_cache": None,  # the buffer holding this generation's cache feature
             "_cache_for": None,  # the input signature the cache was made for
+            "_owner": None,  # the thread that started the generation in progress
+            "_weights": None,  # the parameters the graphs were built from (see _check_weights)
+            "_probe": None,  # one of those parameters: its dtype and device join each call's signature
             "stats": {"full": 0, "shallow": 0},
         }
 
@@ -161,7 +184,13 @@ class DeepCacheUNet(nn.Module):
         # A copy (copy.deepcopy, pickle, torch.save) starts clean: compiled code does not
         # pickle, and graphs hold the original's weights. Its first call of each input
         # signature builds graphs again, from the copy's own weights.
-        return {**super().__getstate__(), **self._clean_state()}
+        state = {**super().__getstate__(), **self._clean_state()}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -171,9 +200,13 @@ class DeepCacheUNet(nn.Module):
             return getattr(model, name)
 
     def reset(self) -> None:
-        """Starts a new generation: forgets the step count and invalidates the cache."""
+        """Starts a new generation: forgets the step count and invalidates the cache.
+
+        Safe at any point, from any thread that is not inside a call.
+        """
         self._tracker.reset()
         self._cache_for = None
+        self._owner = None
 
     def reschedule(self, config: DeepCacheConfig | None = None, **fields: Any) -> DeepCacheUNet:
         """Returns this runtime switched to another schedule of the same branch, graphs kept.
@@ -214,34 +247,105 @@ class DeepCacheUNet(nn.Module):
         self.reset()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Runs the U-Net call ``model(*args, **kwargs)`` as a full or a shallow step."""
-        (names, tensors), return_dict = self._spec.flatten(self.model, args, kwargs)
-        key: Signature = (names, tuple((t.shape, t.dtype, t.device) for t in tensors))
-        step = self._tracker.advance(tensors[names.index("timestep")])
+        """Runs the U-Net call ``model(*args, **kwargs)`` as a full or a shallow step.
+
+        Raises:
+            TypeError, ValueError: bad inputs (checked once per input signature), naming the
+                bad value and what the model takes; nothing changes.
+            RuntimeError: another thread is using this runtime (see the class docstring).
+        """
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                "this dcfx runtime is running a call in another thread; a runtime keeps one generation's state "
+                "and serves one thread at a time: give each pipeline or thread its own dcfx.compile(unet, ...) "
+                "(the weights are shared, not copied)"
+            )
+        try:
+            (names, tensors), return_dict = self._spec.flatten(self.model, args, kwargs)
+            step = self._advance(tensors[names.index("timestep")])
+            key: Signature = (names, tuple((t.shape, t.dtype, t.device) for t in tensors), self._weights_key())
+            try:
+                full, sample = self._run(step, key, names, tensors)
+            except BaseException:
+                # Whatever failed (bad input, out of memory, an interrupt), no cache of this
+                # generation is trusted again: the next call starts a new one.
+                self.reset()
+                raise
+        finally:
+            self._lock.release()
+        self.stats["full" if full else "shallow"] += 1
+        return self._spec.output(sample, return_dict)
+
+    def _advance(self, timestep: torch.Tensor) -> Step:
+        # A refused call leaves the step count as it was: the generation in progress goes on.
+        thread = threading.get_ident()
+        before = copy.copy(self._tracker)
+        try:
+            step = self._tracker.advance(timestep)
+            if not step.new_generation and self._owner not in (None, thread):
+                raise RuntimeError(
+                    f"this dcfx runtime is in the middle of a generation started by thread {self._owner}; "
+                    "a call from another thread may start a new generation but not continue that one. Give each "
+                    "pipeline or thread its own dcfx.compile(unet, ...), or call reset() between generations"
+                )
+        except BaseException:
+            self._tracker = before
+            raise
         if step.new_generation:
+            self._owner = thread
             self._cache_for = None
+            self._check_weights()
+        return step
+
+    def _run(
+        self, step: Step, key: Signature, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]
+    ) -> tuple[bool, torch.Tensor]:
         full = self._cache_for != key or self._step_plan(step.num_steps).is_full(step.index)
         pair = self._pair(key, names, tensors)
         with torch.no_grad():
             if full:
+                self._cache_for = None  # a full step that fails half way leaves no valid cache
                 sample, self._cache = pair.run_full(tensors, self._buffer)
                 self._cache_for = key
             else:
                 sample = pair.run_shallow(tensors, self._cache)
-        self.stats["full" if full else "shallow"] += 1
-        return self._spec.output(sample, return_dict)
+        return full, sample
+
+    def _weights_key(self) -> tuple[torch.dtype, torch.device] | None:
+        probe = self._probe
+        return None if probe is None else (probe.dtype, probe.device)
+
+    def _check_weights(self) -> None:
+        # Graphs reference the parameters they were captured with (Inductor's freezing even
+        # copies their values). A parameter replaced since (load_state_dict(assign=True),
+        # .to() under overwrite_module_params_on_conversion) or moved would leave them computing
+        # with stale weights, so they are dropped. Checked once per generation (about 1 ms for
+        # SD1.5's 686 parameters), not per step.
+        params = list(self.model.parameters())
+        weights = tuple((id(p), p.data_ptr(), p.dtype, p.device) for p in params)
+        if self._weights is not None and weights != self._weights and self._pairs:
+            logger.info("dcfx: the U-Net's parameters were replaced or moved since its graphs were built; rebuilding")
+            self._pairs.clear()
+            self._buffers.clear()
+        self._weights = weights
+        self._probe = params[0] if params else None
 
     def _step_plan(self, num_steps: int | None) -> schedule.StepPlan:
         # Only the non-uniform schedule depends on the step count: one plan per count, made once.
         if self.deepcache_config.schedule != "non-uniform":
             num_steps = None
-        if num_steps not in self._plans:
-            self._plans[num_steps] = schedule.plan(self.deepcache_config, num_steps)
-        return self._plans[num_steps]
+        plan = self._plans.get(num_steps)
+        if plan is None:
+            plan = self._plans[num_steps] = schedule.plan(self.deepcache_config, num_steps)
+            if len(self._plans) > MAX_STEP_PLANS:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(num_steps)
+        return plan
 
     def _pair(self, key: Signature, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
         pair = self._pairs.get(key)
         if pair is None:
+            self._spec.check_inputs(self.model, names, tensors)
             logger.info("dcfx: building graphs for %s", [tuple(s) for s, _, _ in key[1]])
             pair = self._build(names, tensors)
             self._pairs[key] = pair

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dcfx.config import DeepCacheConfig
+from dcfx.config import DeepCacheConfig, check_center
 
 _NO_POWER = "no power > 1 gives the requested number of full steps"
 
@@ -78,7 +78,8 @@ def plan(config: DeepCacheConfig, num_steps: int | None = None) -> StepPlan:
     """Returns the step plan of ``config`` for a generation of ``num_steps`` steps.
 
     ``num_steps`` may be None except for the non-uniform schedule, which falls back to
-    ``config.steps`` and raises ValueError when neither is known.
+    ``config.steps`` and raises ValueError when neither is known, when ``config.center`` is
+    not one of the steps, or when no power gives the requested number of full steps.
     """
     if config.schedule == "explicit":
         return StepPlan(config, num_steps, frozenset(config.full_steps or ()))
@@ -90,6 +91,7 @@ def plan(config: DeepCacheConfig, num_steps: int | None = None) -> StepPlan:
             "the non-uniform schedule needs the number of steps: pass scheduler= to "
             "dcfx.compile (or use dcfx.enable(pipe, ...)), or set steps= in DeepCacheConfig"
         )
+    check_center(config.center, steps)
     full, _ = non_uniform_full_steps(steps, config.interval, config.center, config.power)
     return StepPlan(config, steps, frozenset(full))
 

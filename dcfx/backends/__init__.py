@@ -6,6 +6,7 @@ nothing of schedules or of the runtime that calls it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -13,6 +14,11 @@ from typing import Any, Protocol
 import torch
 
 from dcfx.registry import Registry
+
+# torch.export and torch.compile keep process-wide state while they trace: every capture and
+# every first (compiling) call of a backend's graph holds this lock, so that runtimes in several
+# threads build their graphs one at a time and then run them in parallel.
+compile_lock = threading.RLock()
 
 BufferFn = Callable[[torch.Size, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
 

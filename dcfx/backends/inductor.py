@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dcfx.backends import CompiledPair, register_backend
+from dcfx.backends import CompiledPair, compile_lock, register_backend
 
 OPTIONS = ("mode", "options")
 
@@ -37,7 +37,7 @@ class _FirstCallPatched:
             return self._compiled(*args)
         import torch._inductor.config as inductor_config  # private; checked on torch 2.6-2.13
 
-        with inductor_config.patch(self._settings):
+        with compile_lock, inductor_config.patch(self._settings):
             out = self._compiled(*args)
         self._warm = True
         return out

@@ -9,6 +9,7 @@ exported graphs, without the model object and without diffusers' model code.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import os
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 # Attributes diffusers pipelines read off pipe.unet besides its config (SDXL's add_time_ids).
 _ATTRIBUTES = ("add_embedding.linear_1.in_features",)
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DeepCacheConfig))
 _STAGES = ("capture and cut", "export full graph", "export shallow graph", "write files", "check outputs", "hash files")
 
 
@@ -176,12 +178,16 @@ def load(
     manifest = read_manifest(directory)
     fmt = get_format(manifest.format)
     stored = DeepCacheConfig.from_dict(manifest.deepcache)
-    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in stored.to_dict()}
+    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
     if "branch" in fields and fields["branch"] != stored.branch:
         raise ValueError(
             f"{directory} holds the graphs of branch {stored.branch}; export again for branch {fields['branch']}"
         )
-    cfg = DeepCacheConfig.from_dict({**stored.to_dict(), **fields})
+    base = stored.to_dict()
+    if fields.get("schedule", stored.schedule) != stored.schedule:
+        # Another schedule: the stored one's own fields (center, start, ...) do not carry over.
+        base = {k: base[k] for k in ("branch", "interval")}
+    cfg = DeepCacheConfig.from_dict({**base, **fields})
     if cfg.schedule == "non-uniform" and scheduler is None and cfg.steps is None:
         raise ValueError("the non-uniform schedule needs the step count: pass scheduler=pipe.scheduler or steps=")
     device = torch.device(device or manifest.format_data.get("device", "cpu"))

@@ -205,10 +205,12 @@ class OnnxPair(ExportedPair):
             if device.type == "cuda":
                 stream = str(torch.cuda.current_stream(device).cuda_stream)
                 providers = [("CUDAExecutionProvider", {"device_id": device.index or 0, "user_compute_stream": stream})]
+        if isinstance(providers, str) or not isinstance(providers, Sequence):
+            raise TypeError(f"providers must be a list of onnxruntime provider names, got {providers!r}")
         available = ort.get_available_providers()
         missing = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
         if missing:
-            raise RuntimeError(f"onnxruntime providers {missing} are not available here; available: {available}")
+            raise ValueError(f"onnxruntime providers {missing} are not available here; available: {available}")
         options = session_options or ort.SessionOptions()
         sessions = {}
         for graph in ("full", "shallow"):
