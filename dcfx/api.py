@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcfx.backends import CompiledPair, check_options, compile_lock, get_backend
 from dcfx import schedule
+from dcfx.backends import CompiledPair, check_options, compile_lock, get_backend
 from dcfx.config import DeepCacheConfig
 from dcfx.models import ModelSpec, spec_for
 from dcfx.passes import build_graph_pair
