@@ -137,8 +137,9 @@ class DeepCacheUNet(nn.Module):
     resolution, dtype, device, or weights moved to another dtype or device): a stale cache is
     never used. Inference only (no autograd).
 
-    Faults leave nothing behind: a call that raises invalidates the cache (the next call
-    starts a new generation), and a call refused for bad input changes nothing. Each
+    Faults leave nothing behind: a call refused for bad input (checked once per input
+    signature, before anything runs) changes nothing, and a call that fails while running
+    invalidates the cache (the next call starts a new generation). Each
     generation checks that the model still holds the weights its graphs were built from
     (replaced or moved parameters drop the graphs, which are then built again).
 
@@ -262,13 +263,24 @@ class DeepCacheUNet(nn.Module):
             )
         try:
             (names, tensors), return_dict = self._spec.flatten(self.model, args, kwargs)
-            step = self._advance(tensors[names.index("timestep")])
-            key: Signature = (names, tuple((t.shape, t.dtype, t.device) for t in tensors), self._weights_key())
+            before = (copy.copy(self._tracker), self._owner, self._cache_for)
             try:
-                full, sample = self._run(step, key, names, tensors)
+                step = self._advance(tensors[names.index("timestep")])
+                key: Signature = (names, tuple((t.shape, t.dtype, t.device) for t in tensors), self._weights_key())
+                if key not in self._pairs:
+                    self._spec.check_inputs(self.model, names, tensors)
+                self._step_plan(step.num_steps)  # a schedule with no solution for this generation
+                pair = self._pair(key, names, tensors)
             except BaseException:
-                # Whatever failed (bad input, out of memory, an interrupt), no cache of this
-                # generation is trusted again: the next call starts a new one.
+                # A refused call (bad input, a build that failed) ran no graph and changes
+                # nothing: the generation in progress goes on.
+                self._tracker, self._owner, self._cache_for = before
+                raise
+            try:
+                full, sample = self._run(step, key, pair, tensors)
+            except BaseException:
+                # Whatever failed (a graph, a build, out of memory, an interrupt), no cache of
+                # this generation is trusted again: the next call starts a new one.
                 self.reset()
                 raise
         finally:
@@ -277,20 +289,14 @@ class DeepCacheUNet(nn.Module):
         return self._spec.output(sample, return_dict)
 
     def _advance(self, timestep: torch.Tensor) -> Step:
-        # A refused call leaves the step count as it was: the generation in progress goes on.
         thread = threading.get_ident()
-        before = copy.copy(self._tracker)
-        try:
-            step = self._tracker.advance(timestep)
-            if not step.new_generation and self._owner not in (None, thread):
-                raise RuntimeError(
-                    f"this dcfx runtime is in the middle of a generation started by thread {self._owner}; "
-                    "a call from another thread may start a new generation but not continue that one. Give each "
-                    "pipeline or thread its own dcfx.compile(unet, ...), or call reset() between generations"
-                )
-        except BaseException:
-            self._tracker = before
-            raise
+        step = self._tracker.advance(timestep)
+        if not step.new_generation and self._owner not in (None, thread):
+            raise RuntimeError(
+                f"this dcfx runtime is in the middle of a generation started by thread {self._owner}; "
+                "a call from another thread may start a new generation but not continue that one. Give each "
+                "pipeline or thread its own dcfx.compile(unet, ...), or call reset() between generations"
+            )
         if step.new_generation:
             self._owner = thread
             self._cache_for = None
@@ -298,10 +304,9 @@ class DeepCacheUNet(nn.Module):
         return step
 
     def _run(
-        self, step: Step, key: Signature, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]
+        self, step: Step, key: Signature, pair: CompiledPair, tensors: tuple[torch.Tensor, ...]
     ) -> tuple[bool, torch.Tensor]:
         full = self._cache_for != key or self._step_plan(step.num_steps).is_full(step.index)
-        pair = self._pair(key, names, tensors)
         with torch.no_grad():
             if full:
                 self._cache_for = None  # a full step that fails half way leaves no valid cache
@@ -312,6 +317,8 @@ class DeepCacheUNet(nn.Module):
         return full, sample
 
     def _weights_key(self) -> tuple[torch.dtype, torch.device] | None:
+        if self._probe is None:
+            self._probe = next(self.model.parameters(), None)
         probe = self._probe
         return None if probe is None else (probe.dtype, probe.device)
 
@@ -345,7 +352,6 @@ class DeepCacheUNet(nn.Module):
     def _pair(self, key: Signature, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
         pair = self._pairs.get(key)
         if pair is None:
-            self._spec.check_inputs(self.model, names, tensors)
             logger.info("dcfx: building graphs for %s", [tuple(s) for s, _, _ in key[1]])
             pair = self._build(names, tensors)
             self._pairs[key] = pair
