@@ -10,7 +10,8 @@
 
 CI runs derandomized (the same examples every run), so a landing never depends on luck; run
 locally, each run draws new examples. Graph builds take seconds, so the U-Net properties run
-few examples; the schedule properties run hundreds.
+few examples; the schedule properties run hundreds. DCFX_HYPOTHESIS_SCALE=10 runs ten times as
+many examples of each.
 """
 
 from __future__ import annotations
@@ -34,8 +35,21 @@ from dcfx.schedule import full_step_indices, non_uniform_full_steps
 from tests.fixtures import example_call, make_sd_pipeline, run_sd, tiny_sd
 
 CI = bool(os.environ.get("CI"))
-SLOW = settings(max_examples=10, deadline=None, derandomize=CI, suppress_health_check=[HealthCheck.too_slow])
-FAST = settings(max_examples=300, deadline=None, derandomize=CI)
+SCALE = int(os.environ.get("DCFX_HYPOTHESIS_SCALE", "1"))
+
+
+def examples(n: int) -> settings:
+    """Hypothesis settings for ``n`` examples (times DCFX_HYPOTHESIS_SCALE), derandomized in CI."""
+    return settings(
+        max_examples=n * SCALE,
+        deadline=None,
+        derandomize=CI,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+
+
+SLOW = examples(10)
+FAST = examples(300)
 
 
 @st.composite
@@ -186,7 +200,7 @@ def test_the_runtime_follows_the_plan_call_by_call(stub_unet, cfg, steps, genera
 _RUNTIMES: dict = {}
 
 
-@settings(max_examples=8, deadline=None, derandomize=CI, suppress_health_check=[HealthCheck.too_slow])
+@examples(8)
 @given(
     branch=st.integers(0, 8),
     interval=st.integers(2, 5),

@@ -2,9 +2,14 @@
 
 The manifest ties the two graphs of an export together: the format, the versions that wrote
 it, the model's config (and its hash), the DeepCache config, every input and output with its
-shape expressions and dtype, the dimension ranges, and the sha256 of every file. Reading it
-verifies all of that; a directory is written to a temporary sibling and renamed into place,
-so an interrupted export never leaves a directory that looks complete.
+shape expressions and dtype, the dimension ranges, and the sha256 of every file. A seal, the
+sha256 of the rest of the manifest, catches a manifest edited by hand. Reading it verifies all
+of that, and that the directory holds no symbolic link and no file the manifest does not list;
+a directory is written to a temporary sibling and renamed into place, so an interrupted export
+never leaves a directory that looks complete.
+
+These checks guard against accidents (a truncated copy, a file taken from another export, a
+hand edit); they are not signatures: whoever can write the directory can forge a whole export.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Any
 from dcfx.export.shapes import DimRange, TensorSpec
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+# 2: the manifest carries a seal. Version 1 manifests (unsealed) are refused: export again.
+FORMAT_VERSION = 2
 _CHUNK = 1 << 20
 
 
@@ -72,7 +78,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns the manifest as JSON-able data."""
+        """Returns the manifest as JSON-able data (without its seal)."""
         return {
             "format_version": self.format_version,
             "format": self.format,
@@ -110,7 +116,14 @@ class Manifest:
         for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
             rel = path.relative_to(directory).as_posix()
             self.files[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size}
-        (directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        data = self.to_dict()
+        (directory / MANIFEST).write_text(json.dumps({**data, "seal": seal(data)}, indent=2) + "\n")
+
+
+def seal(data: Mapping[str, Any]) -> str:
+    """Returns the seal of manifest data: the sha256 of its canonical JSON, less any seal."""
+    body = {k: v for k, v in data.items() if k != "seal"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def config_sha256(config: Mapping[str, Any]) -> str:
@@ -130,9 +143,9 @@ def sha256(path: Path) -> str:
 def read_manifest(directory: str | os.PathLike[str], verify_files: bool = True) -> Manifest:
     """Returns the verified manifest of an export directory.
 
-    Checks that the manifest is there and of a format version this dcfx reads, and (unless
-    ``verify_files`` is False) that every listed file exists with its recorded size and
-    sha256, and that no graph file is unlisted.
+    Checks that the manifest is there, of the format version this dcfx reads and sealed, and
+    (unless ``verify_files`` is False) that every listed file exists with its recorded size
+    and sha256, and that the directory holds nothing else: no unlisted file, no link.
 
     Raises:
         ArtifactError: naming the file and what is wrong with it.
@@ -141,7 +154,7 @@ def read_manifest(directory: str | os.PathLike[str], verify_files: bool = True) 
     path = directory / MANIFEST
     if not directory.is_dir():
         raise ArtifactError(f"{directory} is not a directory (expected a dcfx export)")
-    if not path.is_file():
+    if path.is_symlink() or not path.is_file():
         raise ArtifactError(f"{path} is missing: {directory} is not a complete dcfx export")
     try:
         data = json.loads(path.read_text())
@@ -151,6 +164,15 @@ def read_manifest(directory: str | os.PathLike[str], verify_files: bool = True) 
     if version > FORMAT_VERSION:
         raise ArtifactError(
             f"{path} has format version {version}; this dcfx reads up to {FORMAT_VERSION}: upgrade dcfx to load it"
+        )
+    if version < FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format version {version}, written by an older dcfx; this one reads version "
+            f"{FORMAT_VERSION}: export again"
+        )
+    if data.get("seal") != seal(data):
+        raise ArtifactError(
+            f"{path} was edited after export (its seal does not match its contents); export again rather than edit it"
         )
     try:
         manifest = Manifest.from_dict(data)
@@ -162,12 +184,27 @@ def read_manifest(directory: str | os.PathLike[str], verify_files: bool = True) 
     if config_sha256(manifest.model.get("config", {})) != manifest.model.get("config_sha256"):
         raise ArtifactError(f"{path}: the model config does not match its config_sha256: the manifest was altered")
     if verify_files:
+        check_contents(directory, manifest)
         for rel, info in manifest.files.items():
             try:
                 verify_file(directory, rel, info)
             except (KeyError, TypeError) as e:
                 raise ArtifactError(f"{path} lists {rel!r} without a valid size and sha256: {e!r}") from e
     return manifest
+
+
+def check_contents(directory: Path, manifest: Manifest) -> None:
+    """Raises ArtifactError for a symbolic link in ``directory``, or a file the manifest does not list.
+
+    A graph could otherwise read a file no hash covers (an ONNX graph names its external data
+    files), or a link could point anywhere on the machine.
+    """
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_symlink():
+            raise ArtifactError(f"{path} is a symbolic link (to {os.readlink(path)}); an export holds plain files only")
+        if path.is_file() and rel != MANIFEST and rel not in manifest.files:
+            raise ArtifactError(f"{path} is not listed in the manifest: the directory was altered after export")
 
 
 def verify_file(directory: Path, rel: str, info: Mapping[str, Any]) -> Path:

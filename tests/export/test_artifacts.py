@@ -16,8 +16,9 @@ import torch
 
 import dcfx
 from dcfx.export import onnx as onnx_format
-from dcfx.export.manifest import FORMAT_VERSION, ArtifactError
-from tests.export.conftest import sd_unet
+from dcfx.export.manifest import FORMAT_VERSION, ArtifactError, seal
+from tests.export.conftest import SD_BRANCH, sd_unet
+from tests.fixtures import tiny_unet
 
 
 @pytest.fixture
@@ -35,10 +36,13 @@ def no_session(monkeypatch):
     return opened
 
 
-def edit_manifest(directory, change):
+def edit_manifest(directory, change, reseal=True):
+    """Edits manifest.json; ``reseal`` recomputes its seal, as a forger would, to reach the checks behind it."""
     path = directory / "manifest.json"
     data = json.loads(path.read_text())
     change(data)
+    if reseal:
+        data["seal"] = seal(data)
     path.write_text(json.dumps(data))
 
 
@@ -94,7 +98,8 @@ def test_malformed_manifest(copy, no_session):
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="is not a dcfx manifest"):
         dcfx.load(copy)
-    (copy / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    sealed = {"format_version": FORMAT_VERSION}
+    (copy / "manifest.json").write_text(json.dumps({**sealed, "seal": seal(sealed)}))
     with pytest.raises(ArtifactError, match="is malformed"):
         dcfx.load(copy)
 
@@ -184,4 +189,71 @@ def test_manifest_cannot_make_load_import_code(copy, tmp_path, monkeypatch):
 def test_bad_attribute_path_in_manifest(copy, no_session):
     edit_manifest(copy, lambda d: d["model"].update(attributes={"__class__": 1}))
     with pytest.raises(ArtifactError, match="not a dotted attribute path"):
+        dcfx.load(copy)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d["deepcache"].update(branch=0),
+        lambda d: d["deepcache"].update(interval=7),
+        lambda d: d["dims"]["batch"].update(max=64),
+        lambda d: d.update(dtype="float16"),
+        lambda d: d["graphs"]["shallow"]["outputs"][0].update(dtype="float16"),
+        lambda d: d["files"]["weights.bin"].update(sha256="0" * 64),
+        lambda d: d.pop("checks"),
+        lambda d: d.pop("seal"),
+    ],
+    ids=["branch", "interval", "dims", "dtype", "output dtype", "a file's sha256", "a dropped entry", "the seal"],
+)
+def test_a_manifest_edited_by_hand_is_refused(copy, no_session, change):
+    edit_manifest(copy, change, reseal=False)
+    with pytest.raises(ArtifactError, match=r"manifest.json was edited after export \(its seal does not match"):
+        dcfx.load(copy)
+
+
+def test_an_older_format_version_is_refused(copy, no_session):
+    edit_manifest(copy, lambda d: d.update(format_version=1))
+    with pytest.raises(ArtifactError, match=r"format version 1, written by an older dcfx; .* export again"):
+        dcfx.load(copy)
+
+
+@pytest.fixture(scope="module")
+def other_export(tmp_path_factory):
+    """An export of another model (other weights) with the same layout, names and shapes."""
+    out = tmp_path_factory.mktemp("other") / "sd"
+    shapes = {"batch": 2, "height": 16, "width": 16}
+    return dcfx.export(tiny_unet(seed=1, layers_per_block=1), out, branch=SD_BRANCH, shapes=shapes, progress=False)
+
+
+@pytest.mark.parametrize("name", ["weights.bin", "shallow.onnx", "full.onnx"])
+def test_a_file_swapped_in_from_another_export_is_refused(copy, other_export, no_session, name):
+    shutil.copyfile(other_export / name, copy / name)
+    with pytest.raises(ArtifactError, match=f"{name} (has .* bytes|does not match its sha256)"):
+        dcfx.load(copy)
+    # With its hash copied into the manifest too, the manifest's seal gives the edit away.
+    info = json.loads((other_export / "manifest.json").read_text())["files"][name]
+    edit_manifest(copy, lambda d: d["files"].update({name: info}), reseal=False)
+    with pytest.raises(ArtifactError, match="edited after export"):
+        dcfx.load(copy)
+
+
+def test_a_symlink_to_an_identical_file_outside_is_refused(copy, tmp_path, no_session):
+    outside = tmp_path / "elsewhere.bin"
+    shutil.move(copy / "weights.bin", outside)
+    (copy / "weights.bin").symlink_to(outside)  # same bytes, same sha256: only the link gives it away
+    with pytest.raises(ArtifactError, match=r"weights.bin is a symbolic link \(to .*elsewhere.bin\)"):
+        dcfx.load(copy)
+
+
+def test_a_symlinked_manifest_is_refused(copy, tmp_path, no_session):
+    shutil.move(copy / "manifest.json", tmp_path / "manifest.json")
+    (copy / "manifest.json").symlink_to(tmp_path / "manifest.json")
+    with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
+        dcfx.load(copy)
+
+
+def test_an_unlisted_file_is_refused(copy, no_session):
+    (copy / "extra_weights.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(ArtifactError, match=r"extra_weights\.bin is not listed in the manifest"):
         dcfx.load(copy)
