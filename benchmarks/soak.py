@@ -286,9 +286,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-every", type=int, default=Scenario.check_every)
     parser.add_argument("--max-growth-mb", type=float, default=Scenario.max_growth_mb)
     parser.add_argument("--seed", type=int, default=Scenario.seed)
+    parser.add_argument("--sizes", default=",".join(map(str, Scenario.sizes)), help="latent sizes, comma-separated")
+    parser.add_argument("--batches", default=",".join(map(str, Scenario.batches)), help="batch sizes, comma-separated")
+    parser.add_argument(
+        "--max-graph-pairs",
+        type=int,
+        default=runtime_module.MAX_GRAPH_PAIRS,
+        help="the runtime's graph-pair bound (lower it to exercise eviction in a short run)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "docs" / "benchmarks" / "soak")
     args = parser.parse_args(argv)
+    runtime_module.MAX_GRAPH_PAIRS = args.max_graph_pairs
     scenario = Scenario(
+        sizes=tuple(int(v) for v in args.sizes.split(",")),
+        batches=tuple(int(v) for v in args.batches.split(",")),
         generations=args.generations,
         branch=args.branch,
         backend=args.backend,

@@ -243,9 +243,13 @@ class DeepCacheUNet(nn.Module):
 
     def clear_graphs(self) -> None:
         """Drops every built graph pair and buffer (after changing weights, for example)."""
-        self._pairs.clear()
-        self._buffers.clear()
+        self._drop_pairs()
         self.reset()
+
+    def _drop_pairs(self) -> None:
+        while self._pairs:
+            _release(self._pairs.popitem()[1])
+        self._buffers.clear()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the U-Net call ``model(*args, **kwargs)`` as a full or a shallow step.
@@ -332,8 +336,7 @@ class DeepCacheUNet(nn.Module):
         weights = tuple((id(p), p.data_ptr(), p.dtype, p.device) for p in params)
         if self._weights is not None and weights != self._weights and self._pairs:
             logger.info("dcfx: the U-Net's parameters were replaced or moved since its graphs were built; rebuilding")
-            self._pairs.clear()
-            self._buffers.clear()
+            self._drop_pairs()
         self._weights = weights
         self._probe = params[0] if params else None
 
@@ -356,7 +359,7 @@ class DeepCacheUNet(nn.Module):
             pair = self._build(names, tensors)
             self._pairs[key] = pair
             if len(self._pairs) > MAX_GRAPH_PAIRS:
-                self._pairs.popitem(last=False)
+                _release(self._pairs.popitem(last=False)[1])
         self._pairs.move_to_end(key)
         return pair
 
@@ -374,3 +377,8 @@ class DeepCacheUNet(nn.Module):
                 self._buffers.popitem(last=False)
         self._buffers.move_to_end(fkey)
         return buffer
+
+
+def _release(pair: CompiledPair) -> None:
+    if pair.release is not None:
+        pair.release()

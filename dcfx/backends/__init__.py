@@ -34,6 +34,8 @@ class CompiledPair:
 
     full: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     shallow: Callable[..., torch.Tensor]
+    # Called once when the runtime drops the pair: frees what the backend keeps beyond the pair.
+    release: Callable[[], None] | None = None
 
     def run_full(self, inputs: tuple[torch.Tensor, ...], buffer_for: BufferFn) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the full graph; returns the sample and the buffer holding the cache feature.

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from dcfx.backends import CompiledPair, register_backend
+from dcfx.passes import forget_graphs
 
 
 @register_backend("eager")
@@ -14,4 +15,4 @@ def eager(
     full: torch.nn.Module, shallow: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], **options: Any
 ) -> CompiledPair:
     """Returns the graphs themselves; takes no options."""
-    return CompiledPair(full=full, shallow=shallow)
+    return CompiledPair(full=full, shallow=shallow, release=lambda: forget_graphs(full, shallow))

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from dcfx.backends import CompiledPair, compile_lock, register_backend
+from dcfx.passes import forget_graphs
 
 OPTIONS = ("mode", "options")
 
@@ -66,4 +67,6 @@ def inductor(
         compiled = torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False, options=settings)
         return _FirstCallPatched(compiled, settings)
 
-    return CompiledPair(full=compile_graph(full), shallow=compile_graph(shallow))
+    return CompiledPair(
+        full=compile_graph(full), shallow=compile_graph(shallow), release=lambda: forget_graphs(full, shallow)
+    )

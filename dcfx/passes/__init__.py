@@ -19,9 +19,10 @@ from dcfx.passes.cleanup import cleanup
 from dcfx.passes.context import PassContext
 from dcfx.passes.locate import find_cache_feature
 from dcfx.passes.partition import FEATURE_INPUT, build_full, build_shallow
+from dcfx.passes.sources import cached_sources, forget_graphs, forget_sources, source_key
 from dcfx.passes.verify import kept_layers, verify_shallow
 
-__all__ = ["FEATURE_INPUT", "GraphPair", "PassContext", "build_graph_pair", "capture", "partition"]
+__all__ = ["FEATURE_INPUT", "GraphPair", "PassContext", "build_graph_pair", "capture", "forget_graphs", "partition"]
 
 
 @dataclass
@@ -78,4 +79,8 @@ def build_graph_pair(
     if not 0 <= branch < len(layers):
         raise ValueError(f"branch {branch} is out of range for this model; valid: 0..{len(layers) - 1}")
     ctx = PassContext(model=model, spec=spec, input_names=names, layer=layers[branch])
-    return partition(capture(model, names, tensors, dynamic_shapes), ctx)
+    before = cached_sources()
+    pair = partition(capture(model, names, tensors, dynamic_shapes), ctx)
+    # The intermediate graphs are gone; torch.fx would keep their sources for good.
+    forget_sources(cached_sources() - before - {source_key(pair.full), source_key(pair.shallow)})
+    return pair

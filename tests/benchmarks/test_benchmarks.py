@@ -79,3 +79,19 @@ def test_training_scripts_write_loadable_models(tmp_path):
     run_script("train_digit_classifier.py", "--epochs", "1", "--out", str(tmp_path))
     classifier, mean, cov = load_classifier(tmp_path)
     assert classifier(images).shape == (2, 10) and mean.shape == (64,) and cov.shape == (64, 64)
+
+
+def test_soak_smoke(tmp_path):
+    # Three sizes against a bound of two graph pairs: graphs are evicted and built again.
+    run_script(
+        "soak.py",
+        *("--generations", "12", "--warmup", "4", "--check-every", "5", "--sizes", "8,12,16", "--batches", "1"),
+        *("--max-graph-pairs", "2", "--max-growth-mb", "1000", "--out", str(tmp_path)),
+    )
+    result = json.loads((tmp_path / "soak.json").read_text())
+    verdict = result["verdict"]
+    assert len(result["rows"]) == verdict["generations"] == 12
+    assert verdict["max_pairs"] <= 2 and verdict["max_buffers"] <= 2 and result["max_graph_pairs"] == 2
+    assert verdict["rebuilds"] > 3  # evictions happened and were rebuilt
+    assert verdict["checked"] >= 2  # outputs compared with a fresh runtime (the run stops at a mismatch)
+    assert verdict["flat"] and (tmp_path / "soak.png").stat().st_size > 0
