@@ -1,4 +1,4 @@
-"""The ``dcfx`` command: ``dcfx demo``, ``dcfx branches``, ``dcfx export``, ``dcfx inspect``."""
+"""The ``dcfx`` command: ``demo``, ``branches``, ``tune``, ``export``, ``inspect``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(f"  grids side by side: {args.out}")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Measures DeepCache configurations on this machine; prints the frontier and the choice for the goal."""
+    from dcfx.tune import tune
+
+    result = tune(
+        args.model,
+        scheduler=args.scheduler,
+        steps=args.steps,
+        batch=args.batch,
+        size=args.size,
+        backend=args.backend,
+        seeds=args.seeds,
+        latency=args.latency,
+        speedup=args.speedup,
+        quality=args.quality,
+        branches=_ints(args.branches) if args.branches else None,
+        intervals=_ints(args.intervals),
+        schedules=tuple(args.schedules.split(",")),
+        min_speedup=args.min_speedup,
+        repeats=args.repeats,
+        out=args.out,
+        cache=not args.no_cache,
+        verify=not args.no_verify,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(f"wrote {args.out}/report.md, pareto.png, results.json" + (", config.json" if result.chosen else ""))
+    return 0 if result.goal is None or result.chosen is not None else 1
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """Parses ``0,2,5`` or ``2-10`` (inclusive) into ints."""
+    values: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.partition("-")
+            values.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ints like 0,2,5 or 2-10, got {text!r}") from None
+    return tuple(values)
 
 
 def _range(text: str) -> int | tuple[int, ...]:
@@ -183,6 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp16", "fp32"], help="engine precision (tensorrt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tune", help="measure configurations on this machine: Pareto frontier, best for a goal")
+    p.add_argument("--model", default="digits", help="digits (bundled), a built-in config, or a diffusers folder")
+    p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm", "euler"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=10, help="samples per generation (the latency is measured at it)")
+    p.add_argument("--size", type=int, help="latent height and width (default: the model's sample_size)")
+    p.add_argument("--backend", default="eager")
+    p.add_argument("--seeds", type=int, default=20, help="K calibration seeds (class labels or prompt embeddings)")
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--latency", type=float, help="goal: seconds per generation at most (best quality within)")
+    goal.add_argument("--speedup", type=float, help="goal: speedup over no cache at least (best quality)")
+    goal.add_argument("--quality", type=float, help="goal: PSNR dB against no cache at least (lowest latency)")
+    p.add_argument("--branches", help="branch ids, e.g. 0,1,2 or 0-3 (default: all)")
+    p.add_argument("--intervals", default="2-10", help="values of N, e.g. 2-10 or 2,3,5")
+    p.add_argument("--schedules", default="uniform,non-uniform")
+    p.add_argument("--min-speedup", type=float, default=1.1, help="prune candidates whose FLOP-ideal speedup is lower")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per candidate, at least")
+    p.add_argument("--out", default="tune_out", help="directory for config.json, report.md, pareto.png, results.json")
+    p.add_argument("--no-cache", action="store_true", help="measure everything again (ignore out/cache.json)")
+    p.add_argument("--no-verify", action="store_true", help="skip the fresh rerun of the chosen configuration")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("inspect", help="verify an export directory (sha256 of every file) and summarise it")
     p.add_argument("dir")
