@@ -10,6 +10,7 @@ from dcfx.branches import BranchInfo, branches
 from dcfx.config import DeepCacheConfig
 from dcfx.export import ArtifactError, export, load
 from dcfx.runtime import DeepCacheUNet
+from dcfx.tune import tune
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,5 @@ __all__ = [
     "export",
     "load",
     "register_backend",
+    "tune",
 ]

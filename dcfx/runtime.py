@@ -273,7 +273,8 @@ class DeepCacheUNet(nn.Module):
                 key: Signature = (names, tuple((t.shape, t.dtype, t.device) for t in tensors), self._weights_key())
                 if key not in self._pairs:
                     self._spec.check_inputs(self.model, names, tensors)
-                self._step_plan(step.num_steps)  # a schedule with no solution for this generation
+                plan = self._step_plan(step.num_steps)  # raises for a schedule with no solution
+                full = self._cache_for != key or plan.is_full(step.index)
                 pair = self._pair(key, names, tensors)
             except BaseException:
                 # A refused call (bad input, a build that failed) ran no graph and changes
@@ -281,7 +282,7 @@ class DeepCacheUNet(nn.Module):
                 self._tracker, self._owner, self._cache_for = before
                 raise
             try:
-                full, sample = self._run(step, key, pair, tensors)
+                sample = self._run(full, key, pair, tensors)
             except BaseException:
                 # Whatever failed (a graph, a build, out of memory, an interrupt), no cache of
                 # this generation is trusted again: the next call starts a new one.
@@ -307,10 +308,7 @@ class DeepCacheUNet(nn.Module):
             self._check_weights()
         return step
 
-    def _run(
-        self, step: Step, key: Signature, pair: CompiledPair, tensors: tuple[torch.Tensor, ...]
-    ) -> tuple[bool, torch.Tensor]:
-        full = self._cache_for != key or self._step_plan(step.num_steps).is_full(step.index)
+    def _run(self, full: bool, key: Signature, pair: CompiledPair, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
         with torch.no_grad():
             if full:
                 self._cache_for = None  # a full step that fails half way leaves no valid cache
@@ -318,7 +316,7 @@ class DeepCacheUNet(nn.Module):
                 self._cache_for = key
             else:
                 sample = pair.run_shallow(tensors, self._cache)
-        return full, sample
+        return sample
 
     def _weights_key(self) -> tuple[torch.dtype, torch.device] | None:
         if self._probe is None:
