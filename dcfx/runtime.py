@@ -273,7 +273,7 @@ class DeepCacheUNet(nn.Module):
                 key: Signature = (names, tuple((t.shape, t.dtype, t.device) for t in tensors), self._weights_key())
                 if key not in self._pairs:
                     self._spec.check_inputs(self.model, names, tensors)
-                plan = self._step_plan(step.num_steps)  # raises for a schedule with no solution
+                plan = self._step_plan(step.num_steps)
                 full = self._cache_for != key or plan.is_full(step.index)
                 pair = self._pair(key, names, tensors)
             except BaseException:
@@ -344,11 +344,25 @@ class DeepCacheUNet(nn.Module):
             num_steps = None
         plan = self._plans.get(num_steps)
         if plan is None:
-            plan = self._plans[num_steps] = schedule.plan(self.deepcache_config, num_steps)
+            plan = self._plans[num_steps] = self._make_plan(num_steps)
             if len(self._plans) > MAX_STEP_PLANS:
                 self._plans.popitem(last=False)
         self._plans.move_to_end(num_steps)
         return plan
+
+    def _make_plan(self, num_steps: int | None) -> schedule.StepPlan:
+        cfg = self.deepcache_config
+        try:
+            return schedule.plan(cfg, num_steps)
+        except ValueError as e:
+            if cfg.schedule != "non-uniform" or num_steps is None:
+                raise
+            # A generation shorter than the configured one (img2img, a reset mid-way) can leave
+            # the centre outside it or the search without a solution: it runs uniform, said once.
+            logger.warning(
+                "dcfx: %s. This %d-step generation runs the uniform 1:%d schedule", e, num_steps, cfg.interval
+            )
+            return schedule.plan(DeepCacheConfig(branch=cfg.branch, interval=cfg.interval), num_steps)
 
     def _pair(self, key: Signature, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
         pair = self._pairs.get(key)

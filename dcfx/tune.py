@@ -420,7 +420,8 @@ def tune(
         batch: Samples per generation (the batch the latency is measured at).
         size: Latent height and width (default: the model's ``sample_size``).
         backend: A registered backend ("eager", "inductor").
-        seeds: K, the calibration seeds (one sample each: a class label or a prompt embedding).
+        seeds: K, the calibration seeds (one sample each: a class label or a prompt embedding), a
+            multiple of ``batch``.
         latency: Goal: seconds per generation at most; the best quality within it is chosen.
         speedup: Goal: at least this speedup over no cache; the best quality is chosen.
         quality: Goal: PSNR (dB) against no cache at least; the lowest latency is chosen.
@@ -448,6 +449,8 @@ def tune(
     for name, value, low in (("steps", steps, 2), ("batch", batch, 1), ("seeds", seeds, 1), ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if seeds % batch:
+        raise ValueError(f"seeds ({seeds}) must be a multiple of batch ({batch}): every generation runs a full batch")
     bad = [s for s in schedules if s not in ("uniform", "non-uniform")]
     if bad or not schedules:
         raise ValueError(f"schedules must be among uniform, non-uniform; got {list(schedules)}")
@@ -492,7 +495,6 @@ def tune(
 
     seed_list = list(range(seeds))
     chunks = [seed_list[i : i + batch] for i in range(0, seeds, batch)]
-    chunks = [c for c in chunks if len(c) == batch] or [seed_list[:batch]]
     reference: list[torch.Tensor] | None = None
     inputs_cache: list[Batch] | None = None
 

@@ -9,6 +9,7 @@ on as if the call had not been made. Exports and loads: tests/export/test_bad_ex
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -17,6 +18,7 @@ from diffusers import DDIMScheduler
 
 import dcfx
 from tests.fixtures import example_call, tiny_sd
+from tests.test_runtime import Recorder
 
 # (fields, error, message pattern)
 CONFIG_CASES = [
@@ -264,19 +266,26 @@ def test_a_timestep_outside_the_scheduler_is_refused(unet):
     assert torch.isfinite(first).all()
 
 
-def test_a_non_uniform_schedule_without_solution_for_the_scheduler_is_refused(unet):
+def test_a_generation_the_non_uniform_schedule_cannot_plan_runs_uniform_and_says_so(unet, caplog):
+    # The documented fallback: the step count comes from the scheduler (img2img, a reset
+    # mid-way); with steps= in the config the same schedule is refused at compile.
     scheduler = DDIMScheduler()
     fast = dcfx.compile(unet, schedule="non-uniform", interval=2, center=5, scheduler=scheduler)
-    scheduler.set_timesteps(10)
+    rec = Recorder(fast)
     call = example_call(unet)
-    with pytest.raises(ValueError, match=r"no power > 1 .*\(steps=10, interval=2, center=5"):
-        fast(**dict(call, timestep=scheduler.timesteps[0]))
-    scheduler.set_timesteps(5)
-    with pytest.raises(ValueError, match=r"center 5 is outside the 5 steps of the generation \(valid: 0\.\.4\)"):
-        fast(**dict(call, timestep=scheduler.timesteps[0]))
-    scheduler.set_timesteps(20)  # a step count with a solution works with the same runtime
-    fast(**dict(call, timestep=scheduler.timesteps[0]))
-    assert fast.stats == {"full": 1, "shallow": 0}
+    for steps, reason in ((10, r"no power > 1 .*\(steps=10, interval=2, center=5"), (5, "center 5 is outside the 5")):
+        rec.calls.clear()
+        caplog.clear()
+        scheduler.set_timesteps(steps)
+        for t in scheduler.timesteps:
+            fast(**dict(call, timestep=t))
+        assert rec.full_steps() == list(range(0, steps, 2))  # uniform 1:2
+        assert re.search(reason + r".* runs the uniform 1:2 schedule", caplog.text)
+    rec.calls.clear()
+    scheduler.set_timesteps(20)  # a step count with a solution follows the non-uniform plan
+    for t in scheduler.timesteps:
+        fast(**dict(call, timestep=t))
+    assert rec.full_steps() == dcfx.schedule.non_uniform_full_steps(20, 2, 5, 1.4)[0]
 
 
 @pytest.mark.parametrize("move", ["dtype", "device"])

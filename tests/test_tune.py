@@ -161,6 +161,7 @@ def test_a_latency_goal_prunes_before_measuring(tiny_work, tmp_path):
         ({"intervals": (1, 2)}, r"intervals must be ints >= 2 \(1 is no cache\), got \[1, 2\]"),
         ({"schedules": ("window",)}, "schedules must be among uniform, non-uniform"),
         ({"steps": 1}, "steps must be an int >= 2, got 1"),
+        ({"seeds": 5, "batch": 2}, r"seeds \(5\) must be a multiple of batch \(2\)"),
         ({"backend": "tvm"}, "unknown backend 'tvm'"),
         ({"branches": (0, 9)}, r"branches \[9\] are not branches of this model; valid: 0\.\.3"),
     ],
