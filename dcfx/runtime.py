@@ -246,6 +246,12 @@ class DeepCacheUNet(nn.Module):
         self._drop_pairs()
         self.reset()
 
+    def __del__(self) -> None:
+        # A runtime dropped without clear_graphs() still lets go of what its graphs keep
+        # outside it (torch.fx's copy of their generated source).
+        if self.__dict__.get("_pairs"):
+            self._drop_pairs()
+
     def _drop_pairs(self) -> None:
         while self._pairs:
             _release(self._pairs.popitem()[1])

@@ -539,10 +539,17 @@ def tune(
 
     pool, infeasible = candidates(shares, steps, intervals, schedules, full_s, center, power)
     counts = {"candidates": len(pool) + infeasible, "no_schedule": infeasible, "pruned": 0, "measured": 0, "cached": 0}
-    keep = [c for c in pool if c.ideal_speedup >= min_speedup]
-    if goal is not None and goal.kind in ("latency", "speedup"):
-        budget = goal.value if goal.kind == "latency" else baseline_s / goal.value
-        keep = [c for c in keep if c.predicted_s <= budget * (1 + MARGIN)]
+
+    def hopeless(c: Candidate) -> bool:
+        if c.ideal_speedup < min_speedup:
+            return True
+        if goal is not None and goal.kind in ("latency", "speedup"):
+            budget = goal.value if goal.kind == "latency" else baseline_s / goal.value
+            return c.predicted_s > budget * (1 + MARGIN)
+        return False
+
+    # Pruning saves measuring: what an earlier run measured still joins the frontier.
+    keep = [c for c in pool if not hopeless(c) or store.get(f"{wkey}:{c.key}") is not None]
     counts["pruned"] = len(pool) - len(keep)
     keep.sort(key=lambda c: c.predicted_s)
 
@@ -553,16 +560,16 @@ def tune(
 
         bar = tqdm(total=len(keep), desc="dcfx tune", file=sys.stderr, leave=False)
     for cand in keep:
-        if goal is not None and goal.kind == "quality":
+        key = f"{wkey}:{cand.key}"
+        hit = store.get(key)
+        from_cache = hit is not None
+        if goal is not None and goal.kind == "quality" and not from_cache:
             best = choose(measured, goal, baseline_s)
             if best is not None and cand.predicted_s * (1 - MARGIN) > best.latency_s:
                 counts["pruned"] += 1  # cannot beat the fastest that meets the floor
                 if bar is not None:
                     bar.update()
                 continue
-        key = f"{wkey}:{cand.key}"
-        hit = store.get(key)
-        from_cache = hit is not None
         if hit is None:
             if reference is None:
                 plain_scheduler = work.scheduler()

@@ -29,3 +29,6 @@ def test_the_runtime_releases_the_sources_of_graphs_it_drops(monkeypatch):
     assert len(cached_sources() - before) == 4  # two pairs of two graphs
     fast.clear_graphs()
     assert cached_sources() - before == set()
+    fast(**example_call(unet, size=8))
+    del fast  # a runtime dropped without clear_graphs() releases its graphs too
+    assert cached_sources() - before == set()
