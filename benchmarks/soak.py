@@ -16,7 +16,8 @@ Writes JSON (machine, versions, settings, the RSS curve), markdown and a PNG of 
 pairs against generation.
 
 Usage:
-    python benchmarks/soak.py                          # 1000 generations, about 10 min on 2 CPU cores
+    python benchmarks/soak.py                          # 1000 generations, 12 signatures: 15-25 min on 2 CPU cores
+    python benchmarks/soak.py --sizes 8,12,16,20       # 8 signatures (the bound): about 2.5 min
     python benchmarks/soak.py --generations 60 --out /tmp/soak   # a smoke run
 """
 
