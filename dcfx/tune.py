@@ -801,7 +801,7 @@ def plot_pareto(result: TuneResult, path: Path) -> None:
     ax.set_ylabel("PSNR against no cache (dB)")
     ax.set_title(f"dcfx tune: {w['model']}, {w['scheduler']} {w['steps']} steps")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
