@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dcfx import schedule
-from dcfx.backends import CompiledPair
+from dcfx.backends import CompiledPair, compile_lock
 from dcfx.config import DeepCacheConfig
 from dcfx.models import ModelSpec
 
@@ -146,7 +146,9 @@ class DeepCacheUNet(nn.Module):
     One runtime keeps one generation's state, so it serves one thread at a time: a call while
     another thread is inside ``forward``, or a call from another thread that would continue
     the generation in progress, raises RuntimeError. Pipelines that run in parallel each
-    take their own runtime; ``dcfx.compile`` shares the weights, not copies them.
+    take their own runtime; ``dcfx.compile`` shares the weights, not copies them. Their graph
+    runs, captures and compiles take turns under one process-wide lock (``compile_lock``):
+    torch.export swaps the shared parameters' contents for fake tensors while it captures.
     """
 
     def __init__(
@@ -278,7 +280,8 @@ class DeepCacheUNet(nn.Module):
                 step = self._advance(tensors[names.index("timestep")])
                 key: Signature = (names, tuple((t.shape, t.dtype, t.device) for t in tensors), self._weights_key())
                 if key not in self._pairs:
-                    self._spec.check_inputs(self.model, names, tensors)
+                    with compile_lock:  # see _check_weights
+                        self._spec.check_inputs(self.model, names, tensors)
                 plan = self._step_plan(step.num_steps)
                 full = self._cache_for != key or plan.is_full(step.index)
                 pair = self._pair(key, names, tensors)
@@ -315,7 +318,9 @@ class DeepCacheUNet(nn.Module):
         return step
 
     def _run(self, full: bool, key: Signature, pair: CompiledPair, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        with torch.no_grad():
+        # Under the process-wide lock: a capture in another thread swaps the shared parameters'
+        # contents for fake tensors while it traces, and a graph run meanwhile would read them.
+        with torch.no_grad(), compile_lock:
             if full:
                 self._cache_for = None  # a full step that fails half way leaves no valid cache
                 sample, self._cache = pair.run_full(tensors, self._buffer)
@@ -326,7 +331,8 @@ class DeepCacheUNet(nn.Module):
 
     def _weights_key(self) -> tuple[torch.dtype, torch.device] | None:
         if self._probe is None:
-            self._probe = next(self.model.parameters(), None)
+            with compile_lock:  # see _check_weights
+                self._probe = next(self.model.parameters(), None)
         probe = self._probe
         return None if probe is None else (probe.dtype, probe.device)
 
@@ -336,7 +342,10 @@ class DeepCacheUNet(nn.Module):
         # .to() under overwrite_module_params_on_conversion) or moved would leave them computing
         # with stale weights, so they are dropped. Checked once per generation (about 1 ms for
         # SD1.5's 686 parameters), not per step.
-        params = list(self.model.parameters())
+        # A capture in another thread (torch.export) swaps the module's parameters for fake
+        # tensors while it traces, holding compile_lock: read them only under the lock.
+        with compile_lock:
+            params = list(self.model.parameters())
         weights = tuple((id(p), p.data_ptr(), p.dtype, p.device) for p in params)
         if self._weights is not None and weights != self._weights and self._pairs:
             logger.info("dcfx: the U-Net's parameters were replaced or moved since its graphs were built; rebuilding")

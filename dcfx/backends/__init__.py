@@ -15,9 +15,12 @@ import torch
 
 from dcfx.registry import Registry
 
-# torch.export and torch.compile keep process-wide state while they trace: every capture and
-# every first (compiling) call of a backend's graph holds this lock, so that runtimes in several
-# threads build their graphs one at a time and then run them in parallel.
+# torch.export and torch.compile keep process-wide state while they trace, and torch.export
+# swaps the module's parameters for fake tensors until it is done (seen: a graph run in another
+# thread meanwhile failed with "Cannot copy out of meta tensor"). Every capture, every first
+# (compiling) call of a backend's graph, every graph run of the runtime and every read of the
+# module's parameters holds this lock: runtimes in several threads over shared weights take
+# turns, step by step, and never see a half-swapped module.
 compile_lock = threading.RLock()
 
 BufferFn = Callable[[torch.Size, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
