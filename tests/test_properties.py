@@ -60,33 +60,21 @@ def tiny_unets(draw) -> torch.nn.Module:
     attention = draw(st.lists(st.booleans(), min_size=blocks, max_size=blocks))
     layers = draw(st.integers(1, 2))
     torch.manual_seed(draw(st.integers(0, 2**16)))
-    if draw(st.booleans()):
-        down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
-        up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
-        model = UNet2DConditionModel(
-            sample_size=8,
-            block_out_channels=widths,
-            down_block_types=down,
-            up_block_types=up,
-            layers_per_block=layers,
-            cross_attention_dim=8,
-            norm_num_groups=4,
-            attention_head_dim=2,
-        )
+    conditioned = draw(st.booleans())
+    attn = "CrossAttn" if conditioned else "Attn"
+    common = {
+        "sample_size": 8,
+        "block_out_channels": widths,
+        "down_block_types": tuple(f"{attn}DownBlock2D" if a else "DownBlock2D" for a in attention),
+        "up_block_types": tuple(f"{attn}UpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        "layers_per_block": layers,
+        "norm_num_groups": 4,
+        "attention_head_dim": 2,
+    }
+    if conditioned:
+        model = UNet2DConditionModel(cross_attention_dim=8, **common)
     else:
-        down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
-        up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
-        model = UNet2DModel(
-            sample_size=8,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=widths,
-            down_block_types=down,
-            up_block_types=up,
-            layers_per_block=layers,
-            norm_num_groups=4,
-            attention_head_dim=2,
-        )
+        model = UNet2DModel(in_channels=3, out_channels=3, **common)
     return model.eval()
 
 

@@ -198,3 +198,16 @@ def test_a_timestep_outside_the_scheduler_is_an_error(unet):
     call = example_call(unet)
     with pytest.raises(ValueError, match=r"not in scheduler\.timesteps"):
         fast(call["sample"], 123.5, call["encoder_hidden_states"])
+
+
+def test_step_plans_are_bounded(unet, monkeypatch):
+    monkeypatch.setattr(runtime_module, "MAX_STEP_PLANS", 2)
+    scheduler = DDIMScheduler()
+    fast = dcfx.compile(unet, interval=2, schedule="non-uniform", center=1, scheduler=scheduler)
+    rec = Recorder(fast)
+    for steps in (6, 8, 10, 6):
+        rec.calls.clear()
+        denoise(fast, scheduler, steps=steps)
+        assert rec.full_steps() == dcfx.schedule.non_uniform_full_steps(steps, 2, 1, 1.4)[0]
+        assert len(fast._plans) <= 2
+    assert list(fast._plans) == [10, 6]  # least recently used dropped first
