@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from dcfx.models import unflatten
+from dcfx.models import ModelSpec, spec_for, unflatten
+from dcfx.passes.cleanup import mutates
 
 
 class FlatUNet(nn.Module):
@@ -23,10 +24,14 @@ class FlatUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.names = names
+        try:
+            self.spec = spec_for(unet)
+        except TypeError:  # a model not registered with dcfx (a pass tested on its own): called plainly
+            self.spec = ModelSpec(type(unet))
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         """Returns the U-Net's output sample for the flat inputs."""
-        return self.unet(**unflatten(self.names, tensors), return_dict=False)[0]
+        return self.spec.call(self.unet, unflatten(self.names, tensors))
 
 
 def capture(
@@ -52,6 +57,12 @@ def capture(
         unet.eval()
         with torch.no_grad():
             program = torch.export.export(wrapper, tensors, dynamic_shapes=shapes, strict=False)
+        if any(mutates(node) for node in program.graph.nodes):
+            # In-place writes to intermediates (FreeU scales half of the channels with
+            # hidden[:, :c] = ...) hide data flow from the partition: a use of the written
+            # tensor does not depend on the write in the graph. Functionalized (no
+            # decompositions), the writes become explicit ops such as slice_scatter.
+            program = program.run_decompositions({})
     finally:
         for module, training in modes.items():
             module.training = training
