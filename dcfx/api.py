@@ -120,10 +120,19 @@ class CaptureAndCompile:
     options: dict[str, Any]
 
     def __call__(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
-        """Returns the compiled pair for inputs named ``names`` like ``tensors``."""
+        """Returns the compiled pair for inputs named ``names`` like ``tensors``, ready to run.
+
+        Both graphs run once here, on ``tensors``: a backend that compiles on the first call
+        (Inductor) compiles now, under ``compile_lock``, and not in a step of some generation
+        that other threads' builds would have to wait for.
+        """
         with compile_lock:
-            pair = build_graph_pair(self.unet, self.branch, names, tensors)
-            return get_backend(self.backend)(pair.full, pair.shallow, tensors, **self.options)
+            graphs = build_graph_pair(self.unet, self.branch, names, tensors)
+            pair = get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **self.options)
+            with torch.no_grad():
+                _, feature = pair.full(*tensors)
+                pair.shallow(*tensors, feature)
+            return pair
 
 
 def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:

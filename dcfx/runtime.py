@@ -1,18 +1,20 @@
-"""The module that replaces ``pipe.unet``: step tracking, the cache buffer, the graph swap.
+"""The module that replaces ``pipe.unet``: shared graphs, per-generation state, the graph swap.
 
 The runtime knows graph pairs only as callables (``CompiledPair``) made by a ``build``
-function for each input signature; it knows nothing of FX or of how they were made.
+function for each input signature; it knows nothing of FX or of how they were made. The
+graphs and the weights are shared by every generation; each generation has its own small
+state (``Generation``: its step tracking and its cache buffer).
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import contextvars
 import dataclasses
+import itertools
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -27,7 +29,7 @@ from dcfx.watch import Changes, ModelWatch
 logger = logging.getLogger(__name__)
 
 # At most this many graph pairs (one per input signature: shapes, dtypes, device) are kept;
-# the least recently used is dropped first. Feature buffers follow the same bound.
+# the least recently used is dropped first.
 MAX_GRAPH_PAIRS = 8
 # At most this many non-uniform step plans (one per generation length) are kept.
 MAX_STEP_PLANS = 32
@@ -40,13 +42,9 @@ Signature = tuple[
 BuildFn = Callable[[tuple[str, ...], tuple[torch.Tensor, ...]], CompiledPair]
 
 
-@dataclass
-class Step:
-    """Where a U-Net call falls: its step index in the generation and the generation length."""
-
-    index: int
-    num_steps: int | None
-    new_generation: bool
+# Where a U-Net call falls: its step index in the generation, the generation's length (None
+# when unknown), and whether it starts a new generation.
+Step = tuple[int, int | None, bool]
 
 
 class StepTracker:
@@ -80,39 +78,57 @@ class StepTracker:
         self._index = -1
         self._last_t: float | None = None
 
-    def advance(self, timestep: torch.Tensor) -> Step:
-        """Returns the step of a call with ``timestep`` (shape (batch,)) and records it."""
+    def save(self) -> tuple[Any, ...]:
+        """Returns the position, for ``restore`` (a refused call must not move it)."""
+        return self._timesteps, self._values, self._start, self._index, self._last_t
+
+    def restore(self, saved: tuple[Any, ...]) -> None:
+        """Goes back to a position ``save`` returned."""
+        self._timesteps, self._values, self._start, self._index, self._last_t = saved
+
+    def advance(self, timestep: torch.Tensor, value: float | None = None) -> Step:
+        """Returns the step of a call with ``timestep`` (shape (batch,)) and records it.
+
+        ``value`` is the timestep's value when the caller could read it without a device sync.
+        """
         if self.scheduler is None:
-            return self._advance_by_value(timestep)
+            return self._advance_by_value(timestep, value)
         timesteps = self.scheduler.timesteps
         if timesteps is None:
             raise ValueError("scheduler.timesteps is None: call scheduler.set_timesteps() before the U-Net")
         index = self._index + 1
         fresh = timesteps is not self._timesteps or self._start + index >= len(self._values)
-        if not fresh and timestep.device.type == "cpu":
+        if not fresh:
             # A check that costs nothing on the CPU: the timestep must be the expected entry.
-            fresh = float(timestep[0]) != self._values[self._start + index]
+            if value is None and timestep.device.type == "cpu":
+                value = float(timestep[0])
+            fresh = value is not None and value != self._values[self._start + index]
         if fresh:
-            self._start = self._locate(timesteps, timestep)
+            self._start, self._values = self._locate(timesteps, timestep)
+            self._timesteps = timesteps
             index = 0
         self._index = index
-        return Step(index, len(self._values) - self._start, fresh)
+        return index, len(self._values) - self._start, fresh
 
-    def _locate(self, timesteps: torch.Tensor, timestep: torch.Tensor) -> int:
-        self._timesteps = timesteps
-        self._values = [float(v) for v in timesteps.tolist()]
+    def position(self, step: int) -> float | None:
+        """Returns the timestep of step ``step`` of the generation in progress (None without a scheduler)."""
+        i = self._start + step
+        return self._values[i] if self.scheduler is not None and i < len(self._values) else None
+
+    def _locate(self, timesteps: torch.Tensor, timestep: torch.Tensor) -> tuple[int, list[float]]:
+        values = [float(v) for v in timesteps.tolist()]
         t = float(timestep[0])
         begin = getattr(self.scheduler, "begin_index", None) or 0
-        for i in range(begin, len(self._values)):
-            if self._values[i] == t:
-                return i
+        for i in range(begin, len(values)):
+            if values[i] == t:
+                return i, values
         raise ValueError(
-            f"timestep {t} is not in scheduler.timesteps {self._values[:8]}...: pass the pipeline's "
+            f"timestep {t} is not in scheduler.timesteps {values[:8]}...: pass the pipeline's "
             f"scheduler to dcfx.compile(scheduler=...), or none to count steps by call"
         )
 
-    def _advance_by_value(self, timestep: torch.Tensor) -> Step:
-        t = float(timestep[0])
+    def _advance_by_value(self, timestep: torch.Tensor, value: float | None) -> Step:
+        t = float(timestep[0]) if value is None else value
         fresh = self._last_t is None or t >= self._last_t
         if t == self._last_t and not self._warned_repeat:
             self._warned_repeat = True
@@ -124,7 +140,50 @@ class StepTracker:
             )
         self._index = 0 if fresh else self._index + 1
         self._last_t = t
-        return Step(self._index, None, fresh)
+        return self._index, None, fresh
+
+
+class Generation:
+    """One generation's state: where it is in its steps, and its cache.
+
+    A runtime gives each thread its own (``DeepCacheUNet.generation()`` gives a block of code
+    one of its own): two generations never share a cache. The cache lives in a buffer that
+    the generation keeps while the feature's layout stays the same, so its address is fixed
+    from one generation to the next (what CUDA graphs and engine bindings need).
+    """
+
+    __slots__ = ("_busy", "_epoch", "buffer", "cache", "cache_pair", "plan", "tracker")
+
+    def __init__(self, scheduler: Any, epoch: int) -> None:
+        self.tracker = StepTracker(scheduler)
+        self.plan: schedule.StepPlan | None = None
+        self.cache: torch.Tensor | None = None  # the buffer holding the cached feature, when valid
+        self.cache_pair: CompiledPair | None = None  # the graph pair that made it
+        self.buffer: torch.Tensor | None = None
+        self._busy = threading.Lock()
+        self._epoch = epoch
+
+    def reset(self) -> None:
+        """Starts a new generation: forgets the step count and invalidates the cache."""
+        self.tracker.reset()
+        self.cache_pair = None
+
+    def buffer_for(
+        self, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """Returns this generation's feature buffer for the layout, allocated when the layout changes."""
+        # The buffer keeps the feature's strides: some features come out channels-last, and a
+        # shallow graph fed another layout takes other kernels (1e-5 off over ten steps).
+        buffer = self.buffer
+        if (
+            buffer is None
+            or buffer.shape != shape
+            or buffer.stride() != tuple(stride)
+            or buffer.dtype != dtype
+            or buffer.device != device
+        ):
+            buffer = self.buffer = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        return buffer
 
 
 class DeepCacheUNet(nn.Module):
@@ -138,6 +197,13 @@ class DeepCacheUNet(nn.Module):
     resolution, dtype, device, or weights moved to another dtype or device): a stale cache is
     never used. Inference only (no autograd).
 
+    One runtime serves any number of generations at once, with one copy of the graphs and
+    the weights: each thread has its own generation state (step tracking and cache), and
+    ``with runtime.generation():`` gives a block of code one of its own (an async server that
+    interleaves generations on one thread). Steps take no process-wide lock: graph builds
+    (captures, compiles) take turns under ``compile_lock`` and work on a clone of the module
+    tree, while the steps of built graphs go on in other threads.
+
     Faults leave nothing behind: a call refused for bad input (checked once per input
     signature, before anything runs) changes nothing, and a call that fails while running
     invalidates the cache (the next call starts a new generation).
@@ -148,13 +214,6 @@ class DeepCacheUNet(nn.Module):
     A change (LoRA adapters set, FreeU, attention processors, reloaded or moved weights)
     drops the graphs, which are built again, logged once at INFO; tensors written in place
     need no rebuild where the graphs read the live weights (``CompiledPair.follows_values``).
-
-    One runtime keeps one generation's state, so it serves one thread at a time: a call while
-    another thread is inside ``forward``, or a call from another thread that would continue
-    the generation in progress, raises RuntimeError. Pipelines that run in parallel each
-    take their own runtime; ``dcfx.compile`` shares the weights, not copies them. Their graph
-    runs, captures and compiles take turns under one process-wide lock (``compile_lock``):
-    torch.export swaps the shared parameters' contents for fake tensors while it captures.
     """
 
     def __init__(
@@ -171,19 +230,24 @@ class DeepCacheUNet(nn.Module):
         self.scheduler = scheduler
         self._spec = spec
         self._build = build
-        self._plans: OrderedDict[int | None, schedule.StepPlan] = OrderedDict()
-        self._lock = threading.Lock()
         self.__dict__.update(self._clean_state())
 
     def _clean_state(self) -> dict[str, Any]:
-        """The state of a runtime that has run nothing: no graphs, buffers or cache, zero stats."""
+        """The state of a runtime that has run nothing: no graphs or generations, zero stats.
+
+        Kept in ``__dict__`` directly, out of nn.Module's attribute handling.
+        """
         return {
-            "_pairs": OrderedDict(),  # Signature -> CompiledPair
-            "_feature_buffers": OrderedDict(),  # feature layout -> preallocated buffer (not nn.Module._buffers)
-            "_tracker": StepTracker(self.scheduler),
-            "_cache": None,  # the buffer holding this generation's cache feature
-            "_cache_for": None,  # the input signature the cache was made for
-            "_owner": None,  # the thread that started the generation in progress
+            "_pairs": {},  # Signature -> CompiledPair
+            "_used": {},  # id(pair) -> tick of its last use (least recently used dropped first)
+            "_ticks": itertools.count(),
+            "_plans": {},  # generation length -> StepPlan
+            "_binders": {},  # (number of positional arguments, keywords) -> CallBinder
+            "_lock": threading.Lock(),  # guards _pairs/_used/_plans changes and stats; never held while a graph runs
+            "_check_lock": threading.Lock(),  # one model-change check at a time (a change is handled once)
+            "_local": threading.local(),  # each thread's Generation
+            "_current": contextvars.ContextVar("dcfx_generation", default=None),  # generation() blocks
+            "_epoch": 0,  # moves on reschedule() and clear_graphs(): every generation starts anew
             "_watch": ModelWatch(self.model),  # what the graphs baked in (see _check_model)
             "_dropped_for": None,  # the model change that dropped the graphs, until they are rebuilt
             "_probe": None,  # a parameter of the model: its dtype and device join each call's signature
@@ -195,13 +259,14 @@ class DeepCacheUNet(nn.Module):
         # A copy (copy.deepcopy, pickle, torch.save) starts clean: compiled code does not
         # pickle, and graphs hold the original's weights. Its first call of each input
         # signature builds graphs again, from the copy's own weights.
-        state = {**super().__getstate__(), **self._clean_state()}
-        del state["_lock"]
+        state = super().__getstate__()
+        for key in self._clean_state():
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._lock = threading.Lock()
+        self.__dict__.update(self._clean_state())
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -210,21 +275,47 @@ class DeepCacheUNet(nn.Module):
             model = super().__getattr__("model")
             return getattr(model, name)
 
-    def reset(self) -> None:
-        """Starts a new generation: forgets the step count and invalidates the cache.
+    def generation(self, scheduler: Any = None) -> contextlib.AbstractContextManager[Generation]:
+        """Returns a context in which this runtime's calls run a generation of their own.
 
-        Safe at any point, from any thread that is not inside a call.
+        For servers that interleave generations on one thread (asyncio), or pipelines that
+        share one compiled U-Net but each have their own scheduler: each request's denoising
+        loop runs inside its own block, and its steps see only its own cache. The block's
+        generation belongs to the context (``contextvars``), so asyncio tasks keep theirs
+        apart. Outside any block, each thread has one generation state of its own.
+
+        Args:
+            scheduler: The scheduler that drives this generation (its ``timesteps`` give the
+                step index and count); default: the runtime's.
+
+        Example:
+            >>> with runtime.generation(scheduler=pipe.scheduler):
+            ...     image = pipe(prompt).images[0]
         """
-        self._tracker.reset()
-        self._cache_for = None
-        self._owner = None
+        return self._generation_block(self.scheduler if scheduler is None else scheduler)
+
+    @contextlib.contextmanager
+    def _generation_block(self, scheduler: Any) -> Iterator[Generation]:
+        state = Generation(scheduler, self._epoch)
+        token = self._current.set(state)
+        try:
+            yield state
+        finally:
+            self._current.reset(token)
+
+    def reset(self) -> None:
+        """Starts a new generation in the calling thread's (or ``generation()`` block's) state.
+
+        Safe at any point, from a thread that is not inside a call of that generation.
+        """
+        self._state().reset()
 
     def reschedule(self, config: DeepCacheConfig | None = None, **fields: Any) -> DeepCacheUNet:
         """Returns this runtime switched to another schedule of the same branch, graphs kept.
 
         Pass a whole ``DeepCacheConfig`` or the fields to change (``reschedule(interval=5)``).
         The graphs are cut at the branch, so they serve every schedule of it: trying intervals
-        costs no new capture or compile. Starts a new generation.
+        costs no new capture or compile. Every generation starts anew at its next call.
 
         Raises:
             ValueError: the branch differs (compile again for another branch), or the
@@ -246,20 +337,22 @@ class DeepCacheUNet(nn.Module):
             raise ValueError(
                 "the non-uniform schedule needs the step count: set steps= (this runtime has no scheduler)"
             )
-        self.deepcache_config = config
-        self._plans.clear()
-        self.reset()
+        with self._lock:
+            self.deepcache_config = config
+            self._plans.clear()
+            self.__dict__["_epoch"] += 1
         return self
 
     def clear_graphs(self) -> None:
-        """Drops every built graph pair and buffer; the next call of each input signature builds again.
+        """Drops every built graph pair; the next call of each input signature builds again.
 
         Changes to the model are followed without it (see the class docstring), except
         writes through ``param.data``, which PyTorch does not count as a change of the
         parameter: call this after those when a backend copies the weights (Inductor).
+        Every generation starts anew at its next call.
         """
         self._drop_pairs()
-        self.reset()
+        self.__dict__["_epoch"] += 1
 
     def __del__(self) -> None:
         # A runtime dropped without clear_graphs() still lets go of what its graphs keep
@@ -268,10 +361,21 @@ class DeepCacheUNet(nn.Module):
             self._drop_pairs()
 
     def _drop_pairs(self) -> None:
-        while self._pairs:
-            _release(self._pairs.popitem()[1])
-        self._feature_buffers.clear()
-        self._watch.forget()
+        with self._lock:
+            pairs = list(self._pairs.values())
+            self._pairs.clear()
+            self._used.clear()
+            self._watch.forget()
+        for pair in pairs:
+            _release(pair)
+
+    def _state(self) -> Generation:
+        state = self._current.get()
+        if state is None:
+            state = getattr(self._local, "state", None)
+            if state is None:
+                state = self._local.state = Generation(self.scheduler, self._epoch)
+        return state
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the U-Net call ``model(*args, **kwargs)`` as a full or a shallow step.
@@ -279,96 +383,96 @@ class DeepCacheUNet(nn.Module):
         Raises:
             TypeError, ValueError: bad inputs (checked once per input signature), naming the
                 bad value and what the model takes; nothing changes.
-            RuntimeError: another thread is using this runtime (see the class docstring).
+            RuntimeError: the same ``generation()`` state is inside a call in another thread.
         """
-        if not self._lock.acquire(blocking=False):
+        state = self._state()
+        if not state._busy.acquire(blocking=False):
             raise RuntimeError(
-                "this dcfx runtime is running a call in another thread; a runtime keeps one generation's state "
-                "and serves one thread at a time: give each pipeline or thread its own dcfx.compile(unet, ...) "
-                "(the weights are shared, not copied)"
+                "this dcfx generation is inside a call in another thread: a generation's steps run one at a time. "
+                "Threads get a generation each by default; share a runtime.generation() block only within one thread"
             )
         try:
-            (names, tensors), return_dict = self._spec.flatten(self.model, args, kwargs)
-            before = (copy.copy(self._tracker), self._owner, self._cache_for)
-            try:
-                step = self._advance(tensors[names.index("timestep")])
-                key: Signature = (names, tuple((t.shape, t.dtype, t.device) for t in tensors), self._weights_key())
-                if key not in self._pairs:
-                    with compile_lock:  # see _check_model
-                        self._spec.check_inputs(self.model, names, tensors)
-                plan = self._step_plan(step.num_steps)
-                full = self._cache_for != key or plan.is_full(step.index)
-                pair = self._pair(key, names, tensors)
-            except BaseException:
-                # A refused call (bad input, a build that failed) ran no graph and changes
-                # nothing: the generation in progress goes on.
-                self._tracker, self._owner, self._cache_for = before
-                raise
-            try:
-                sample = self._run(full, key, pair, tensors)
-            except BaseException:
-                # Whatever failed (a graph, a build, out of memory, an interrupt), no cache of
-                # this generation is trusted again: the next call starts a new one.
-                self.reset()
-                raise
+            return self._step(state, args, kwargs)
         finally:
-            self._lock.release()
-        self.stats["full" if full else "shallow"] += 1
+            state._busy.release()
+
+    def _step(self, state: Generation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        form = (len(args), tuple(kwargs))
+        binder = self._binders.get(form)
+        if binder is None:
+            binder = self._binders[form] = self._spec.binder(self.model, *form)
+        names, tensors, return_dict, timestep, value = binder.flatten(args, kwargs)
+        key: Signature = (names, tuple([(t.shape, t.dtype, t.device) for t in tensors]), self._weights_key())
+        if state._epoch != self._epoch:
+            state.reset()
+            state._epoch = self._epoch
+        saved = (state.tracker.save(), state.plan, state.cache_pair)
+        try:
+            index, num_steps, new = state.tracker.advance(timestep, value)
+            if new:
+                state.cache_pair = None
+                self._check_model()
+                state.plan = self._step_plan(num_steps)
+            pair = self._pairs.get(key)
+            if pair is None:
+                pair = self._new_pair(key, names, tensors)
+        except BaseException:
+            # A refused call (bad input, a build that failed) ran no graph and changes
+            # nothing: the generation in progress goes on.
+            state.tracker.restore(saved[0])
+            state.plan, state.cache_pair = saved[1], saved[2]
+            raise
+        self._used[id(pair)] = next(self._ticks)
+        full = state.cache_pair is not pair or state.plan.is_full(index)
+        try:
+            if torch.is_grad_enabled():
+                with torch.no_grad():
+                    sample = self._run(state, full, pair, tensors)
+            else:
+                sample = self._run(state, full, pair, tensors)
+        except BaseException:
+            # Whatever failed (a graph, out of memory, an interrupt), no cache of this
+            # generation is trusted again: the next call starts a new one.
+            state.reset()
+            raise
+        with self._lock:
+            self.stats["full" if full else "shallow"] += 1
         return self._spec.output(sample, return_dict)
 
-    def _advance(self, timestep: torch.Tensor) -> Step:
-        thread = threading.get_ident()
-        step = self._tracker.advance(timestep)
-        if not step.new_generation and self._owner not in (None, thread):
-            raise RuntimeError(
-                f"this dcfx runtime is in the middle of a generation started by thread {self._owner}; "
-                "a call from another thread may start a new generation but not continue that one. Give each "
-                "pipeline or thread its own dcfx.compile(unet, ...), or call reset() between generations"
-            )
-        if step.new_generation:
-            self._owner = thread
-            self._cache_for = None
-            self._check_model()
-        return step
-
-    def _run(self, full: bool, key: Signature, pair: CompiledPair, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        # Under the process-wide lock: a capture in another thread swaps the shared parameters'
-        # contents for fake tensors while it traces, and a graph run meanwhile would read them.
-        with torch.no_grad(), compile_lock:
-            if full:
-                self._cache_for = None  # a full step that fails half way leaves no valid cache
-                sample, self._cache = pair.run_full(tensors, self._buffer)
-                self._cache_for = key
-            else:
-                sample = pair.run_shallow(tensors, self._cache)
-        return sample
+    def _run(
+        self, state: Generation, full: bool, pair: CompiledPair, tensors: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        if full:
+            state.cache_pair = None  # a full step that fails half way leaves no valid cache
+            sample, state.cache = pair.run_full(tensors, state.buffer_for)
+            state.cache_pair = pair
+            return sample
+        return pair.run_shallow(tensors, state.cache)
 
     def _weights_key(self) -> tuple[torch.dtype, torch.device] | None:
-        if self._probe is None:
-            with compile_lock:  # see _check_model
-                # Not through nn.Module.__setattr__, which would register the parameter as the runtime's own.
-                self.__dict__["_probe"] = next(self.model.parameters(), None)
         probe = self._probe
-        return None if probe is None else (probe.dtype, probe.device)
+        if probe is None:
+            # Not through nn.Module.__setattr__, which would register the parameter as the runtime's own.
+            probe = self.__dict__["_probe"] = next(self.model.parameters(), None)
+            if probe is None:
+                return None
+        return probe.dtype, probe.device
 
     def _check_model(self) -> None:
         # Once per generation and before each build: drops graphs that no longer match the
-        # model (about 0.5 ms on SD1.5: see dcfx.watch). A capture in another thread swaps the
-        # module's parameters for fake tensors while it traces, holding compile_lock: read
-        # the module only under the lock.
-        with compile_lock:
+        # model (about 0.5 ms on SD1.5: see dcfx.watch). Captures work on a clone of the module
+        # tree, so the module read here is never half-swapped by a capture in another thread.
+        with self._check_lock:
             changes = self._watch.changes()
-        if changes is None:
-            return
-        self._probe = None
-        if changes.only_written and all(pair.follows_values for pair in self._pairs.values()):
-            # Weights written in place: the graphs read the live storage, nothing is stale.
-            with compile_lock:
-                self._watch.record()
-            return
-        logger.info("dcfx: the U-Net changed since its graphs were built (%s); building them again", changes)
-        self._drop_pairs()
-        self._dropped_for = changes
+            if changes is None:
+                return
+            self.__dict__["_probe"] = None
+            if changes.only_written and all(pair.follows_values for pair in list(self._pairs.values())):
+                self._watch.record()  # weights written in place: the graphs read the live storage
+                return
+            logger.info("dcfx: the U-Net changed since its graphs were built (%s); building them again", changes)
+            self._drop_pairs()
+            self.__dict__["_dropped_for"] = changes
 
     def _step_plan(self, num_steps: int | None) -> schedule.StepPlan:
         # Only the non-uniform schedule depends on the step count: one plan per count, made once.
@@ -376,10 +480,11 @@ class DeepCacheUNet(nn.Module):
             num_steps = None
         plan = self._plans.get(num_steps)
         if plan is None:
-            plan = self._plans[num_steps] = self._make_plan(num_steps)
-            if len(self._plans) > MAX_STEP_PLANS:
-                self._plans.popitem(last=False)
-        self._plans.move_to_end(num_steps)
+            plan = self._make_plan(num_steps)
+            with self._lock:
+                if len(self._plans) >= MAX_STEP_PLANS:
+                    self._plans.pop(next(iter(self._plans)))
+                self._plans[num_steps] = plan
         return plan
 
     def _make_plan(self, num_steps: int | None) -> schedule.StepPlan:
@@ -396,9 +501,14 @@ class DeepCacheUNet(nn.Module):
             )
             return schedule.plan(DeepCacheConfig(branch=cfg.branch, interval=cfg.interval), num_steps)
 
-    def _pair(self, key: Signature, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
-        pair = self._pairs.get(key)
-        if pair is None:
+    def _new_pair(self, key: Signature, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
+        # Builds take turns (torch.export and Inductor keep process-wide state while they
+        # trace); the steps of built graphs in other threads go on meanwhile.
+        with compile_lock:
+            pair = self._pairs.get(key)  # built by another thread while this one waited
+            if pair is not None:
+                return pair
+            self._spec.check_inputs(self.model, names, tensors)
             self._check_model()  # a change since this generation began must not leave other graphs stale
             logger.info("dcfx: building graphs for %s", [tuple(s) for s, _, _ in key[1]])
             try:
@@ -407,30 +517,20 @@ class DeepCacheUNet(nn.Module):
                 if self._dropped_for is not None:
                     raise _rebuild_failed(self._dropped_for, e) from e
                 raise
-            with compile_lock:
-                self._watch.record()
-            self._dropped_for = None
-            self.graph_builds += 1
-            self._pairs[key] = pair
-            if len(self._pairs) > MAX_GRAPH_PAIRS:
-                _release(self._pairs.popitem(last=False)[1])
-        self._pairs.move_to_end(key)
+            self._watch.record()
+            self.__dict__["_dropped_for"] = None
+            self.__dict__["graph_builds"] += 1
+            with self._lock:
+                self._pairs[key] = pair
+                self._used[id(pair)] = next(self._ticks)
+                evicted = []
+                while len(self._pairs) > MAX_GRAPH_PAIRS:
+                    oldest = min(self._pairs, key=lambda k: self._used.get(id(self._pairs[k]), -1))
+                    evicted.append(self._pairs.pop(oldest))
+                    self._used.pop(id(evicted[-1]), None)
+        for old in evicted:
+            _release(old)
         return pair
-
-    def _buffer(
-        self, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        # The buffer keeps the feature's strides: some features come out channels-last, and a
-        # shallow graph fed another layout takes other kernels (1e-5 off over ten steps).
-        fkey = (tuple(shape), tuple(stride), dtype, device)
-        buffer = self._feature_buffers.get(fkey)
-        if buffer is None:
-            buffer = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-            self._feature_buffers[fkey] = buffer
-            if len(self._feature_buffers) > MAX_GRAPH_PAIRS:
-                self._feature_buffers.popitem(last=False)
-        self._feature_buffers.move_to_end(fkey)
-        return buffer
 
 
 def _rebuild_failed(changes: Changes, error: Exception) -> Exception:

@@ -176,10 +176,10 @@ def test_the_cache_buffer_is_allocated_once(unet):
     scheduler = DDIMScheduler()
     fast = dcfx.compile(unet, branch=0, interval=2, scheduler=scheduler)
     denoise(fast, scheduler, steps=4)
-    address = fast._cache.data_ptr()
+    state = fast._state()
+    address = state.cache.data_ptr()
     denoise(fast, scheduler, steps=6)
-    assert fast._cache.data_ptr() == address
-    assert len(fast._feature_buffers) == 1
+    assert state.cache.data_ptr() == address and state.cache is state.buffer
 
 
 def test_graph_cache_is_bounded(unet, monkeypatch):
@@ -188,7 +188,8 @@ def test_graph_cache_is_bounded(unet, monkeypatch):
     for size in (8, 16, 24):
         call = example_call(unet, size=size)
         fast(call["sample"], 900, call["encoder_hidden_states"])
-    assert len(fast._pairs) == 2 and len(fast._feature_buffers) == 2
+    assert len(fast._pairs) == 2
+    assert fast._state().buffer.shape[-1] == 24  # one buffer per generation: the latest layout's
 
 
 def test_a_timestep_outside_the_scheduler_is_an_error(unet):

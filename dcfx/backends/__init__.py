@@ -15,12 +15,12 @@ import torch
 
 from dcfx.registry import Registry
 
-# torch.export and torch.compile keep process-wide state while they trace, and torch.export
-# swaps the module's parameters for fake tensors until it is done (seen: a graph run in another
-# thread meanwhile failed with "Cannot copy out of meta tensor"). Every capture, every first
-# (compiling) call of a backend's graph, every graph run of the runtime and every read of the
-# module's parameters holds this lock: runtimes in several threads over shared weights take
-# turns, step by step, and never see a half-swapped module.
+# torch.export and torch.compile keep process-wide state while they trace (dynamo's and
+# Inductor's configuration, caches, the fake-tensor machinery): graph builds, meaning
+# captures and each compiling first call of a backend's graph, take turns under this lock.
+# Steps of built graphs never take it. Captures work on a clone of the module tree
+# (dcfx.passes.capture.structural_clone), so a build in one thread leaves the modules
+# that other threads' steps and checks read untouched.
 compile_lock = threading.RLock()
 
 BufferFn = Callable[[torch.Size, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import fx, nn
@@ -34,6 +37,52 @@ class FlatUNet(nn.Module):
         return self.spec.call(self.unet, unflatten(self.names, tensors))
 
 
+def structural_clone(module: nn.Module) -> nn.Module:
+    """Returns a copy of ``module``'s tree whose modules are new objects holding the same tensors.
+
+    Captures run on a clone: ``torch.export`` swaps the parameters in the traced modules'
+    dicts for fake tensors until it is done, and the capture sets eval mode and, for a LoRA
+    scale, the adapters' ``scaling``; on a clone, none of that touches the modules that
+    other threads read meanwhile (their steps, their model-change checks). The parameters and
+    buffers are the same objects, so the graphs share the model's weights.
+    """
+    clones: dict[int, nn.Module] = {}
+
+    def clone(m: nn.Module) -> nn.Module:
+        if id(m) in clones:
+            return clones[id(m)]
+        new = copy.copy(m)
+        clones[id(m)] = new
+        state = new.__dict__
+        for key, value in state.items():
+            if isinstance(value, (dict, list, set)):
+                state[key] = copy.copy(value)  # a container the forward (or the capture) may write to
+        state["_modules"] = {k: None if v is None else clone(v) for k, v in m._modules.items()}
+        return new
+
+    return clone(module)
+
+
+@contextlib.contextmanager
+def _backend_flags_kept() -> Iterator[None]:
+    """Keeps torch.export from switching mkldnn, nnpack and cuDNN off, process-wide, while it traces.
+
+    torch.export turns those backends off for its whole trace (``_ignore_backend_decomps``,
+    a private helper of torch.export; checked on torch 2.13): a step running in another
+    thread meanwhile would compute its convolutions with other kernels (seen: 1e-6 off per
+    call on the CPU; on a GPU, convolutions without cuDNN). The flags only steer which
+    kernels run, and the captured graphs were found identical with them kept (ops, shapes and
+    strides, tests/passes). Where the helper is missing, nothing is patched.
+    """
+    import torch.export._trace as trace
+
+    if not hasattr(trace, "_ignore_backend_decomps"):
+        yield
+        return
+    with mock.patch.object(trace, "_ignore_backend_decomps", contextlib.nullcontext):
+        yield
+
+
 def capture(
     unet: nn.Module,
     names: tuple[str, ...],
@@ -47,25 +96,19 @@ def capture(
     output is the sample tensor itself. ``dynamic_shapes`` maps input names to
     ``torch.export`` dimension specs (``{"sample": {0: Dim("batch")}}``).
     """
-    wrapper = FlatUNet(unet, names)
+    # Graphs are inference graphs (dropout off) whatever mode the user's model is in.
+    wrapper = FlatUNet(structural_clone(unet).eval(), names)
     shapes = None
     if dynamic_shapes is not None:
         shapes = (tuple(dynamic_shapes.get(n) for n in names),)
-    modes = {m: m.training for m in unet.modules()}
-    try:
-        # Graphs are inference graphs (dropout off) whatever mode the user's model is in.
-        unet.eval()
-        with torch.no_grad():
-            program = torch.export.export(wrapper, tensors, dynamic_shapes=shapes, strict=False)
+    with torch.no_grad(), _backend_flags_kept():
+        program = torch.export.export(wrapper, tensors, dynamic_shapes=shapes, strict=False)
         if any(mutates(node) for node in program.graph.nodes):
             # In-place writes to intermediates (FreeU scales half of the channels with
             # hidden[:, :c] = ...) hide data flow from the partition: a use of the written
             # tensor does not depend on the write in the graph. Functionalized (no
             # decompositions), the writes become explicit ops such as slice_scatter.
             program = program.run_decompositions({})
-    finally:
-        for module, training in modes.items():
-            module.training = training
     gm = program.module()
     for node in list(gm.graph.nodes):
         # Recent torch inserts a call to an input-guard submodule; the runtime checks inputs itself.
