@@ -396,6 +396,32 @@ class DeepCacheUNet(nn.Module):
         finally:
             state._busy.release()
 
+    def graphs_for(self, *args: Any, **kwargs: Any) -> tuple[CompiledPair, tuple[torch.Tensor, ...]]:
+        """Returns the graph pair that serves the U-Net call ``(*args, **kwargs)`` and its flat inputs.
+
+        No step is taken and no generation state is touched: for callers that schedule full
+        and shallow steps themselves (``dcfx.serve``'s engine batches the steps of many
+        generations and keeps their cache rows). The pair is built if needed (inputs checked
+        first, as for a step) and the model checked for changes, as at a generation's start.
+        ``pair.run_full(inputs, buffer_for)`` returns ``(sample, cache)``;
+        ``pair.run_shallow(inputs, cache)`` the sample.
+
+        Raises:
+            TypeError, ValueError: bad inputs, as ``forward`` raises them.
+        """
+        form = (len(args), tuple(kwargs))
+        binder = self._binders.get(form)
+        if binder is None:
+            binder = self._binders[form] = self._spec.binder(self.model, *form)
+        names, tensors, _, _, _ = binder.flatten(args, kwargs)
+        key: Signature = (names, tuple([(t.shape, t.dtype, t.device) for t in tensors]), self._weights_key())
+        self._check_model()
+        pair = self._pairs.get(key)
+        if pair is None:
+            pair = self._new_pair(key, names, tensors)
+        self._used[id(pair)] = next(self._ticks)
+        return pair, tensors
+
     def _step(self, state: Generation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         form = (len(args), tuple(kwargs))
         binder = self._binders.get(form)

@@ -212,3 +212,23 @@ def test_step_plans_are_bounded(unet, monkeypatch):
         assert rec.full_steps() == dcfx.schedule.non_uniform_full_steps(steps, 2, 1, 1.4)[0]
         assert len(fast._plans) <= 2
     assert list(fast._plans) == [10, 6]  # least recently used dropped first
+
+
+def test_graphs_for_gives_the_pair_a_step_runs_without_taking_a_step(unet):
+    fast = dcfx.compile(unet, branch=0, interval=2)
+    call = example_call(unet)
+    pair, inputs = fast.graphs_for(**call)
+    assert fast.stats == {"full": 0, "shallow": 0} and fast.graph_builds == 1
+    buffer = {}
+
+    def buffer_for(shape, stride, dtype, device):
+        return buffer.setdefault("b", torch.empty_strided(shape, stride, dtype=dtype, device=device))
+
+    later = fast.graphs_for(**dict(call, timestep=300))[1]
+    with torch.no_grad():
+        sample, cache = pair.run_full(inputs, buffer_for)
+        shallow = pair.run_shallow(later, cache)  # the next step reads the cache of this one
+    assert cache is buffer["b"]
+    torch.testing.assert_close(sample, fast(**call).sample, atol=0, rtol=0)
+    torch.testing.assert_close(shallow, fast(**dict(call, timestep=300)).sample, atol=0, rtol=0)
+    assert fast.graphs_for(**call)[0] is pair and fast.graph_builds == 1
