@@ -160,15 +160,11 @@ def test_eager_graphs_follow_the_model(workflow, caplog):
     follow(workflow, "eager", caplog)
 
 
-# One Inductor compile per graph build, 1-3 minutes each on 2 CPU cores: CI runs the case
-# where freezing's copy of the weights is the hazard; the others run with --inductor-matrix.
-INDUCTOR_IN_CI = "load-state-dict-in-place"
-
-
+# One Inductor compile per graph build, 3-4 minutes each for a tiny pipeline on 2 CPU cores:
+# every workflow runs with --inductor-matrix. CI runs the hazard that is Inductor's own (a
+# weight written in place under freezing) in tests/pipelines/test_pipelines.py.
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "workflow",
-    [w if w == INDUCTOR_IN_CI else pytest.param(w, marks=pytest.mark.inductor_matrix) for w in sorted(WORKFLOWS)],
-)
+@pytest.mark.inductor_matrix
+@pytest.mark.parametrize("workflow", sorted(WORKFLOWS))
 def test_inductor_graphs_follow_the_model(workflow, caplog):
     follow(workflow, "inductor", caplog)
