@@ -277,7 +277,7 @@ class DeepCacheUNet(nn.Module):
             (names, tensors), return_dict = self._spec.flatten(self.model, args, kwargs)
             before = (copy.copy(self._tracker), self._owner, self._cache_for)
             try:
-                step = self._advance(tensors[names.index("timestep")])
+                step = self._advance(tensors[names.index(self._spec.timestep_input)])
                 key: Signature = (names, tuple((t.shape, t.dtype, t.device) for t in tensors), self._weights_key())
                 if key not in self._pairs:
                     with compile_lock:  # see _check_weights

@@ -8,7 +8,6 @@ exported graphs, without the model object and without diffusers' model code.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import logging
@@ -30,7 +29,7 @@ from dcfx.export.manifest import (
     config_sha256,
     read_manifest,
 )
-from dcfx.export.program import ProgramPair, downsampling_factor, export_programs, trace_size
+from dcfx.export.program import ProgramPair, export_programs, trace_size
 from dcfx.export.registry import available_formats, check_format_options, get_format, register_format
 from dcfx.export.shapes import dtype_name, parse_dims
 from dcfx.models import StoredSpec
@@ -107,14 +106,16 @@ def export(
     device = next(unet.parameters()).device
     model_dtype = next(unet.parameters()).dtype
     dtype = dtype or model_dtype
-    factor = downsampling_factor(unet)
-    dims = parse_dims(shapes, int(unet.config.sample_size), factor)
-    model = unet if dtype == model_dtype else copy.deepcopy(unet).to(dtype)
+    factor = spec.downsampling_factor(unet)
+    dims = parse_dims(shapes, spec.default_size(unet), factor)
+    model = unet if dtype == model_dtype else spec.cast(unet, dtype)
     size = {name: trace_size(dim) for name, dim in dims.items()}
     if example is not None:
-        sample = example.get("sample")
+        sample = example.get(spec.sample_input)
         if not isinstance(sample, torch.Tensor) or sample.ndim != 4:
-            raise ValueError("example must be the keyword arguments of a U-Net call, with a 4-d 'sample' tensor")
+            raise ValueError(
+                f"example must be the keyword arguments of a U-Net call, with a 4-d {spec.sample_input!r} tensor"
+            )
         for name, value in zip(("batch", "height", "width"), (sample.shape[0], *sample.shape[2:]), strict=True):
             if not dims[name].contains(value):
                 raise ValueError(
@@ -125,7 +126,7 @@ def export(
         dict(example)
         if example is not None
         else spec.example_call(
-            model, (size["batch"], int(unet.config.in_channels), size["height"], size["width"]), dtype, device
+            model, (size["batch"], spec.in_channels(unet), size["height"], size["width"]), dtype, device
         )
     )
     bar = _progress(progress, f"dcfx export {format}")
@@ -246,7 +247,7 @@ def _manifest(
         versions["diffusers"] = diffusers.__version__
     except ImportError:
         pass
-    config = _jsonable(dict(unet.config))
+    config = _jsonable(spec.model_config(unet))
     model = {
         **spec.describe(unet),
         "config": config,

@@ -9,24 +9,27 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from dcfx.models import unflatten
+from dcfx.models import ModelSpec, spec_for, unflatten
+from dcfx.passes.aliases import drop_alias_conversions
 
 
 class FlatUNet(nn.Module):
     """Calls ``unet`` with tensors only, in the order of ``names``; returns the output sample.
 
     ``torch.export`` needs a forward of tensors in and tensors out; this one rebuilds the
-    keyword arguments (tuples for residuals, dicts for added_cond_kwargs) from the flat list.
+    keyword arguments (tuples for residuals, dicts for added_cond_kwargs) from the flat list
+    and calls the model as its spec says (``ModelSpec.call``).
     """
 
-    def __init__(self, unet: nn.Module, names: tuple[str, ...]) -> None:
+    def __init__(self, unet: nn.Module, names: tuple[str, ...], spec: ModelSpec) -> None:
         super().__init__()
         self.unet = unet
         self.names = names
+        self.spec = spec
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         """Returns the U-Net's output sample for the flat inputs."""
-        return self.unet(**unflatten(self.names, tensors), return_dict=False)[0]
+        return self.spec.call(self.unet, unflatten(self.names, tensors))
 
 
 def capture(
@@ -34,15 +37,17 @@ def capture(
     names: tuple[str, ...],
     tensors: tuple[torch.Tensor, ...],
     dynamic_shapes: Mapping[str, Any] | None = None,
+    spec: ModelSpec | None = None,
 ) -> fx.GraphModule:
     """Returns the U-Net call as a GraphModule ``f(*tensors) -> sample`` sharing unet's weights.
 
     The graph is plain positional: the pytree input/output handling that
     ``ExportedProgram.module()`` adds is replaced by the default code generator, and the
     output is the sample tensor itself. ``dynamic_shapes`` maps input names to
-    ``torch.export`` dimension specs (``{"sample": {0: Dim("batch")}}``).
+    ``torch.export`` dimension specs (``{"sample": {0: Dim("batch")}}``). ``spec`` says how
+    to call the model (default: ``spec_for(unet)``).
     """
-    wrapper = FlatUNet(unet, names)
+    wrapper = FlatUNet(unet, names, spec if spec is not None else spec_for(unet))
     shapes = None
     if dynamic_shapes is not None:
         shapes = (tuple(dynamic_shapes.get(n) for n in names),)
@@ -70,4 +75,4 @@ def capture(
     while isinstance(result, (tuple, list)):
         (result,) = result
     graph.output(result)
-    return fx.GraphModule(gm, graph, class_name="CapturedUNet")
+    return drop_alias_conversions(fx.GraphModule(gm, graph, class_name="CapturedUNet"))
