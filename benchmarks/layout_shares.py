@@ -236,7 +236,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "",
         "Command: `python benchmarks/layout_shares.py`. r counts the whole denoiser call; with",
         "ControlNet it includes the ControlNet, which runs on every step. Ideal 1:N speedup",
-        "N / (1 + (N - 1) r).",
+        "N / (1 + (N - 1) r). The `-unetmodel` rows are the latent-diffusion `UNetModel` (CompVis",
+        "`openaimodel.py`; `pip install --no-deps stable-diffusion-sdkit einops omegaconf`); LDM-4-G's",
+        "classes enter it as a one-token context.",
         "",
         "| layout | pipelines | sample | full GFLOP | r branch 0 | r branch 1 | r branch 2 "
         "| ideal N=3, branch 0 | ideal N=5, branch 0 |",

@@ -105,6 +105,23 @@ def class_case():
 MODELS = {"text": (tiny_ldm_text, text_case), "class": (tiny_ldm_class, class_case)}
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_hand_written_reference_is_the_model_when_nothing_is_stale(name):
+    # Full: the model's own forward. Shallow on the feature of the same input: the same output.
+    make, case = MODELS[name]
+    model = make()
+    x, cond, guided = case()
+    x = torch.cat([x, x]) if guided else x
+    t = torch.full((len(x),), 501)
+    with torch.no_grad():
+        want = model(x, t, **cond)
+        for branch in range(len(model.output_blocks)):
+            full, feature = deepcache_call(model, x, t, branch, None, **cond)
+            shallow, _ = deepcache_call(model, x, t, branch, feature, **cond)
+            torch.testing.assert_close(full, want, atol=0, rtol=0)
+            torch.testing.assert_close(shallow, want, atol=1e-6, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def plain() -> dict[str, torch.Tensor]:
     """Each model's DDIM sample without caching."""
