@@ -20,6 +20,7 @@ Writes docs/benchmarks/layout_shares.{json,md}.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -265,6 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(known))
     if unknown:
         parser.error(f"unknown layouts {unknown}; known: {', '.join(known)}")
+    ldm = [n for n in names if n in LDM_LAYOUTS]
+    if ldm and importlib.util.find_spec("ldm") is None:
+        parser.error(
+            f"layouts {ldm} need the latent-diffusion code: pip install --no-deps stable-diffusion-sdkit einops "
+            f"omegaconf (or leave them out with --only)"
+        )
     results = []
     for name in tqdm(names, desc="layouts"):
         results.append(measure(name))
