@@ -61,17 +61,19 @@ def export(
     """Writes the full and shallow graphs of ``unet`` in ``format`` and manifest.json to ``out_dir``.
 
     Args:
-        unet: A diffusers ``UNet2DConditionModel`` or ``UNet2DModel`` (left unchanged).
+        unet: A diffusers ``UNet2DConditionModel`` or ``UNet2DModel``, or a latent-diffusion
+            ``UNetModel`` (left unchanged).
         out_dir: The export directory; it appears only once complete.
         config: A ``DeepCacheConfig``, the path of its JSON, or None with its fields as keywords.
             Only the branch shapes the graphs; the schedule is recorded as ``load``'s default.
         format: ``"onnx"``, ``"tensorrt"`` or ``"aoti"`` (``dcfx.export.available_formats()``).
         shapes: ``{"batch": ..., "height": ..., "width": ...}`` in latent pixels: an int (static),
             ``(min, max)`` or ``(min, opt, max)``. Defaults: batch (1, 2, 4), height and width
-            from half to twice ``unet.config.sample_size``.
+            from half to twice ``unet.config.sample_size`` (a ``UNetModel``'s ``image_size``).
         dtype: The graphs' dtype (default: the model's); a copy of the model is cast.
         example: Keyword arguments of one U-Net call at the ``opt`` sizes, for inputs the
-            built-in example lacks (ControlNet residuals); default: a typical call.
+            built-in example lacks (ControlNet residuals) or sizes it guesses (a context of
+            other than 77 tokens); default: a typical call.
         overwrite: Replace an existing ``out_dir`` (once the new export is complete).
         progress: Show a progress bar on stderr.
         **kwargs: DeepCacheConfig fields, then format options (onnx: ``opset``; tensorrt:
