@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcfx.adapters import SCALE_INPUT, lora_scaled, scale_tensor
+
 Flat = tuple[tuple[str, ...], tuple[torch.Tensor, ...]]
 # ``ModelSpec.describe``'s output entry for a model whose forward returns the tensor itself.
 TENSOR_OUTPUT = "tensor"
@@ -95,10 +97,6 @@ class ModelSpec:
     def downsampling_factor(self, model: nn.Module) -> int:
         """Returns how much the U-Net shrinks the sample: 2 ** (number of downsampling blocks)."""
         return 2 ** sum(1 for block in model.down_blocks if getattr(block, "downsamplers", None))
-
-    def call(self, model: nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
-        """Returns the output tensor of ``model(**kwargs)`` (what capture traces)."""
-        return model(**kwargs, return_dict=False)[0]
 
     def cast(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:
         """Returns a copy of ``model`` that computes in ``dtype`` (``dcfx.export(dtype=...)``)."""
@@ -180,13 +178,14 @@ class ModelSpec:
     def flatten(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Flat, bool]:
         """Returns the call as (names, tensors) and its ``return_dict``.
 
-        Tensors keep their order of appearance in the forward signature; tuples and dicts of
-        tensors become ``name.i`` / ``name.key``. The timestep becomes a float32 tensor of shape
-        (batch,), which is what the U-Net computes from any timestep form.
+        Tensors keep their order of appearance in the forward signature; lists, tuples and
+        dicts of tensors, nested, become ``name.i`` / ``name.key`` (IP-Adapter's
+        ``added_cond_kwargs.image_embeds.0``). The timestep becomes a float32 tensor of shape
+        (batch,), which is what the U-Net computes from any timestep form; the LoRA scale
+        ``cross_attention_kwargs["scale"]`` a 0-d float64 tensor (see ``dcfx.adapters``).
 
         Raises:
-            TypeError: for an argument that is not a tensor, a tuple of tensors, a dict of
-                tensors, or None (a graph cannot take it).
+            TypeError: for an argument that is none of these, or None (a graph cannot take it).
         """
         try:
             bound = self.signature(model).bind(*args, **kwargs)
@@ -205,7 +204,7 @@ class ModelSpec:
         for name, value in bound.arguments.items():
             if name == self.timestep_input:
                 value = normalize_timestep(value, sample)
-            for key, tensor in _flatten_value(name, value):
+            for key, tensor in _flatten_value(name, value, sample.device):
                 names.append(key)
                 tensors.append(tensor)
         return (tuple(names), tuple(tensors)), return_dict
@@ -213,6 +212,21 @@ class ModelSpec:
     def signature(self, model: nn.Module) -> inspect.Signature:
         """Returns the signature of ``model.forward`` (without ``self``)."""
         return _signature(type(model))
+
+    def call(self, model: nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Returns the output sample of ``model`` called with ``unflatten``'s ``kwargs`` (what capture traces).
+
+        A LoRA scale among them is applied to the model's peft layers as a tensor, so that it
+        stays an input of the captured graph (``dcfx.adapters.lora_scaled``).
+        """
+        attention = kwargs.get("cross_attention_kwargs")
+        scale = None
+        if isinstance(attention, dict) and "scale" in attention:
+            attention = dict(attention)
+            scale = attention.pop("scale")
+            kwargs = {**kwargs, "cross_attention_kwargs": attention}
+        with lora_scaled(model, scale):
+            return model(**kwargs, return_dict=False)[0]
 
     def output_class(self) -> Callable[..., Any]:
         """Returns the model's output dataclass (``UNet2DConditionOutput`` and the like)."""
@@ -360,17 +374,29 @@ def _import_output(path: str) -> Callable[..., Any]:
 
 
 def unflatten(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-    """Returns the keyword arguments that ``ModelSpec.flatten`` turned into ``names``."""
-    kwargs: dict[str, Any] = {}
+    """Returns the keyword arguments that ``ModelSpec.flatten`` turned into ``names``.
+
+    ``name.key`` entries become dicts and ``name.i`` entries lists (diffusers pops T2I-Adapter
+    residuals off theirs), at any depth: ``added_cond_kwargs.image_embeds.0`` comes back as
+    ``{"added_cond_kwargs": {"image_embeds": [tensor]}}``.
+    """
+    tree: dict[str, Any] = {}
     for name, tensor in zip(names, tensors, strict=True):
-        head, _, key = name.partition(".")
-        if not key:
-            kwargs[head] = tensor
-        elif key.isdigit():
-            kwargs.setdefault(head, []).append(tensor)
-        else:
-            kwargs.setdefault(head, {})[key] = tensor
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        *heads, last = name.split(".")
+        node = tree
+        for head in heads:
+            node = node.setdefault(head, {})
+        node[last] = tensor
+    return {k: _listify(v) for k, v in tree.items()}
+
+
+def _listify(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    items = {k: _listify(v) for k, v in node.items()}
+    if items and all(k.isdigit() for k in items):
+        return [items[k] for k in sorted(items, key=int)]
+    return items
 
 
 def normalize_timestep(timestep: Any, sample: torch.Tensor) -> torch.Tensor:
@@ -388,21 +414,28 @@ def normalize_timestep(timestep: Any, sample: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).reshape(-1).expand(sample.shape[0])
 
 
-def _flatten_value(name: str, value: Any) -> list[tuple[str, torch.Tensor]]:
+def _flatten_value(name: str, value: Any, device: torch.device) -> list[tuple[str, torch.Tensor]]:
     if value is None:
         return []
     if isinstance(value, torch.Tensor):
         return [(name, value)]
-    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
-        return [(f"{name}.{i}", v) for i, v in enumerate(value)]
-    if isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values()):
-        return [(f"{name}.{k}", value[k]) for k in sorted(value)]
-    if isinstance(value, Mapping) and not value:
-        return []
+    if name == "cross_attention_kwargs" and isinstance(value, Mapping) and "scale" in value:
+        rest = {k: v for k, v in value.items() if k != "scale"}
+        return [(SCALE_INPUT, scale_tensor(value["scale"], device)), *_flatten_value(name, rest, device)]
+    if isinstance(value, (tuple, list)):
+        return [item for i, v in enumerate(value) for item in _flatten_value(f"{name}.{i}", v, device)]
+    if isinstance(value, Mapping):
+        return [item for k in sorted(value) for item in _flatten_value(f"{name}.{_key(name, k)}", value[k], device)]
     raise TypeError(
-        f"dcfx cannot pass {name}={value!r} into a captured graph: only tensors, tuples of "
-        f"tensors and dicts of tensors (or None) are graph inputs"
+        f"dcfx cannot pass {name}={value!r} into a captured graph: only tensors, lists, tuples and dicts of "
+        f"tensors (or None), and cross_attention_kwargs' LoRA 'scale', are graph inputs"
     )
+
+
+def _key(name: str, key: Any) -> str:
+    if not isinstance(key, str) or not key.isidentifier():
+        raise TypeError(f"dcfx cannot pass {name} with the key {key!r} into a captured graph: keys must be identifiers")
+    return key
 
 
 @functools.cache

@@ -22,6 +22,7 @@ from dcfx import schedule
 from dcfx.backends import CompiledPair, compile_lock
 from dcfx.config import DeepCacheConfig
 from dcfx.models import ModelSpec
+from dcfx.watch import Changes, ModelWatch
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +140,14 @@ class DeepCacheUNet(nn.Module):
 
     Faults leave nothing behind: a call refused for bad input (checked once per input
     signature, before anything runs) changes nothing, and a call that fails while running
-    invalidates the cache (the next call starts a new generation). Each
-    generation checks that the model still holds the weights its graphs were built from
-    (replaced or moved parameters drop the graphs, which are then built again).
+    invalidates the cache (the next call starts a new generation).
+
+    The graphs follow the model: each generation (and each graph build) first checks that
+    the model is still what its graphs baked in (``dcfx.watch.ModelWatch``: the module tree,
+    every plain attribute on it, parameters and buffers by identity and in-place version).
+    A change (LoRA adapters set, FreeU, attention processors, reloaded or moved weights)
+    drops the graphs, which are built again, logged once at INFO; tensors written in place
+    need no rebuild where the graphs read the live weights (``CompiledPair.follows_values``).
 
     One runtime keeps one generation's state, so it serves one thread at a time: a call while
     another thread is inside ``forward``, or a call from another thread that would continue
@@ -173,14 +179,16 @@ class DeepCacheUNet(nn.Module):
         """The state of a runtime that has run nothing: no graphs, buffers or cache, zero stats."""
         return {
             "_pairs": OrderedDict(),  # Signature -> CompiledPair
-            "_buffers": OrderedDict(),  # feature layout -> preallocated buffer
+            "_feature_buffers": OrderedDict(),  # feature layout -> preallocated buffer (not nn.Module._buffers)
             "_tracker": StepTracker(self.scheduler),
             "_cache": None,  # the buffer holding this generation's cache feature
             "_cache_for": None,  # the input signature the cache was made for
             "_owner": None,  # the thread that started the generation in progress
-            "_weights": None,  # the parameters the graphs were built from (see _check_weights)
-            "_probe": None,  # one of those parameters: its dtype and device join each call's signature
+            "_watch": ModelWatch(self.model),  # what the graphs baked in (see _check_model)
+            "_dropped_for": None,  # the model change that dropped the graphs, until they are rebuilt
+            "_probe": None,  # a parameter of the model: its dtype and device join each call's signature
             "stats": {"full": 0, "shallow": 0},
+            "graph_builds": 0,
         }
 
     def __getstate__(self) -> dict[str, Any]:
@@ -244,7 +252,12 @@ class DeepCacheUNet(nn.Module):
         return self
 
     def clear_graphs(self) -> None:
-        """Drops every built graph pair and buffer (after changing weights, for example)."""
+        """Drops every built graph pair and buffer; the next call of each input signature builds again.
+
+        Changes to the model are followed without it (see the class docstring), except
+        writes through ``param.data``, which PyTorch does not count as a change of the
+        parameter: call this after those when a backend copies the weights (Inductor).
+        """
         self._drop_pairs()
         self.reset()
 
@@ -257,7 +270,8 @@ class DeepCacheUNet(nn.Module):
     def _drop_pairs(self) -> None:
         while self._pairs:
             _release(self._pairs.popitem()[1])
-        self._buffers.clear()
+        self._feature_buffers.clear()
+        self._watch.forget()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the U-Net call ``model(*args, **kwargs)`` as a full or a shallow step.
@@ -280,7 +294,7 @@ class DeepCacheUNet(nn.Module):
                 step = self._advance(tensors[names.index(self._spec.timestep_input)])
                 key: Signature = (names, tuple((t.shape, t.dtype, t.device) for t in tensors), self._weights_key())
                 if key not in self._pairs:
-                    with compile_lock:  # see _check_weights
+                    with compile_lock:  # see _check_model
                         self._spec.check_inputs(self.model, names, tensors)
                 plan = self._step_plan(step.num_steps)
                 full = self._cache_for != key or plan.is_full(step.index)
@@ -314,7 +328,7 @@ class DeepCacheUNet(nn.Module):
         if step.new_generation:
             self._owner = thread
             self._cache_for = None
-            self._check_weights()
+            self._check_model()
         return step
 
     def _run(self, full: bool, key: Signature, pair: CompiledPair, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -331,27 +345,30 @@ class DeepCacheUNet(nn.Module):
 
     def _weights_key(self) -> tuple[torch.dtype, torch.device] | None:
         if self._probe is None:
-            with compile_lock:  # see _check_weights
-                self._probe = next(self.model.parameters(), None)
+            with compile_lock:  # see _check_model
+                # Not through nn.Module.__setattr__, which would register the parameter as the runtime's own.
+                self.__dict__["_probe"] = next(self.model.parameters(), None)
         probe = self._probe
         return None if probe is None else (probe.dtype, probe.device)
 
-    def _check_weights(self) -> None:
-        # Graphs reference the parameters they were captured with (Inductor's freezing even
-        # copies their values). A parameter replaced since (load_state_dict(assign=True),
-        # .to() under overwrite_module_params_on_conversion) or moved would leave them computing
-        # with stale weights, so they are dropped. Checked once per generation (about 1 ms for
-        # SD1.5's 686 parameters), not per step.
-        # A capture in another thread (torch.export) swaps the module's parameters for fake
-        # tensors while it traces, holding compile_lock: read them only under the lock.
+    def _check_model(self) -> None:
+        # Once per generation and before each build: drops graphs that no longer match the
+        # model (about 0.5 ms on SD1.5: see dcfx.watch). A capture in another thread swaps the
+        # module's parameters for fake tensors while it traces, holding compile_lock: read
+        # the module only under the lock.
         with compile_lock:
-            params = list(self.model.parameters())
-        weights = tuple((id(p), p.data_ptr(), p.dtype, p.device) for p in params)
-        if self._weights is not None and weights != self._weights and self._pairs:
-            logger.info("dcfx: the U-Net's parameters were replaced or moved since its graphs were built; rebuilding")
-            self._drop_pairs()
-        self._weights = weights
-        self._probe = params[0] if params else None
+            changes = self._watch.changes()
+        if changes is None:
+            return
+        self._probe = None
+        if changes.only_written and all(pair.follows_values for pair in self._pairs.values()):
+            # Weights written in place: the graphs read the live storage, nothing is stale.
+            with compile_lock:
+                self._watch.record()
+            return
+        logger.info("dcfx: the U-Net changed since its graphs were built (%s); building them again", changes)
+        self._drop_pairs()
+        self._dropped_for = changes
 
     def _step_plan(self, num_steps: int | None) -> schedule.StepPlan:
         # Only the non-uniform schedule depends on the step count: one plan per count, made once.
@@ -382,8 +399,18 @@ class DeepCacheUNet(nn.Module):
     def _pair(self, key: Signature, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
         pair = self._pairs.get(key)
         if pair is None:
+            self._check_model()  # a change since this generation began must not leave other graphs stale
             logger.info("dcfx: building graphs for %s", [tuple(s) for s, _, _ in key[1]])
-            pair = self._build(names, tensors)
+            try:
+                pair = self._build(names, tensors)
+            except Exception as e:
+                if self._dropped_for is not None:
+                    raise _rebuild_failed(self._dropped_for, e) from e
+                raise
+            with compile_lock:
+                self._watch.record()
+            self._dropped_for = None
+            self.graph_builds += 1
             self._pairs[key] = pair
             if len(self._pairs) > MAX_GRAPH_PAIRS:
                 _release(self._pairs.popitem(last=False)[1])
@@ -396,14 +423,22 @@ class DeepCacheUNet(nn.Module):
         # The buffer keeps the feature's strides: some features come out channels-last, and a
         # shallow graph fed another layout takes other kernels (1e-5 off over ten steps).
         fkey = (tuple(shape), tuple(stride), dtype, device)
-        buffer = self._buffers.get(fkey)
+        buffer = self._feature_buffers.get(fkey)
         if buffer is None:
             buffer = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-            self._buffers[fkey] = buffer
-            if len(self._buffers) > MAX_GRAPH_PAIRS:
-                self._buffers.popitem(last=False)
-        self._buffers.move_to_end(fkey)
+            self._feature_buffers[fkey] = buffer
+            if len(self._feature_buffers) > MAX_GRAPH_PAIRS:
+                self._feature_buffers.popitem(last=False)
+        self._feature_buffers.move_to_end(fkey)
         return buffer
+
+
+def _rebuild_failed(changes: Changes, error: Exception) -> Exception:
+    message = f"the U-Net changed since its graphs were built ({changes}), and building them again failed: {error}"
+    try:
+        return type(error)(message)
+    except Exception:  # an exception class that takes other arguments
+        return RuntimeError(message)
 
 
 def _release(pair: CompiledPair) -> None:

@@ -209,9 +209,15 @@ CALL_CASES = [
     ),
     (
         "an argument no graph can take",
-        _call(lambda b: {"cross_attention_kwargs": {"scale": 0.5}}),
+        _call(lambda b: {"cross_attention_kwargs": {"mask_mode": "soft"}}),
         TypeError,
-        r"cannot pass cross_attention_kwargs=\{'scale': 0.5\} into a captured graph: only tensors",
+        r"cannot pass cross_attention_kwargs.mask_mode='soft' into a captured graph: only tensors",
+    ),
+    (
+        "a LoRA scale that is not a number",
+        _call(lambda b: {"cross_attention_kwargs": {"scale": "high"}}),
+        TypeError,
+        r"cross_attention_kwargs\['scale'\] must be a real number \(the LoRA scale\), got 'high'",
     ),
     (
         "an unknown argument",

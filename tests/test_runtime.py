@@ -179,7 +179,7 @@ def test_the_cache_buffer_is_allocated_once(unet):
     address = fast._cache.data_ptr()
     denoise(fast, scheduler, steps=6)
     assert fast._cache.data_ptr() == address
-    assert len(fast._buffers) == 1
+    assert len(fast._feature_buffers) == 1
 
 
 def test_graph_cache_is_bounded(unet, monkeypatch):
@@ -188,7 +188,7 @@ def test_graph_cache_is_bounded(unet, monkeypatch):
     for size in (8, 16, 24):
         call = example_call(unet, size=size)
         fast(call["sample"], 900, call["encoder_hidden_states"])
-    assert len(fast._pairs) == 2 and len(fast._buffers) == 2
+    assert len(fast._pairs) == 2 and len(fast._feature_buffers) == 2
 
 
 def test_a_timestep_outside_the_scheduler_is_an_error(unet):

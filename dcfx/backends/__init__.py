@@ -39,6 +39,9 @@ class CompiledPair:
     shallow: Callable[..., torch.Tensor]
     # Called once when the runtime drops the pair: frees what the backend keeps beyond the pair.
     release: Callable[[], None] | None = None
+    # Whether the graphs read the model's weights from their live storage (eager), so that
+    # weights written in place need no rebuild; False where the backend copies them (freezing).
+    follows_values: bool = False
 
     def run_full(self, inputs: tuple[torch.Tensor, ...], buffer_for: BufferFn) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the full graph; returns the sample and the buffer holding the cache feature.

@@ -15,4 +15,4 @@ def eager(
     full: torch.nn.Module, shallow: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], **options: Any
 ) -> CompiledPair:
     """Returns the graphs themselves; takes no options."""
-    return CompiledPair(full=full, shallow=shallow, release=lambda: forget_graphs(full, shallow))
+    return CompiledPair(full=full, shallow=shallow, release=lambda: forget_graphs(full, shallow), follows_values=True)

@@ -14,8 +14,8 @@ OPTIONS = ("mode", "options")
 
 # On the SD1.5 U-Net at 32x32 latents, batch 2, 2 CPU cores: default Inductor ran the full
 # graph 1.45x slower than eager (shared/NOTES.md); with freezing, 1.33x faster (median of 5,
-# benchmarks/graph_speed.py). Freezing folds the weights into the compiled code: weights
-# changed after the first call are not seen (DeepCacheUNet.clear_graphs() rebuilds).
+# benchmarks/graph_speed.py). Freezing folds the weights into the compiled code, so the pair
+# does not follow weights written in place: the runtime rebuilds it when they change.
 DEFAULT_INDUCTOR_OPTIONS = {"freezing": True}
 
 
@@ -67,6 +67,10 @@ def inductor(
         compiled = torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False, options=settings)
         return _FirstCallPatched(compiled, settings)
 
+    frozen = bool(DEFAULT_INDUCTOR_OPTIONS["freezing"] if mode is not None else settings.get("freezing"))
     return CompiledPair(
-        full=compile_graph(full), shallow=compile_graph(shallow), release=lambda: forget_graphs(full, shallow)
+        full=compile_graph(full),
+        shallow=compile_graph(shallow),
+        release=lambda: forget_graphs(full, shallow),
+        follows_values=not frozen,
     )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcfx.adapters import SCALE_INPUT
 from dcfx.backends import BufferFn, CompiledPair
 from dcfx.export.manifest import ArtifactError, Manifest
 from dcfx.export.shapes import TensorSpec, bind_inputs, dtype_from_name, evaluate
@@ -110,6 +111,11 @@ class ExportedPair(CompiledPair):
         """
         specs = self.manifest.graphs["full"].inputs
         expected = [s.name for s in specs]
+        if SCALE_INPUT in names and SCALE_INPUT not in expected:
+            raise TypeError(
+                "this export takes no LoRA scale (cross_attention_kwargs={'scale': ...}): its LoRA state is baked in. "
+                "Export with a call that passes the scale (example=...) to make it an input"
+            )
         if list(names) != expected:
             raise ValueError(
                 f"this export takes the inputs {expected}, the call gave {list(names)}: call the U-Net with the "

@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from dcfx.models import ModelSpec, spec_for, unflatten
 from dcfx.passes.aliases import drop_alias_conversions
+from dcfx.passes.cleanup import mutates
 
 
 class FlatUNet(nn.Module):
@@ -21,10 +22,15 @@ class FlatUNet(nn.Module):
     and calls the model as its spec says (``ModelSpec.call``).
     """
 
-    def __init__(self, unet: nn.Module, names: tuple[str, ...], spec: ModelSpec) -> None:
+    def __init__(self, unet: nn.Module, names: tuple[str, ...], spec: ModelSpec | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.names = names
+        if spec is None:
+            try:
+                spec = spec_for(unet)
+            except TypeError:  # a model not registered with dcfx (a pass tested on its own): called plainly
+                spec = ModelSpec(type(unet))
         self.spec = spec
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
@@ -47,7 +53,7 @@ def capture(
     ``torch.export`` dimension specs (``{"sample": {0: Dim("batch")}}``). ``spec`` says how
     to call the model (default: ``spec_for(unet)``).
     """
-    wrapper = FlatUNet(unet, names, spec if spec is not None else spec_for(unet))
+    wrapper = FlatUNet(unet, names, spec)
     shapes = None
     if dynamic_shapes is not None:
         shapes = (tuple(dynamic_shapes.get(n) for n in names),)
@@ -57,6 +63,12 @@ def capture(
         unet.eval()
         with torch.no_grad():
             program = torch.export.export(wrapper, tensors, dynamic_shapes=shapes, strict=False)
+        if any(mutates(node) for node in program.graph.nodes):
+            # In-place writes to intermediates (FreeU scales half of the channels with
+            # hidden[:, :c] = ...) hide data flow from the partition: a use of the written
+            # tensor does not depend on the write in the graph. Functionalized (no
+            # decompositions), the writes become explicit ops such as slice_scatter.
+            program = program.run_decompositions({})
     finally:
         for module, training in modes.items():
             module.training = training

@@ -7,7 +7,8 @@ from torch import fx
 from dcfx.passes.context import PassContext
 
 
-def _mutates(node: fx.Node) -> bool:
+def mutates(node: fx.Node) -> bool:
+    """Returns whether ``node`` calls an ATen op that writes one of its inputs in place."""
     # OpOverload._schema is private but stable across torch 2.6-2.13 (checked on 2.13.0).
     schema = getattr(node.target, "_schema", None)
     return bool(schema is not None and schema.is_mutable)
@@ -20,7 +21,7 @@ def is_impure_for_inference(node: fx.Node) -> bool:
     inference graph leaves the whole deep part of a U-Net alive. Here only inputs, outputs,
     mutating ops and module calls are impure.
     """
-    return node.op in ("placeholder", "output", "call_module") or _mutates(node)
+    return node.op in ("placeholder", "output", "call_module") or mutates(node)
 
 
 def cleanup(gm: fx.GraphModule, ctx: PassContext | None = None) -> fx.GraphModule:

@@ -109,11 +109,5 @@ def test_pipeline_under_inductor(case):
     scale = max(1.0, float(want.abs().max()))
     torch.testing.assert_close(first, want, atol=1e-3 * scale, rtol=0)
     torch.testing.assert_close(second, first, atol=0, rtol=0)
-    # Freezing is in effect (weights folded in at compile time): a weight changed afterwards
-    # moves the eager result but not the compiled one, until clear_graphs().
-    with torch.no_grad():
-        pipe.unet.model.conv_out.bias.add_(1.0)
-    torch.testing.assert_close(run(pipe), first, atol=0, rtol=0)
-    eager = make()
-    eager.unet = dcfx.compile(pipe.unet.model, branch=0, interval=3, scheduler=eager.scheduler)
-    assert (run(eager) - want).abs().max() > 1e-3
+    # Weights changed after compiling (frozen into the compiled code) are followed by a rebuild:
+    # tests/pipelines/test_model_changes.py.

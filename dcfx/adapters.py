@@ -1,0 +1,82 @@
+"""The per-call LoRA scale (``cross_attention_kwargs={"scale": s}``) as a graph input.
+
+diffusers applies a call's LoRA scale by multiplying, before the forward, the ``scaling`` of
+every active adapter in every peft tuner layer by ``s``, and dividing it back after. Captured
+that way, ``s`` would be a constant of the graph. Instead, while a graph is captured, dcfx
+sets each of those ``scaling`` entries to ``scaling * s`` with ``s`` a graph input (a 0-d
+float64 tensor, so that the product rounds as diffusers' Python float does), and restores
+them afterwards: changing the scale then costs no capture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+SCALE_INPUT = "cross_attention_kwargs.scale"
+
+
+def scale_tensor(scale: object, device: torch.device) -> torch.Tensor:
+    """Returns the LoRA scale ``scale`` as the 0-d float64 tensor a graph takes.
+
+    Raises:
+        TypeError: ``scale`` is not a real number.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"cross_attention_kwargs['scale'] must be a real number (the LoRA scale), got {scale!r}")
+    return _scale_tensor(float(scale), device)
+
+
+_SCALES: dict[tuple[float, torch.device], torch.Tensor] = {}
+
+
+def _scale_tensor(scale: float, device: torch.device) -> torch.Tensor:
+    # One tensor per value and device, made once: a copy to the GPU on every step would sync.
+    key = (scale, device)
+    tensor = _SCALES.get(key)
+    if tensor is None:
+        if len(_SCALES) >= 64:
+            _SCALES.clear()
+        tensor = _SCALES[key] = torch.tensor(scale, dtype=torch.float64, device=device)
+    return tensor
+
+
+def _tuner_layers(model: nn.Module) -> Iterator[nn.Module]:
+    try:
+        from diffusers.utils import USE_PEFT_BACKEND
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return
+    if not USE_PEFT_BACKEND:
+        return  # diffusers ignores the scale without peft (it warns); so does the graph
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and isinstance(getattr(module, "scaling", None), dict):
+            yield module
+
+
+@contextmanager
+def lora_scaled(model: nn.Module, scale: torch.Tensor | None) -> Iterator[None]:
+    """Multiplies every active adapter's ``scaling`` by ``scale`` inside the block; restores it after.
+
+    What diffusers' ``scale_lora_layers`` does with a float (peft's ``scale_layer``), with a
+    tensor instead, so that a captured graph takes the scale as an input.
+    """
+    if scale is None:
+        yield
+        return
+    saved: list[tuple[dict[str, object], str, object]] = []
+    try:
+        for layer in _tuner_layers(model):
+            # peft's scale_layer scales the active adapters that have LoRA weights in this layer.
+            present = layer.lora_A.keys() if hasattr(layer, "lora_A") else layer.scaling.keys()
+            for adapter in layer.active_adapters:
+                if adapter in present and adapter in layer.scaling:
+                    saved.append((layer.scaling, adapter, layer.scaling[adapter]))
+                    layer.scaling[adapter] = layer.scaling[adapter] * scale
+        yield
+    finally:
+        for scaling, adapter, value in saved:
+            scaling[adapter] = value
