@@ -6,6 +6,11 @@ both graphs are FLOP-counted on meta tensors (``dcfx.branches``). For ControlNet
 ControlNet runs on every step, shallow ones included, so the pipeline's share is
 (controlnet + shallow) / (controlnet + full); the JSON also keeps the U-Net-only share.
 
+The latent-diffusion ``UNetModel`` (CompVis ``openaimodel.py``: the LDM and Stable Diffusion
+reference code, and what ComfyUI and A1111 run) is measured in the configs of the paper's LDM-4-G
+(``cin256-v2.yaml``: classes enter as a one-token context) and of SD 1.5 (``v1-inference.yaml``);
+it needs ``pip install --no-deps stable-diffusion-sdkit einops omegaconf``.
+
 Usage:
     python benchmarks/layout_shares.py                 # every layout (~8 min on 2 CPU cores)
     python benchmarks/layout_shares.py --only sd15,svd
@@ -15,6 +20,7 @@ Writes docs/benchmarks/layout_shares.{json,md}.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -27,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import dcfx
-from dcfx.branches import ideal_speedup
+from dcfx.branches import branches_of_call, ideal_speedup
 from dcfx.models import spec_for
 from dcfx.zoo import CONFIGS
 
@@ -105,6 +111,47 @@ LAYOUTS: dict[str, tuple[str, type, dict[str, Any], tuple[int, ...]]] = {
     "ddpm": ("DDPM CIFAR-10 (DDPM, DDIM pipelines)", UNet2DModel, DDPM_CIFAR10, (1, 3, 32, 32)),
     "ldm4g": ("LDM-4-G-like class-conditional UNet2DModel", UNet2DModel, LDM4G, (2, 3, 64, 64)),
 }
+# The latent-diffusion UNetModel: name: (pipelines, config, sample shape, context tokens).
+LDM_LAYOUTS: dict[str, tuple[str, dict[str, Any], tuple[int, ...], int]] = {
+    "ldm4g-unetmodel": (
+        "LDM-4-G (cin256-v2), latent-diffusion UNetModel",
+        {
+            "image_size": 64,
+            "in_channels": 3,
+            "out_channels": 3,
+            "model_channels": 192,
+            "attention_resolutions": [8, 4, 2],
+            "num_res_blocks": 2,
+            "channel_mult": [1, 2, 3, 5],
+            "num_heads": 1,
+            "use_spatial_transformer": True,
+            "transformer_depth": 1,
+            "context_dim": 512,
+        },
+        (2, 3, 64, 64),
+        1,  # a ClassEmbedder's one-token context
+    ),
+    "sd15-unetmodel": (
+        "SD 1.5 (v1-inference), latent-diffusion UNetModel: CompVis, ComfyUI, A1111",
+        {
+            "image_size": 32,
+            "in_channels": 4,
+            "out_channels": 4,
+            "model_channels": 320,
+            "attention_resolutions": [4, 2, 1],
+            "num_res_blocks": 2,
+            "channel_mult": [1, 2, 4, 4],
+            "num_heads": 8,
+            "use_spatial_transformer": True,
+            "transformer_depth": 1,
+            "context_dim": 768,
+            "use_checkpoint": True,
+            "legacy": False,
+        },
+        (2, 4, 64, 64),
+        77,
+    ),
+}
 BRANCHES = (0, 1, 2)
 REAL_WEIGHTS = {"svd"}
 
@@ -135,13 +182,29 @@ def controlnet_flops(unet: torch.nn.Module, shape: tuple[int, ...]) -> int:
     return counter.get_total_flops()
 
 
+def measure_ldm(name: str) -> tuple[str, torch.nn.Module, tuple[int, ...], list[dcfx.BranchInfo]]:
+    """Branches of a latent-diffusion UNetModel config, with its context length."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    pipelines, config, shape, tokens = LDM_LAYOUTS[name]
+    with torch.device("meta"):
+        unet = UNetModel(**config).eval()
+    spec = spec_for(unet)
+    call = spec.example_call(unet, shape, torch.float32, torch.device("meta"))
+    call["context"] = call["context"][:, :tokens]
+    return pipelines, unet, shape, branches_of_call(unet, call)
+
+
 def measure(name: str) -> dict[str, Any]:
-    pipelines, cls, config, shape = LAYOUTS[name]
     start = time.perf_counter()
-    # SVD's AlphaBlender makes a CPU tensor in its forward: that model needs real weights.
-    with torch.device("cpu" if name in REAL_WEIGHTS else "meta"):
-        unet = cls(**config).eval()
-    infos = dcfx.branches(unet, shape)
+    if name in LDM_LAYOUTS:
+        pipelines, unet, shape, infos = measure_ldm(name)
+    else:
+        pipelines, cls, config, shape = LAYOUTS[name]
+        # SVD's AlphaBlender makes a CPU tensor in its forward: that model needs real weights.
+        with torch.device("cpu" if name in REAL_WEIGHTS else "meta"):
+            unet = cls(**config).eval()
+        infos = dcfx.branches(unet, shape)
     extra = controlnet_flops(unet, shape) if name.endswith("controlnet") else 0
     rows = []
     for info in infos[: len(BRANCHES)]:
@@ -159,7 +222,7 @@ def measure(name: str) -> dict[str, Any]:
     return {
         "layout": name,
         "pipelines": pipelines,
-        "model_class": cls.__name__,
+        "model_class": type(unet).__name__,
         "sample_shape": list(shape),
         "full_gflops": infos[0].full_flops / 1e9,
         "controlnet_gflops": extra / 1e9,
@@ -174,7 +237,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "",
         "Command: `python benchmarks/layout_shares.py`. r counts the whole denoiser call; with",
         "ControlNet it includes the ControlNet, which runs on every step. Ideal 1:N speedup",
-        "N / (1 + (N - 1) r).",
+        "N / (1 + (N - 1) r). The `-unetmodel` rows are the latent-diffusion `UNetModel` (CompVis",
+        "`openaimodel.py`; `pip install --no-deps stable-diffusion-sdkit einops omegaconf`); LDM-4-G's",
+        "classes enter it as a one-token context.",
         "",
         "| layout | pipelines | sample | full GFLOP | r branch 0 | r branch 1 | r branch 2 "
         "| ideal N=3, branch 0 | ideal N=5, branch 0 |",
@@ -193,13 +258,20 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="comma-separated layouts: " + ", ".join(LAYOUTS))
+    known = [*LAYOUTS, *LDM_LAYOUTS]
+    parser.add_argument("--only", help="comma-separated layouts: " + ", ".join(known))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = parser.parse_args(argv)
-    names = args.only.split(",") if args.only else list(LAYOUTS)
-    unknown = sorted(set(names) - set(LAYOUTS))
+    names = args.only.split(",") if args.only else known
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        parser.error(f"unknown layouts {unknown}; known: {', '.join(LAYOUTS)}")
+        parser.error(f"unknown layouts {unknown}; known: {', '.join(known)}")
+    ldm = [n for n in names if n in LDM_LAYOUTS]
+    if ldm and importlib.util.find_spec("ldm") is None:
+        parser.error(
+            f"layouts {ldm} need the latent-diffusion code: pip install --no-deps stable-diffusion-sdkit einops "
+            f"omegaconf (or leave them out with --only)"
+        )
     results = []
     for name in tqdm(names, desc="layouts"):
         results.append(measure(name))

@@ -14,6 +14,7 @@ from dcfx.backends import CompiledPair, check_options, compile_lock, get_backend
 from dcfx.config import DeepCacheConfig
 from dcfx.models import ModelSpec, spec_for
 from dcfx.passes import build_graph_pair
+from dcfx.passes.forecast import add_forecast
 from dcfx.runtime import DeepCacheUNet
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(DeepCacheConfig))
@@ -119,19 +120,25 @@ class CaptureAndCompile:
     backend: str
     options: dict[str, Any]
 
-    def __call__(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
+    def __call__(
+        self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], forecast: bool = False
+    ) -> CompiledPair:
         """Returns the compiled pair for inputs named ``names`` like ``tensors``, ready to run.
 
-        Both graphs run once here, on ``tensors``: a backend that compiles on the first call
+        With ``forecast``, the pair also has the forecast graph (``dcfx.passes.forecast``).
+        Every graph runs once here, on ``tensors``: a backend that compiles on the first call
         (Inductor) compiles now, under ``compile_lock``, and not in a step of some generation
         that other threads' builds would have to wait for.
         """
         with compile_lock:
             graphs = build_graph_pair(self.unet, self.branch, names, tensors)
-            pair = get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **self.options)
+            extra = {"forecast": add_forecast(graphs.shallow)} if forecast else {}
+            pair = get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **extra, **self.options)
             with torch.no_grad():
                 _, feature = pair.full(*tensors)
                 pair.shallow(*tensors, feature)
+                if forecast:
+                    pair.run_forecast(tensors, feature, feature, torch.zeros((), device=feature.device))
             return pair
 
 

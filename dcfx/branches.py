@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,32 +90,40 @@ def branches(unet: nn.Module, sample_shape: tuple[int, ...] | None = None) -> li
     """Returns every valid skip branch of ``unet`` with its cache shape and FLOP share.
 
     Args:
-        unet: A supported diffusers U-Net.
+        unet: A supported U-Net (diffusers, or the latent-diffusion ``UNetModel`` layout).
         sample_shape: (batch, channels, height, width) of the latents ((batch, frames,
             channels, height, width) for a video U-Net); default: batch 2 at the model's
-            ``sample_size``.
+            ``sample_size`` (``image_size`` for a latent-diffusion ``UNetModel``).
 
     Example:
         >>> [(b.branch, round(b.flop_share, 3)) for b in dcfx.branches(unet, (2, 4, 64, 64))][:3]
         [(0, 0.079), (1, 0.224), (2, 0.38)]   # SD1.5 (benchmarks/layout_shares.py)
     """
     spec = spec_for(unet)
-    cfg = unet.config
     if sample_shape is None:
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        size = spec.default_size(unet)
         sample_shape = spec.sample_shape(unet, 2, size, size)
     spec.check_sample_shape(unet, tuple(sample_shape))
     param = next(unet.parameters())
-    call = spec.example_call(unet, tuple(sample_shape), param.dtype, param.device)
-    (names, tensors), _ = spec.flatten(unet, (), call)
-    captured = capture(unet, names, tensors)
+    return branches_of_call(unet, spec.example_call(unet, tuple(sample_shape), param.dtype, param.device))
+
+
+def branches_of_call(unet: nn.Module, call: Mapping[str, Any]) -> list[BranchInfo]:
+    """Returns every skip branch of ``unet`` as ``branches`` does, measured on the keyword call ``call``.
+
+    For inputs the built-in example call does not guess (a context of one token, as a class
+    embedding gives, rather than a 77-token prompt).
+    """
+    spec = spec_for(unet)
+    (names, tensors), _ = spec.flatten(unet, (), dict(call))
+    captured = capture(unet, names, tensors, spec=spec)
     full_flops = None
     infos = []
     for layer in spec.up_layers(unet):
         pair = partition(captured, PassContext(model=unet, spec=spec, input_names=names, layer=layer))
         if full_flops is None:
             full_flops = count_flops(pair.full, *tensors)
-        feature = torch.empty(pair.feature_shape, dtype=pair.feature_dtype, device=param.device)
+        feature = torch.empty(pair.feature_shape, dtype=pair.feature_dtype, device=tensors[0].device)
         shallow_flops = count_flops(pair.shallow, *tensors, feature)
         r = shallow_flops / full_flops
         infos.append(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 SCHEDULES = ("uniform", "non-uniform", "explicit", "window")
+FORECASTS = ("none", "linear")
 # The non-uniform search lowers the power in steps of 0.02 towards 1: a bound keeps it short.
 MAX_POWER = 10.0
 
@@ -51,6 +52,10 @@ class DeepCacheConfig:
         full_steps: Explicit only: the indices of the full steps.
         start: Window only: every step before ``start`` is full.
         stop: Window only: every step from ``stop`` on is full (None: no tail).
+        forecast: What a shallow step reads: ``"none"`` (the cached feature, as the paper
+            and the reference implementation do) or ``"linear"`` (a first-order forecast from
+            the last two full steps at distinct timesteps, ``f1 + c (f1 - f0)`` with
+            ``c = (t - t1) / (t1 - t0)`` at most 1; plain reuse until there are two).
 
     Example:
         >>> DeepCacheConfig(branch=2, interval=5, schedule="non-uniform", center=15, power=1.4)
@@ -66,8 +71,11 @@ class DeepCacheConfig:
     full_steps: tuple[int, ...] | None = None
     start: int | None = None
     stop: int | None = None
+    forecast: Literal["none", "linear"] = "none"
 
     def __post_init__(self) -> None:
+        if self.forecast not in FORECASTS:
+            raise ValueError(f"unknown forecast {self.forecast!r}; valid: {', '.join(FORECASTS)}")
         _check_int("branch", self.branch, 0)
         _check_int("interval", self.interval, 1)
         if self.schedule not in SCHEDULES:
@@ -141,7 +149,7 @@ class DeepCacheConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("branch", "interval", "schedule") or value is not None:
+            if f.name in ("branch", "interval", "schedule") or (value is not None and value != "none"):
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 

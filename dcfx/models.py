@@ -6,6 +6,7 @@ The rest of dcfx sees a model through a ``ModelSpec``: how a call flattens into 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib
@@ -21,6 +22,8 @@ from torch import nn
 from dcfx.adapters import SCALE_INPUT, lora_scaled, scale_tensor
 
 Flat = tuple[tuple[str, ...], tuple[torch.Tensor, ...]]
+# ``ModelSpec.describe``'s output entry for a model whose forward returns the tensor itself.
+TENSOR_OUTPUT = "tensor"
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,16 @@ class UpLayer:
         """The module path of the layer's resnet, e.g. ``up_blocks.3.resnets.2``."""
         return f"up_blocks.{self.block}.resnets.{self.layer}"
 
+    def deep_paths(self) -> list[str]:
+        """Returns the module paths a shallow step of this branch must not run.
+
+        The mid block, the up blocks before this layer's, and the layers before it in its block.
+        """
+        paths = ["mid_block"] + [f"up_blocks.{i}" for i in range(self.block)]
+        for i in range(self.layer):
+            paths += [f"up_blocks.{self.block}.resnets.{i}", f"up_blocks.{self.block}.attentions.{i}"]
+        return paths
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -50,20 +63,60 @@ class ModelSpec:
     # The sample's dimensions: image U-Nets take (batch, channels, height, width); video U-Nets
     # (SVD) take (batch, frames, channels, height, width).
     sample_dims: tuple[str, ...] = ("batch", "channels", "height", "width")
+    # The forward's names for the sample, the timestep and the cross-attention states: the
+    # flat call keeps the model's own names, and the runtime reads the timestep by this one.
+    sample_input: str = "sample"
+    timestep_input: str = "timestep"
+    context_input: str = "encoder_hidden_states"
+    # How many parts of a module path name one layer inside a block list (kept_layers):
+    # ``up_blocks.1.resnets.0`` is 4.
+    layer_depth: int = 4
+    # The forward returns the output tensor itself (no output class, no return_dict).
+    returns_tensor: bool = False
+
+    def in_channels(self, model: nn.Module) -> int:
+        """Returns the channel count of the model's sample."""
+        return int(model.config.in_channels)
+
+    def default_size(self, model: nn.Module) -> int:
+        """Returns the latent height and width the model is configured for."""
+        size = model.config.sample_size
+        return int(size if isinstance(size, int) else size[0])
+
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        """Returns the model's config as a dict (an export's manifest records and hashes it)."""
+        return dict(model.config)
+
+    def placement(self, model: nn.Module) -> tuple[torch.dtype, torch.device]:
+        """Returns the dtype a sample must have and the device of the weights."""
+        return model.dtype, model.device
+
+    def context_width(self, model: nn.Module) -> int | None:
+        """Returns the last dimension the cross-attention states must have (None: not checked)."""
+        width = getattr(model.config, "encoder_hid_dim", None) or getattr(model.config, "cross_attention_dim", None)
+        return width if isinstance(width, int) else None
+
+    def downsampling_factor(self, model: nn.Module) -> int:
+        """Returns how much the U-Net shrinks the sample: 2 ** (number of downsampling blocks)."""
+        return 2 ** sum(1 for block in model.down_blocks if getattr(block, "downsamplers", None))
+
+    def cast(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:
+        """Returns a copy of ``model`` that computes in ``dtype`` (``dcfx.export(dtype=...)``)."""
+        return copy.deepcopy(model).to(dtype)
 
     def sample_shape(self, model: nn.Module, batch: int, height: int, width: int) -> tuple[int, ...]:
         """Returns the sample shape of a call at ``batch``, ``height``, ``width``.
 
         A video U-Net's frame count comes from its config's ``num_frames``.
         """
-        sizes = {"batch": batch, "channels": int(model.config.in_channels), "height": height, "width": width}
+        sizes = {"batch": batch, "channels": self.in_channels(model), "height": height, "width": width}
         if "frames" in self.sample_dims:
             sizes["frames"] = int(model.config.num_frames)
         return tuple(sizes[d] for d in self.sample_dims)
 
     def check_sample_shape(self, model: nn.Module, shape: tuple[int, ...]) -> None:
         """Raises ValueError unless ``shape`` has this layout's rank and the model's channels."""
-        channels = int(model.config.in_channels)
+        channels = self.in_channels(model)
         at = self.sample_dims.index("channels")
         if len(shape) != len(self.sample_dims) or shape[at] != channels:
             want = ", ".join(str(channels) if d == "channels" else d for d in self.sample_dims)
@@ -74,45 +127,46 @@ class ModelSpec:
 
         Checks the sample's layout, channels, dtype and device against the
         model's, that every other input is on the sample's device with the sample's batch, and
-        the shape of ``encoder_hidden_states``. Heights and widths need not be multiples of
+        the shape of the cross-attention states. Heights and widths need not be multiples of
         the model's downsampling factor: diffusers U-Nets take any size, and so does dcfx.
 
         Raises:
             TypeError: a sample that is not floating point, or not in the weights' dtype.
             ValueError: a wrong shape, batch or device, naming what the model takes.
         """
-        sample = tensors[names.index("sample")]
+        name = self.sample_input
+        sample = tensors[names.index(name)]
         self.check_sample_shape(model, tuple(sample.shape))
         batch = sample.shape[0]
-        dtype, device = model.dtype, model.device
+        dtype, device = self.placement(model)
         if not sample.dtype.is_floating_point:
-            raise TypeError(f"sample must be a floating-point tensor ({dtype} for this model), got {sample.dtype}")
+            raise TypeError(f"{name} must be a floating-point tensor ({dtype} for this model), got {sample.dtype}")
         if sample.device != device:
             raise ValueError(
-                f"sample is on {sample.device}, the U-Net's weights on {device}: move the inputs, or the model "
+                f"{name} is on {sample.device}, the U-Net's weights on {device}: move the inputs, or the model "
                 f"(runtime.to(device)), so that they match"
             )
         if sample.dtype != dtype and not torch.is_autocast_enabled(device.type):
             raise TypeError(
-                f"sample has dtype {sample.dtype}, the U-Net's weights {dtype}: cast the inputs, or the model "
+                f"{name} has dtype {sample.dtype}, the U-Net's weights {dtype}: cast the inputs, or the model "
                 f"(runtime.to(dtype)), so that they match"
             )
-        for name, tensor in zip(names, tensors, strict=True):
+        for other, tensor in zip(names, tensors, strict=True):
             if tensor.device != sample.device:
                 raise ValueError(
-                    f"{name} is on {tensor.device}, the sample on {sample.device}: inputs must share a device"
+                    f"{other} is on {tensor.device}, the {name} on {sample.device}: inputs must share a device"
                 )
             if tensor.ndim >= 1 and tensor.shape[0] != batch:
                 raise ValueError(
-                    f"{name} has batch size {tensor.shape[0]} (shape {tuple(tensor.shape)}), the sample {batch} "
-                    f"(shape {tuple(sample.shape)}): every input needs the sample's batch size"
+                    f"{other} has batch size {tensor.shape[0]} (shape {tuple(tensor.shape)}), the {name} {batch} "
+                    f"(shape {tuple(sample.shape)}): every input needs the {name}'s batch size"
                 )
-        if "encoder_hidden_states" in names:
-            states = tensors[names.index("encoder_hidden_states")]
-            width = getattr(model.config, "encoder_hid_dim", None) or getattr(model.config, "cross_attention_dim", None)
-            if states.ndim != 3 or (isinstance(width, int) and states.shape[-1] != width):
-                want = f"(batch, tokens, {width if isinstance(width, int) else 'dim'})"
-                raise ValueError(f"encoder_hidden_states must have shape {want}, got {tuple(states.shape)}")
+        if self.context_input in names:
+            states = tensors[names.index(self.context_input)]
+            width = self.context_width(model)
+            if states.ndim != 3 or (width is not None and states.shape[-1] != width):
+                want = f"(batch, tokens, {width if width is not None else 'dim'})"
+                raise ValueError(f"{self.context_input} must have shape {want}, got {tuple(states.shape)}")
 
     def up_layers(self, model: nn.Module) -> list[UpLayer]:
         """Returns every up layer of ``model``, ordered by branch id (output end first)."""
@@ -148,7 +202,9 @@ class ModelSpec:
         key = (id(signature), n_args, keywords)
         binder = _BINDERS.get(key)
         if binder is None:
-            binder = CallBinder(signature, n_args, keywords, type(model).__name__)
+            binder = CallBinder(
+                signature, n_args, keywords, type(model).__name__, self.sample_input, self.timestep_input
+            )
             if len(_BINDERS) >= 256:
                 _BINDERS.clear()
             _BINDERS[key] = binder
@@ -178,14 +234,20 @@ class ModelSpec:
         return _output_class(self.model_class)
 
     def output(self, sample: torch.Tensor, return_dict: bool) -> Any:
-        """Returns ``sample`` as the wrapped model would: its output dataclass or a 1-tuple."""
+        """Returns ``sample`` as the wrapped model would: itself, its output dataclass or a 1-tuple."""
+        if self.returns_tensor:
+            return sample
         if not return_dict:
             return (sample,)
         return _output_maker(self.output_class(), self.output_field)(sample)
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         """Returns what a ``StoredSpec`` needs to call like ``model`` without its code (JSON-able)."""
-        out = self.output_class()
+        if self.returns_tensor:
+            output = TENSOR_OUTPUT
+        else:
+            out = self.output_class()
+            output = f"{out.__module__}:{out.__qualname__}"
         return {
             "class": type(model).__name__,
             "forward": [
@@ -193,8 +255,9 @@ class ModelSpec:
                 for p in self.signature(model).parameters.values()
                 if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
             ],
-            "output": f"{out.__module__}:{out.__qualname__}",
+            "output": output,
             "output_field": self.output_field,
+            "inputs": {"sample": self.sample_input, "timestep": self.timestep_input, "context": self.context_input},
         }
 
     def example_call(
@@ -261,9 +324,16 @@ class StoredSpec(ModelSpec):
     @classmethod
     def from_description(cls, model_class: type[nn.Module], description: Mapping[str, Any]) -> StoredSpec:
         """Returns the spec for ``description`` (``ModelSpec.describe``'s output)."""
+        # Manifests written before the LDM layout have no "inputs": the diffusers names.
+        inputs = {"sample": "sample", "timestep": "timestep", "context": "encoder_hidden_states"}
+        inputs.update(description.get("inputs", {}))
         return cls(
             model_class=model_class,
             output_field=description["output_field"],
+            sample_input=str(inputs["sample"]),
+            timestep_input=str(inputs["timestep"]),
+            context_input=str(inputs["context"]),
+            returns_tensor=description["output"] == TENSOR_OUTPUT,
             parameters=tuple((str(name), bool(required)) for name, required in description["forward"]),
             output_path=description["output"],
         )
@@ -326,7 +396,8 @@ def _listify(node: Any) -> Any:
         return node
     items = {k: _listify(v) for k, v in node.items()}
     if items and all(k.isdigit() for k in items):
-        return [items[k] for k in sorted(items, key=int)]
+        # None entries of a list were not graph inputs: they come back as None, in place.
+        return [items.get(str(i)) for i in range(max(map(int, items)) + 1)]
     return items
 
 
@@ -443,7 +514,15 @@ class CallBinder:
     every step, so the binding is worked out once per form and replayed.
     """
 
-    def __init__(self, signature: inspect.Signature, n_args: int, keywords: tuple[str, ...], owner: str) -> None:
+    def __init__(
+        self,
+        signature: inspect.Signature,
+        n_args: int,
+        keywords: tuple[str, ...],
+        owner: str,
+        sample_input: str = "sample",
+        timestep_input: str = "timestep",
+    ) -> None:
         try:
             signature.bind(*range(n_args), **dict.fromkeys(keywords))
         except TypeError as e:
@@ -457,7 +536,9 @@ class CallBinder:
             elif param.name in keywords:
                 sources.append((param.name, param.name))
         self.sources = tuple(sources)
-        self.sample: _Source | None = next((src for name, src in sources if name == "sample"), None)
+        self.sample_name = sample_input
+        self.timestep_name = timestep_input
+        self.sample: _Source | None = next((src for name, src in sources if name == sample_input), None)
 
     def flatten(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -470,9 +551,10 @@ class CallBinder:
         at = self.sample
         sample = None if at is None else (args[at] if type(at) is int else kwargs[at])
         if not isinstance(sample, torch.Tensor):
-            raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+            raise TypeError(f"{self.sample_name} must be a torch.Tensor, got {type(sample).__name__}")
         if sample.ndim == 0 or sample.shape[0] < 1:
-            raise ValueError(f"sample must have a batch dimension of size >= 1, got shape {tuple(sample.shape)}")
+            shape = tuple(sample.shape)
+            raise ValueError(f"{self.sample_name} must have a batch dimension of size >= 1, got shape {shape}")
         names: list[str] = []
         tensors: list[torch.Tensor] = []
         return_dict = True
@@ -484,7 +566,7 @@ class CallBinder:
             if name == "return_dict":
                 return_dict = bool(value)
                 continue
-            if name == "timestep":
+            if name == self.timestep_name:
                 host = host_timestep(value)
                 value = timestep = normalize_timestep(value, sample, host)
             if isinstance(value, torch.Tensor):
@@ -531,6 +613,8 @@ def _output_maker(cls: Callable[..., Any], field: str) -> Callable[[torch.Tensor
 
 
 _SPECS: dict[type, ModelSpec] = {}
+# Layouts recognised by structure rather than by class: (name, matches(model), spec for a class).
+_LAYOUTS: list[tuple[str, Callable[[nn.Module], bool], Callable[[type[nn.Module]], ModelSpec]]] = []
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
@@ -539,13 +623,34 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def register_layout(
+    name: str, matches: Callable[[nn.Module], bool], make_spec: Callable[[type[nn.Module]], ModelSpec]
+) -> None:
+    """Registers a layout chosen by structure: any model ``matches`` accepts gets ``make_spec(its class)``.
+
+    For model classes that many codebases copy and derive from (the latent-diffusion
+    ``UNetModel``), where no single class can be imported and registered. Classes registered
+    with ``register_model`` take precedence.
+    """
+    _LAYOUTS.append((name, matches, make_spec))
+
+
+_BUILTINS_REGISTERED = False
+
+
 def _register_diffusers() -> None:
+    global _BUILTINS_REGISTERED
+    _BUILTINS_REGISTERED = True
     from diffusers import UNet2DConditionModel, UNet2DModel, UNetSpatioTemporalConditionModel
+
+    from dcfx.models_ldm import LDM_LAYOUT, is_ldm_unet, ldm_spec
 
     register_model(ModelSpec(UNet2DConditionModel))
     register_model(ModelSpec(UNet2DModel))
     video = ("batch", "frames", "channels", "height", "width")
     register_model(ModelSpec(UNetSpatioTemporalConditionModel, sample_dims=video))
+    if not any(name == LDM_LAYOUT for name, _, _ in _LAYOUTS):
+        register_layout(LDM_LAYOUT, is_ldm_unet, ldm_spec)
 
 
 def spec_for(model: nn.Module) -> ModelSpec:
@@ -554,12 +659,15 @@ def spec_for(model: nn.Module) -> ModelSpec:
     Raises:
         TypeError: for a model dcfx does not support, naming the supported classes.
     """
-    if not _SPECS:
+    if not _BUILTINS_REGISTERED:
         _register_diffusers()
     for cls in type(model).__mro__:
         if cls in _SPECS:
             return _SPECS[cls]
-    supported = ", ".join(sorted(c.__name__ for c in _SPECS))
+    for _, matches, make_spec in _LAYOUTS:
+        if matches(model):
+            return make_spec(type(model))
+    supported = ", ".join([*sorted(c.__name__ for c in _SPECS), *(name for name, _, _ in _LAYOUTS)])
     name = type(model).__name__
     if _is_transformer_denoiser(model):
         raise TypeError(
@@ -571,7 +679,9 @@ def spec_for(model: nn.Module) -> ModelSpec:
         )
     raise TypeError(
         f"dcfx does not support {name}: DeepCache needs a diffusers U-Net whose up blocks take the "
-        f"skip connections in the diffusers layout (up_blocks[i].resnets[j], one skip each). "
+        f"skip connections in the diffusers layout (up_blocks[i].resnets[j], one skip each), or a "
+        f"latent-diffusion UNetModel (input_blocks, middle_block, output_blocks; forward(x, timesteps, "
+        f"context, y)). "
         f"Supported: {supported}. A custom U-Net with that layout and a diffusers-style forward can be "
         f"registered with dcfx.models.register_model(dcfx.models.ModelSpec({name})); "
         f"for transformer (DiT) denoisers use diffusers' cache hooks (e.g. FirstBlockCache)."

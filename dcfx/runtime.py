@@ -39,7 +39,9 @@ Signature = tuple[
     tuple[tuple[torch.Size, torch.dtype, torch.device], ...],
     tuple[torch.dtype, torch.device] | None,  # the weights' dtype and device
 ]
-BuildFn = Callable[[tuple[str, ...], tuple[torch.Tensor, ...]], CompiledPair]
+# build(names, tensors) -> the pair for that input signature; build(..., forecast=True) -> with
+# the forecast graph.
+BuildFn = Callable[..., CompiledPair]
 
 
 # Where a U-Net call falls: its step index in the generation, the generation's length (None
@@ -150,23 +152,49 @@ class Generation:
     one of its own): two generations never share a cache. The cache lives in a buffer that
     the generation keeps while the feature's layout stays the same, so its address is fixed
     from one generation to the next (what CUDA graphs and engine bindings need).
+
+    With forecasting it keeps the features of its last two full steps at distinct positions
+    (``previous`` at ``s0``, ``cache`` at ``s1``) in two buffers that trade roles on each
+    full step: no copy, two fixed addresses.
     """
 
-    __slots__ = ("_busy", "_epoch", "buffer", "cache", "cache_pair", "plan", "tracker")
+    __slots__ = (
+        "_busy",
+        "_epoch",
+        "_slot",
+        "buffers",
+        "cache",
+        "cache_pair",
+        "plan",
+        "previous",
+        "previous_pair",
+        "s0",
+        "s1",
+        "tracker",
+    )
 
     def __init__(self, scheduler: Any, epoch: int) -> None:
         self.tracker = StepTracker(scheduler)
         self.plan: schedule.StepPlan | None = None
         self.cache: torch.Tensor | None = None  # the buffer holding the cached feature, when valid
         self.cache_pair: CompiledPair | None = None  # the graph pair that made it
-        self.buffer: torch.Tensor | None = None
+        self.previous: torch.Tensor | None = None  # forecasting: the full step's feature before that one
+        self.previous_pair: CompiledPair | None = None
+        self.s0 = self.s1 = 0.0  # forecasting: the positions of previous and cache
+        self.buffers: list[torch.Tensor | None] = [None, None]
+        self._slot = 0  # the buffer the next full step writes
         self._busy = threading.Lock()
         self._epoch = epoch
+
+    @property
+    def buffer(self) -> torch.Tensor | None:
+        """The buffer of the latest cache feature (None before any full step)."""
+        return self.buffers[self._slot]
 
     def reset(self) -> None:
         """Starts a new generation: forgets the step count and invalidates the cache."""
         self.tracker.reset()
-        self.cache_pair = None
+        self.cache_pair = self.previous_pair = None
 
     def buffer_for(
         self, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -174,7 +202,7 @@ class Generation:
         """Returns this generation's feature buffer for the layout, allocated when the layout changes."""
         # The buffer keeps the feature's strides: some features come out channels-last, and a
         # shallow graph fed another layout takes other kernels (1e-5 off over ten steps).
-        buffer = self.buffer
+        buffer = self.buffers[self._slot]
         if (
             buffer is None
             or buffer.shape != shape
@@ -182,7 +210,7 @@ class Generation:
             or buffer.dtype != dtype
             or buffer.device != device
         ):
-            buffer = self.buffer = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            buffer = self.buffers[self._slot] = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         return buffer
 
 
@@ -248,6 +276,7 @@ class DeepCacheUNet(nn.Module):
             "_local": threading.local(),  # each thread's Generation
             "_current": contextvars.ContextVar("dcfx_generation", default=None),  # generation() blocks
             "_epoch": 0,  # moves on reschedule() and clear_graphs(): every generation starts anew
+            "_forecasting": self.deepcache_config.forecast != "none",
             "_watch": ModelWatch(self.model),  # what the graphs baked in (see _check_model)
             "_dropped_for": None,  # the model change that dropped the graphs, until they are rebuilt
             "_probe": None,  # a parameter of the model: its dtype and device join each call's signature
@@ -315,7 +344,8 @@ class DeepCacheUNet(nn.Module):
 
         Pass a whole ``DeepCacheConfig`` or the fields to change (``reschedule(interval=5)``).
         The graphs are cut at the branch, so they serve every schedule of it: trying intervals
-        costs no new capture or compile. Every generation starts anew at its next call.
+        costs no new capture or compile (turning forecasting on or off builds them again, with
+        or without the forecast graph). Every generation starts anew at its next call.
 
         Raises:
             ValueError: the branch differs (compile again for another branch), or the
@@ -337,10 +367,14 @@ class DeepCacheUNet(nn.Module):
             raise ValueError(
                 "the non-uniform schedule needs the step count: set steps= (this runtime has no scheduler)"
             )
+        forecast_changed = config.forecast != self.deepcache_config.forecast
         with self._lock:
             self.deepcache_config = config
             self._plans.clear()
             self.__dict__["_epoch"] += 1
+            self.__dict__["_forecasting"] = config.forecast != "none"
+        if forecast_changed:
+            self._drop_pairs()  # the forecast graph is built with the pair, when forecasting
         return self
 
     def clear_graphs(self) -> None:
@@ -450,12 +484,19 @@ class DeepCacheUNet(nn.Module):
             raise
         self._used[id(pair)] = next(self._ticks)
         full = state.cache_pair is not pair or state.plan.is_full(index)
+        position = 0.0
+        if self._forecasting:
+            # The step's place on the sampler's time axis: its timestep (a forecast from the
+            # last two full steps moves the feature by how far the timestep moved).
+            position = state.tracker.position(index)
+            if position is None:
+                position = value if value is not None else float(timestep[0])
         try:
             if torch.is_grad_enabled():
                 with torch.no_grad():
-                    sample = self._run(state, full, pair, tensors)
+                    sample = self._run(state, full, pair, tensors, position)
             else:
-                sample = self._run(state, full, pair, tensors)
+                sample = self._run(state, full, pair, tensors, position)
         except BaseException:
             # Whatever failed (a graph, out of memory, an interrupt), no cache of this
             # generation is trusted again: the next call starts a new one.
@@ -466,13 +507,23 @@ class DeepCacheUNet(nn.Module):
         return self._spec.output(sample, return_dict)
 
     def _run(
-        self, state: Generation, full: bool, pair: CompiledPair, tensors: tuple[torch.Tensor, ...]
+        self, state: Generation, full: bool, pair: CompiledPair, tensors: tuple[torch.Tensor, ...], position: float
     ) -> torch.Tensor:
         if full:
+            if self._forecasting and state.cache_pair is pair and position != state.s1:
+                # The newest anchor becomes the previous one; the new feature goes to the other buffer.
+                state.previous, state.previous_pair, state.s0 = state.cache, pair, state.s1
+                state._slot ^= 1
+            elif state.cache_pair is not pair:
+                state.previous_pair = None  # a full step at the newest anchor's position replaces it
             state.cache_pair = None  # a full step that fails half way leaves no valid cache
             sample, state.cache = pair.run_full(tensors, state.buffer_for)
-            state.cache_pair = pair
+            state.cache_pair, state.s1 = pair, position
             return sample
+        if self._forecasting and state.previous_pair is pair and state.s1 != state.s0:
+            coefficient = min((position - state.s1) / (state.s1 - state.s0), 1.0)
+            device = state.cache.device
+            return pair.run_forecast(tensors, state.cache, state.previous, _coefficient(coefficient, device))
         return pair.run_shallow(tensors, state.cache)
 
     def _weights_key(self) -> tuple[torch.dtype, torch.device] | None:
@@ -538,7 +589,7 @@ class DeepCacheUNet(nn.Module):
             self._check_model()  # a change since this generation began must not leave other graphs stale
             logger.info("dcfx: building graphs for %s", [tuple(s) for s, _, _ in key[1]])
             try:
-                pair = self._build(names, tensors)
+                pair = self._build(names, tensors, **({"forecast": True} if self._forecasting else {}))
             except Exception as e:
                 if self._dropped_for is not None:
                     raise _rebuild_failed(self._dropped_for, e) from e
@@ -557,6 +608,20 @@ class DeepCacheUNet(nn.Module):
         for old in evicted:
             _release(old)
         return pair
+
+
+_COEFFICIENTS: dict[tuple[float, torch.device], torch.Tensor] = {}
+
+
+def _coefficient(value: float, device: torch.device) -> torch.Tensor:
+    # One 0-d tensor per value and device, made once: a copy to the GPU on every step would sync.
+    key = (value, device)
+    tensor = _COEFFICIENTS.get(key)
+    if tensor is None:
+        if len(_COEFFICIENTS) >= 4096:
+            _COEFFICIENTS.clear()
+        tensor = _COEFFICIENTS[key] = torch.tensor(value, dtype=torch.float32, device=device)
+    return tensor
 
 
 def _rebuild_failed(changes: Changes, error: Exception) -> Exception:

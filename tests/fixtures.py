@@ -166,3 +166,58 @@ def run_ddim(pipe: DDIMPipeline, steps: int = 10, seed: int = 0) -> torch.Tensor
     """Returns the output images of a fixed-seed DDIM generation as a numpy-free tensor."""
     out = pipe(num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(seed))
     return torch.from_numpy(out.images)
+
+
+def _ldm_unet(seed: int, **config) -> torch.nn.Module:
+    # The latent-diffusion UNetModel (stable-diffusion-sdkit, installed with --no-deps); tests
+    # that use it importorskip ldm first. Its zero-initialised layers (the output conv, each
+    # ResBlock's last conv, each transformer's proj_out) get random weights: with them at zero
+    # every output is 0 and no comparison could fail.
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(seed)
+    unet = UNetModel(image_size=16, model_channels=32, dropout=0.0, **config).eval()
+    with torch.no_grad():
+        for param in unet.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.1)
+    return unet
+
+
+def tiny_ldm_text(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A text-conditional latent-diffusion UNetModel (SD 1.x layout): spatial transformers, context_dim 24.
+
+    Two levels of 32 and 64 channels, two res blocks each: 6 output blocks, 3 per level.
+    """
+    config = {
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_res_blocks": 2,
+        "attention_resolutions": (1,),
+        "channel_mult": (1, 2),
+        "num_head_channels": 16,
+        "use_spatial_transformer": True,
+        "context_dim": 24,
+        "legacy": False,
+    }
+    return _ldm_unet(seed, **{**config, **overrides})
+
+
+def tiny_ldm_class(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A class-conditional latent-diffusion UNetModel: ``num_classes`` and ``y``, self-attention blocks.
+
+    3 channels (as LDM-4-G), ResBlocks that resample and scale-shift norms (the ADM options):
+    two levels, two res blocks each, 6 output blocks.
+    """
+    config = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "num_res_blocks": 2,
+        "attention_resolutions": (2,),
+        "channel_mult": (1, 2),
+        "num_heads": 2,
+        "num_classes": 10,
+        "use_scale_shift_norm": True,
+        "resblock_updown": True,
+    }
+    return _ldm_unet(seed, **{**config, **overrides})

@@ -28,7 +28,7 @@ class DeepCacheReference:
         self.forecast = forecast
         self.anchors: list[tuple[float, torch.Tensor]] = []  # (position, feature), oldest first, at most 2
         self.mode: tuple[str, float] = ("full", 0.0)
-        layer.register_forward_pre_hook(self._hook)
+        self.handle = layer.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         x, *rest = args

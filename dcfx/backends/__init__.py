@@ -30,9 +30,12 @@ BufferFn = Callable[[torch.Size, tuple[int, ...], torch.dtype, torch.device], to
 class CompiledPair:
     """``full(*inputs) -> (sample, feature)`` and ``shallow(*inputs, feature) -> sample``.
 
-    The runtime calls ``run_full`` and ``run_shallow``. The in-process version runs ``full``
-    and copies the feature into the runtime's buffer; exported formats override ``run_full``
-    to have the graph write the feature into that buffer directly (IO binding).
+    With forecasting, also ``forecast(*inputs, feature, previous, coefficient) -> sample``: the
+    shallow graph on ``feature + coefficient * (feature - previous)`` (``dcfx.passes.forecast``).
+
+    The runtime calls ``run_full``, ``run_shallow`` and ``run_forecast``. The in-process version
+    runs ``full`` and copies the feature into the runtime's buffer; exported formats override
+    ``run_full`` to have the graph write the feature into that buffer directly (IO binding).
     """
 
     full: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -42,6 +45,7 @@ class CompiledPair:
     # Whether the graphs read the model's weights from their live storage (eager), so that
     # weights written in place need no rebuild; False where the backend copies them (freezing).
     follows_values: bool = False
+    forecast: Callable[..., torch.Tensor] | None = None
 
     def run_full(self, inputs: tuple[torch.Tensor, ...], buffer_for: BufferFn) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the full graph; returns the sample and the buffer holding the cache feature.
@@ -57,9 +61,25 @@ class CompiledPair:
         """Runs the shallow graph on ``inputs`` and the cached ``feature``; returns the sample."""
         return self.shallow(*inputs, feature)
 
+    def run_forecast(
+        self,
+        inputs: tuple[torch.Tensor, ...],
+        feature: torch.Tensor,
+        previous: torch.Tensor,
+        coefficient: torch.Tensor,
+    ) -> torch.Tensor:
+        """Runs the forecast graph: the shallow graph on the feature moved along ``feature - previous``."""
+        if self.forecast is None:
+            raise RuntimeError("this graph pair was built without the forecast graph")
+        return self.forecast(*inputs, feature, previous, coefficient)
+
 
 class Backend(Protocol):
-    """A function that turns the full and shallow graphs into a ``CompiledPair``."""
+    """A function that turns the full and shallow graphs into a ``CompiledPair``.
+
+    With forecasting, the runtime's build also passes ``forecast=``, the forecast graph, which
+    the backend compiles like the shallow one (a backend without it cannot forecast).
+    """
 
     def __call__(  # noqa: D102
         self, full: torch.nn.Module, shallow: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], **options: Any

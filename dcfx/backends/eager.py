@@ -12,7 +12,18 @@ from dcfx.passes import forget_graphs
 
 @register_backend("eager")
 def eager(
-    full: torch.nn.Module, shallow: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], **options: Any
+    full: torch.nn.Module,
+    shallow: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    forecast: torch.nn.Module | None = None,
+    **options: Any,
 ) -> CompiledPair:
     """Returns the graphs themselves; takes no options."""
-    return CompiledPair(full=full, shallow=shallow, release=lambda: forget_graphs(full, shallow), follows_values=True)
+    graphs = [g for g in (full, shallow, forecast) if g is not None]
+    return CompiledPair(
+        full=full,
+        shallow=shallow,
+        forecast=forecast,
+        release=lambda: forget_graphs(*graphs),
+        follows_values=True,
+    )

@@ -46,7 +46,11 @@ class _FirstCallPatched:
 
 @register_backend("inductor", options=OPTIONS)
 def inductor(
-    full: torch.nn.Module, shallow: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], **options: Any
+    full: torch.nn.Module,
+    shallow: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    forecast: torch.nn.Module | None = None,
+    **options: Any,
 ) -> CompiledPair:
     """Returns both graphs wrapped by ``torch.compile``; compilation happens on the first call.
 
@@ -68,9 +72,11 @@ def inductor(
         return _FirstCallPatched(compiled, settings)
 
     frozen = bool(DEFAULT_INDUCTOR_OPTIONS["freezing"] if mode is not None else settings.get("freezing"))
+    graphs = [g for g in (full, shallow, forecast) if g is not None]
     return CompiledPair(
         full=compile_graph(full),
         shallow=compile_graph(shallow),
-        release=lambda: forget_graphs(full, shallow),
+        forecast=None if forecast is None else compile_graph(forecast),
+        release=lambda: forget_graphs(*graphs),
         follows_values=not frozen,
     )

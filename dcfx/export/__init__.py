@@ -8,7 +8,6 @@ exported graphs, without the model object and without diffusers' model code.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import logging
@@ -30,7 +29,7 @@ from dcfx.export.manifest import (
     config_sha256,
     read_manifest,
 )
-from dcfx.export.program import ProgramPair, downsampling_factor, export_programs, trace_size
+from dcfx.export.program import ProgramPair, export_programs, trace_size
 from dcfx.export.registry import available_formats, check_format_options, get_format, register_format
 from dcfx.export.shapes import dtype_name, parse_dims
 from dcfx.models import StoredSpec
@@ -62,17 +61,19 @@ def export(
     """Writes the full and shallow graphs of ``unet`` in ``format`` and manifest.json to ``out_dir``.
 
     Args:
-        unet: A diffusers ``UNet2DConditionModel`` or ``UNet2DModel`` (left unchanged).
+        unet: A diffusers ``UNet2DConditionModel`` or ``UNet2DModel``, or a latent-diffusion
+            ``UNetModel`` (left unchanged).
         out_dir: The export directory; it appears only once complete.
         config: A ``DeepCacheConfig``, the path of its JSON, or None with its fields as keywords.
             Only the branch shapes the graphs; the schedule is recorded as ``load``'s default.
         format: ``"onnx"``, ``"tensorrt"`` or ``"aoti"`` (``dcfx.export.available_formats()``).
         shapes: ``{"batch": ..., "height": ..., "width": ...}`` in latent pixels: an int (static),
             ``(min, max)`` or ``(min, opt, max)``. Defaults: batch (1, 2, 4), height and width
-            from half to twice ``unet.config.sample_size``.
+            from half to twice ``unet.config.sample_size`` (a ``UNetModel``'s ``image_size``).
         dtype: The graphs' dtype (default: the model's); a copy of the model is cast.
         example: Keyword arguments of one U-Net call at the ``opt`` sizes, for inputs the
-            built-in example lacks (ControlNet residuals); default: a typical call.
+            built-in example lacks (ControlNet residuals) or sizes it guesses (a context of
+            other than 77 tokens); default: a typical call.
         overwrite: Replace an existing ``out_dir`` (once the new export is complete).
         progress: Show a progress bar on stderr.
         **kwargs: DeepCacheConfig fields, then format options (onnx: ``opset``; tensorrt:
@@ -107,14 +108,16 @@ def export(
     device = next(unet.parameters()).device
     model_dtype = next(unet.parameters()).dtype
     dtype = dtype or model_dtype
-    factor = downsampling_factor(unet)
-    dims = parse_dims(shapes, int(unet.config.sample_size), factor)
-    model = unet if dtype == model_dtype else copy.deepcopy(unet).to(dtype)
+    factor = spec.downsampling_factor(unet)
+    dims = parse_dims(shapes, spec.default_size(unet), factor)
+    model = unet if dtype == model_dtype else spec.cast(unet, dtype)
     size = {name: trace_size(dim) for name, dim in dims.items()}
     if example is not None:
-        sample = example.get("sample")
+        sample = example.get(spec.sample_input)
         if not isinstance(sample, torch.Tensor) or sample.ndim != 4:
-            raise ValueError("example must be the keyword arguments of a U-Net call, with a 4-d 'sample' tensor")
+            raise ValueError(
+                f"example must be the keyword arguments of a U-Net call, with a 4-d {spec.sample_input!r} tensor"
+            )
         for name, value in zip(("batch", "height", "width"), (sample.shape[0], *sample.shape[2:]), strict=True):
             if not dims[name].contains(value):
                 raise ValueError(
@@ -125,7 +128,7 @@ def export(
         dict(example)
         if example is not None
         else spec.example_call(
-            model, (size["batch"], int(unet.config.in_channels), size["height"], size["width"]), dtype, device
+            model, (size["batch"], spec.in_channels(unet), size["height"], size["width"]), dtype, device
         )
     )
     bar = _progress(progress, f"dcfx export {format}")
@@ -246,7 +249,7 @@ def _manifest(
         versions["diffusers"] = diffusers.__version__
     except ImportError:
         pass
-    config = _jsonable(dict(unet.config))
+    config = _jsonable(spec.model_config(unet))
     model = {
         **spec.describe(unet),
         "config": config,

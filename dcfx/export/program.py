@@ -24,7 +24,6 @@ from dcfx.passes import FEATURE_INPUT, GraphPair, build_graph_pair
 
 logger = logging.getLogger(__name__)
 
-SAMPLE = "sample"
 OUT_SAMPLE = "out_sample"
 
 
@@ -58,7 +57,7 @@ class ProgramPair:
 
 def downsampling_factor(model: nn.Module) -> int:
     """Returns how much the U-Net shrinks the sample: 2 ** (number of downsampling blocks)."""
-    return 2 ** sum(1 for block in model.down_blocks if getattr(block, "downsamplers", None))
+    return spec_for(model).downsampling_factor(model)
 
 
 def trace_size(dim: DimRange) -> int:
@@ -83,13 +82,14 @@ def export_programs(
         branch: The skip branch.
         dims: The batch, height and width ranges (``parse_dims``).
         call: Keyword arguments of a U-Net call at the trace sizes; every input has the batch
-            first, and 4-d inputs (the sample, ControlNet residuals) scale with the sample.
+            first, and 4-d inputs (the sample, ControlNet residuals) scale with the sample
+            (the model's sample input: ``sample``, or ``x`` for a latent-diffusion UNetModel).
         on_stage: Called with the name of each stage as it starts (progress reporting).
     """
     spec = spec_for(model)
     (names, tensors), _ = spec.flatten(model, (), dict(call))
-    factor = downsampling_factor(model)
-    sample = tensors[names.index(SAMPLE)]
+    factor = spec.downsampling_factor(model)
+    sample = tensors[names.index(spec.sample_input)]
     torch_dims = {
         name: None
         if dim.static
@@ -98,7 +98,7 @@ def export_programs(
     }
     dynamic = {n: _dynamic_axes(t, sample, torch_dims, factor) for n, t in zip(names, tensors, strict=True)}
     graphs = build_graph_pair(model, branch, names, tensors, dynamic)
-    symbols = _symbol_names(graphs.full, names, tensors, dynamic)
+    symbols = _symbol_names(graphs.full, names, tensors, dynamic, sample)
     inputs = [
         _spec(n, ph.name, ph.meta["val"], symbols) for n, ph in zip(names, _placeholders(graphs.full), strict=True)
     ]
@@ -120,8 +120,9 @@ def export_programs(
         shallow = torch.export.export(
             graphs.shallow, (*tensors, example_feature), dynamic_shapes=(*positional, feature_axes), strict=False
         )
-    narrowed = _narrow(dict(dims), full, names)
-    narrowed = _narrow(narrowed, shallow, names)
+    at = names.index(spec.sample_input)
+    narrowed = _narrow(dict(dims), full, at)
+    narrowed = _narrow(narrowed, shallow, at)
     # Every recorded shape must be computable over the whole range (a runtime sizes its buffers so).
     for point in ({n: getattr(d, key) for n, d in narrowed.items()} for key in ("min", "opt", "max")):
         for spec in (*inputs, *full_outputs, *shallow_outputs):
@@ -197,11 +198,14 @@ def _outputs(gm: fx.GraphModule) -> list[torch.Tensor]:
 
 
 def _symbol_names(
-    gm: fx.GraphModule, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dynamic: Mapping[str, Any]
+    gm: fx.GraphModule,
+    names: tuple[str, ...],
+    tensors: tuple[torch.Tensor, ...],
+    dynamic: Mapping[str, Any],
+    sample: torch.Tensor,
 ) -> dict[str, str]:
     # Which shape symbol of the capture is which named dimension. Every dynamic axis of every
     # input is read: torch.export may give two inputs' batch axes their own symbols.
-    sample = tensors[names.index(SAMPLE)]
     symbols: dict[str, str] = {}
     for name, tensor, node in zip(names, tensors, _placeholders(gm), strict=True):
         for axis in dynamic[name] or {}:
@@ -248,12 +252,12 @@ def _spec(name: str, graph_name: str, value: torch.Tensor, symbols: Mapping[str,
     return TensorSpec(name, graph_name, dtype_name(value.dtype), tuple(to_expr(s, symbols) for s in value.shape))
 
 
-def _narrow(dims: dict[str, DimRange], program: ExportedProgram, names: tuple[str, ...]) -> dict[str, DimRange]:
+def _narrow(dims: dict[str, DimRange], program: ExportedProgram, sample_at: int) -> dict[str, DimRange]:
     # The ranges torch.export settled on for the program's sample dims (it may raise a minimum).
     user_inputs = [
         n for n in program.graph.find_nodes(op="placeholder") if n.name in program.graph_signature.user_inputs
     ]
-    sample = user_inputs[names.index(SAMPLE)].meta["val"]
+    sample = user_inputs[sample_at].meta["val"]
     for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
         size = sample.shape[axis]
         if not isinstance(size, torch.SymInt):

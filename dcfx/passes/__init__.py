@@ -53,8 +53,8 @@ def partition(captured: fx.GraphModule, ctx: PassContext) -> GraphPair:
         input_names=ctx.input_names,
         feature_shape=tuple(feature.shape),
         feature_dtype=feature.dtype,
-        kept_layers=kept_layers(shallow, ctx.module_prefix),
-        full_layers=kept_layers(full, ctx.module_prefix),
+        kept_layers=kept_layers(shallow, ctx.module_prefix, ctx.spec.layer_depth),
+        full_layers=kept_layers(full, ctx.module_prefix, ctx.spec.layer_depth),
     )
 
 
@@ -80,7 +80,7 @@ def build_graph_pair(
         raise ValueError(f"branch {branch} is out of range for this model; valid: 0..{len(layers) - 1}")
     ctx = PassContext(model=model, spec=spec, input_names=names, layer=layers[branch])
     before = cached_sources()
-    pair = partition(capture(model, names, tensors, dynamic_shapes), ctx)
+    pair = partition(capture(model, names, tensors, dynamic_shapes, spec), ctx)
     # The intermediate graphs are gone; torch.fx would keep their sources for good.
     forget_sources(cached_sources() - before - {source_key(pair.full), source_key(pair.shallow)})
     return pair

@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from dcfx.models import ModelSpec, spec_for, unflatten
+from dcfx.passes.aliases import drop_alias_conversions
 from dcfx.passes.cleanup import mutates
 
 
@@ -20,17 +21,20 @@ class FlatUNet(nn.Module):
     """Calls ``unet`` with tensors only, in the order of ``names``; returns the output sample.
 
     ``torch.export`` needs a forward of tensors in and tensors out; this one rebuilds the
-    keyword arguments (tuples for residuals, dicts for added_cond_kwargs) from the flat list.
+    keyword arguments (tuples for residuals, dicts for added_cond_kwargs) from the flat list
+    and calls the model as its spec says (``ModelSpec.call``).
     """
 
-    def __init__(self, unet: nn.Module, names: tuple[str, ...]) -> None:
+    def __init__(self, unet: nn.Module, names: tuple[str, ...], spec: ModelSpec | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.names = names
-        try:
-            self.spec = spec_for(unet)
-        except TypeError:  # a model not registered with dcfx (a pass tested on its own): called plainly
-            self.spec = ModelSpec(type(unet))
+        if spec is None:
+            try:
+                spec = spec_for(unet)
+            except TypeError:  # a model not registered with dcfx (a pass tested on its own): called plainly
+                spec = ModelSpec(type(unet))
+        self.spec = spec
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         """Returns the U-Net's output sample for the flat inputs."""
@@ -88,16 +92,18 @@ def capture(
     names: tuple[str, ...],
     tensors: tuple[torch.Tensor, ...],
     dynamic_shapes: Mapping[str, Any] | None = None,
+    spec: ModelSpec | None = None,
 ) -> fx.GraphModule:
     """Returns the U-Net call as a GraphModule ``f(*tensors) -> sample`` sharing unet's weights.
 
     The graph is plain positional: the pytree input/output handling that
     ``ExportedProgram.module()`` adds is replaced by the default code generator, and the
     output is the sample tensor itself. ``dynamic_shapes`` maps input names to
-    ``torch.export`` dimension specs (``{"sample": {0: Dim("batch")}}``).
+    ``torch.export`` dimension specs (``{"sample": {0: Dim("batch")}}``). ``spec`` says how
+    to call the model (default: ``spec_for(unet)``).
     """
     # Graphs are inference graphs (dropout off) whatever mode the user's model is in.
-    wrapper = FlatUNet(structural_clone(unet).eval(), names)
+    wrapper = FlatUNet(structural_clone(unet).eval(), names, spec)
     shapes = None
     if dynamic_shapes is not None:
         shapes = (tuple(dynamic_shapes.get(n) for n in names),)
@@ -124,4 +130,4 @@ def capture(
     while isinstance(result, (tuple, list)):
         (result,) = result
     graph.output(result)
-    return fx.GraphModule(gm, graph, class_name="CapturedUNet")
+    return drop_alias_conversions(fx.GraphModule(gm, graph, class_name="CapturedUNet"))

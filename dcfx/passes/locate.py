@@ -26,8 +26,9 @@ def in_module(node: fx.Node, path: str, prefix: str) -> bool:
 def find_cache_feature(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Records in ``ctx.feature`` the main-path input of the branch's up layer.
 
-    In diffusers up blocks each resnet runs on ``cat([hidden, skip], dim=1)``; the feature is
-    ``hidden``: the output of the layer before (or of the previous up block / the mid block).
+    In diffusers up blocks each resnet runs on ``cat([hidden, skip], dim=1)``, as does each
+    output block of a latent-diffusion ``UNetModel``; the feature is ``hidden``: the output of
+    the layer before (or of the previous up block / the mid block).
     The cat is found as the one whose users lie inside the layer's resnet, by
     ``nn_module_stack``, so no node name or block layout is assumed.
 
@@ -47,7 +48,7 @@ def find_cache_feature(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         raise ValueError(
             f"branch {ctx.layer.branch}: expected one cat([hidden, skip]) feeding {path}, found "
             f"{len(cats)}; dcfx supports up blocks that concatenate skip connections (diffusers "
-            f"UpBlock2D, CrossAttnUpBlock2D, AttnUpBlock2D and alike)"
+            f"UpBlock2D, CrossAttnUpBlock2D, AttnUpBlock2D and alike; latent-diffusion output_blocks)"
         )
     hidden = cats[0].args[0][0]
     if not isinstance(hidden, fx.Node) or not isinstance(hidden.meta.get("val"), torch.Tensor):

@@ -10,15 +10,15 @@ from dcfx.passes.locate import in_module, module_path
 
 def deep_modules(ctx: PassContext) -> list[str]:
     """Returns the module paths a shallow step must not run: mid block and deeper up layers."""
-    block, layer = ctx.layer.block, ctx.layer.layer
-    paths = ["mid_block"] + [f"up_blocks.{i}" for i in range(block)]
-    for i in range(layer):
-        paths += [f"up_blocks.{block}.resnets.{i}", f"up_blocks.{block}.attentions.{i}"]
-    return paths
+    return ctx.layer.deep_paths()
 
 
-def kept_layers(gm: fx.GraphModule, prefix: str) -> list[str]:
-    """Returns the layers a graph runs, in execution order: ``conv_in``, ``down_blocks.0.resnets.1``..."""
+def kept_layers(gm: fx.GraphModule, prefix: str, depth: int = 4) -> list[str]:
+    """Returns the layers a graph runs, in execution order: ``conv_in``, ``down_blocks.0.resnets.1``...
+
+    ``depth`` is how many parts of a path under a ``*_blocks`` list name a layer
+    (``ModelSpec.layer_depth``: 4 for ``up_blocks.1.resnets.0``, 2 for ``output_blocks.5``).
+    """
     layers: dict[str, None] = {}
     for node in gm.graph.nodes:
         path = module_path(node, prefix)
@@ -26,8 +26,8 @@ def kept_layers(gm: fx.GraphModule, prefix: str) -> list[str]:
             continue
         parts = path.split(".")
         if parts[0].endswith("_blocks"):
-            if len(parts) >= 4:  # glue of a block (its cat, its upsample size) is no layer
-                layers.setdefault(".".join(parts[:4]))
+            if len(parts) >= depth:  # glue of a block (its cat, its upsample size) is no layer
+                layers.setdefault(".".join(parts[:depth]))
         else:
             layers.setdefault(parts[0])
     return list(layers)

@@ -84,4 +84,4 @@ def micro_context(branch: int) -> tuple[nn.Module, PassContext, tuple[torch.Tens
     inputs = (torch.randn(2, 2, 8, 8), torch.full((2,), 3.0))
     names = ("sample", "timestep")
     ctx = PassContext(model=model, spec=spec, input_names=names, layer=layer)
-    return model, ctx, inputs, capture(model, names, inputs)
+    return model, ctx, inputs, capture(model, names, inputs, spec=spec)
