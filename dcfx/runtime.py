@@ -218,7 +218,8 @@ class DeepCacheUNet(nn.Module):
     """A drop-in for a diffusers U-Net that runs DeepCache's full and shallow graphs.
 
     It keeps the wrapped model (its parameters, ``config``, ``dtype``, ``device``, ...) and
-    answers every attribute the model has, so a pipeline cannot tell it apart. Per call it
+    answers every attribute the model has (writes to those go to the model), so a pipeline
+    cannot tell it apart. Per call it
     runs the full graph (and stores the cache feature in a preallocated buffer) or the
     shallow graph (which reads it). A step is full when the schedule says so, when no cache
     exists in this generation, or when the cache was made for other inputs (batch,
@@ -303,6 +304,24 @@ class DeepCacheUNet(nn.Module):
         except AttributeError:
             model = super().__getattr__("model")
             return getattr(model, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Pipelines write U-Net attributes through pipe.unet too (unload_ip_adapter sets
+        # unet.encoder_hid_proj = None). An attribute of the model that the runtime does not
+        # hold itself (nor its class: a patched forward stays the runtime's) goes to the model,
+        # whose changes the graphs follow; set on the runtime, it would shadow the model's for
+        # good (a reloaded IP-Adapter's projection unseen by the pipeline).
+        model = self.__dict__.get("_modules", {}).get("model")
+        if (
+            model is not None
+            and name not in self.__dict__
+            and name not in self._modules
+            and not hasattr(type(self), name)
+            and hasattr(model, name)
+        ):
+            setattr(model, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def generation(self, scheduler: Any = None) -> contextlib.AbstractContextManager[Generation]:
         """Returns a context in which this runtime's calls run a generation of their own.

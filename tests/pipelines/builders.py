@@ -1,5 +1,6 @@
 """Tiny random-weight diffusers pipelines: SDXL (and its img2img and ControlNet), ControlNet,
-img2img, inpaint, SD 2.x v-prediction, LCM, DDPM, class-conditional UNet2DModel and SVD.
+img2img, inpaint, SD 2.x v-prediction, LCM, DDPM, class-conditional UNet2DModel and SVD; SD with
+an IP-Adapter and with a T2I-Adapter.
 
 Built without text encoders or tokenizers: calls pass prompt embeddings (SDXL: also pooled ones).
 Each ``CASES`` entry is (make the pipeline, run it with fixed seeds -> output latents, the
@@ -20,6 +21,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     LatentConsistencyModelPipeline,
     LCMScheduler,
+    StableDiffusionAdapterPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -28,6 +30,7 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     StableVideoDiffusionPipeline,
+    T2IAdapter,
     UNetSpatioTemporalConditionModel,
 )
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -245,6 +248,20 @@ def run_class_conditional(pipe) -> torch.Tensor:
     return pipe(torch.tensor([3, 7]))
 
 
+def tiny_image_encoder(projection_dim: int) -> CLIPVisionModelWithProjection:
+    """A CLIP image encoder for 32x32 images whose image embeddings have ``projection_dim`` entries."""
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        projection_dim=projection_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        intermediate_size=37,
+        patch_size=4,
+    )
+    return CLIPVisionModelWithProjection(vision).eval()
+
+
 SVD_FRAMES = 3
 
 
@@ -275,18 +292,9 @@ def make_svd():
         latent_channels=4,
         layers_per_block=1,
     ).eval()
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        projection_dim=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        intermediate_size=37,
-        patch_size=4,
-    )
     pipe = StableVideoDiffusionPipeline(
         vae=vae,
-        image_encoder=CLIPVisionModelWithProjection(vision).eval(),
+        image_encoder=tiny_image_encoder(projection_dim=32),
         unet=tiny_svd_unet(),
         scheduler=EulerDiscreteScheduler(
             prediction_type="v_prediction",
@@ -314,6 +322,88 @@ def run_svd(pipe) -> torch.Tensor:
         generator=torch.Generator().manual_seed(0),
     )
     return out.frames
+
+
+# IP-Adapter: image embeddings of this width (the tiny image encoder's projection), one image.
+IMAGE_EMBED_DIM = 6
+
+
+def tiny_ip_adapter(unet, seed: int = 5) -> dict[str, dict[str, torch.Tensor]]:
+    """An IP-Adapter state dict for ``unet`` laid out like the published checkpoints, random weights.
+
+    ``image_proj`` is diffusers' ``ImageProjection`` (one image embedding to 4 tokens);
+    ``ip_adapter`` holds each cross-attention processor's ``to_k_ip`` and ``to_v_ip``, keyed
+    1, 3, 5, ... in ``unet.attn_processors`` order, as ``load_ip_adapter`` reads them.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dim = unet.config.cross_attention_dim
+
+    def weight(*shape: int) -> torch.Tensor:
+        return 0.3 * torch.randn(*shape, generator=g)
+
+    image_proj = {
+        "proj.weight": weight(4 * dim, IMAGE_EMBED_DIM),
+        "proj.bias": weight(4 * dim),
+        "norm.weight": 1 + weight(dim),
+        "norm.bias": weight(dim),
+    }
+    cross_attentions = [
+        unet.get_submodule(name.removesuffix(".processor"))
+        for name in unet.attn_processors
+        if name.endswith("attn2.processor")
+    ]
+    ip_adapter = {}
+    for i, attn in enumerate(cross_attentions):
+        ip_adapter[f"{2 * i + 1}.to_k_ip.weight"] = weight(attn.to_k.out_features, dim)
+        ip_adapter[f"{2 * i + 1}.to_v_ip.weight"] = weight(attn.to_v.out_features, dim)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def load_tiny_ip_adapter(pipe) -> None:
+    """Loads ``tiny_ip_adapter`` into ``pipe`` through diffusers' loader (no download, no image encoder)."""
+    unet = getattr(pipe.unet, "model", pipe.unet)  # the U-Net itself, also under dcfx
+    pipe.load_ip_adapter(tiny_ip_adapter(unet), subfolder="", weight_name="", image_encoder_folder=None)
+
+
+def make_sd():
+    return _sd_pipeline(StableDiffusionPipeline, tiny_sd(), **_NO_SAFETY)
+
+
+def make_ip_adapter():
+    pipe = make_sd()
+    load_tiny_ip_adapter(pipe)
+    return pipe
+
+
+def ip_image_embeds() -> list[torch.Tensor]:
+    """``ip_adapter_image_embeds`` of one image: the negative and the positive embedding."""
+    return [_seeded(9, 2, 1, IMAGE_EMBED_DIM)]
+
+
+def run_ip_adapter(pipe) -> torch.Tensor:
+    return _generate(pipe, ip_adapter_image_embeds=ip_image_embeds(), height=32, width=32)
+
+
+def tiny_t2i_adapter() -> T2IAdapter:
+    """A full T2I-Adapter for tiny_sd: one feature per down block, from the image at latent size.
+
+    The tiny VAE does not downsample, so neither does the adapter's pixel unshuffle. Its
+    convolutions are not zero-initialised: its features count from the start.
+    """
+    torch.manual_seed(2)
+    channels = list(SD_BLOCKS["block_out_channels"])
+    return T2IAdapter(in_channels=3, channels=channels, num_res_blocks=1, downscale_factor=1).eval()
+
+
+def make_t2i_adapter():
+    # StableDiffusionPipeline turns DDIM's clip_sample off by itself, this pipeline does not:
+    # off here too, so that no output is clamped and every difference shows.
+    scheduler = DDIMScheduler(clip_sample=False)
+    return _sd_pipeline(StableDiffusionAdapterPipeline, tiny_sd(), scheduler, adapter=tiny_t2i_adapter(), **_NO_SAFETY)
+
+
+def run_t2i_adapter(pipe, scale: float = 1.0) -> torch.Tensor:
+    return _generate(pipe, image=_image(), adapter_conditioning_scale=scale, height=32, width=32)
 
 
 CASES: dict[str, tuple[Callable, Callable[..., torch.Tensor], int]] = {
