@@ -67,9 +67,12 @@ def export(
         config: A ``DeepCacheConfig``, the path of its JSON, or None with its fields as keywords.
             Only the branch shapes the graphs; the schedule is recorded as ``load``'s default.
         format: ``"onnx"``, ``"tensorrt"`` or ``"aoti"`` (``dcfx.export.available_formats()``).
-        shapes: ``{"batch": ..., "height": ..., "width": ...}`` in latent pixels: an int (static),
-            ``(min, max)`` or ``(min, opt, max)``. Defaults: batch (1, 2, 4), height and width
-            from half to twice ``unet.config.sample_size`` (a ``UNetModel``'s ``image_size``).
+        shapes: ``{"batch": ..., "height": ..., "width": ..., "tokens": ...}``, heights and
+            widths in latent pixels, tokens the prompt length (the cross-attention states' second
+            dimension; long prompts come as 77 x k): an int (static), ``(min, max)`` or
+            ``(min, opt, max)``. Defaults: batch (1, 2, 4), height and width from half to twice
+            ``unet.config.sample_size`` (a ``UNetModel``'s ``image_size``), tokens the
+            example's (77 for the built-in example; static).
         dtype: The graphs' dtype (default: the model's); a copy of the model is cast.
         example: Keyword arguments of one U-Net call at the ``opt`` sizes, for inputs the
             built-in example lacks (ControlNet residuals) or sizes it guesses (a context of
@@ -109,28 +112,38 @@ def export(
     model_dtype = next(unet.parameters()).dtype
     dtype = dtype or model_dtype
     factor = spec.downsampling_factor(unet)
-    dims = parse_dims(shapes, spec.default_size(unet), factor)
     model = unet if dtype == model_dtype else spec.cast(unet, dtype)
-    size = {name: trace_size(dim) for name, dim in dims.items()}
     if example is not None:
         sample = example.get(spec.sample_input)
         if not isinstance(sample, torch.Tensor) or sample.ndim != 4:
             raise ValueError(
                 f"example must be the keyword arguments of a U-Net call, with a 4-d {spec.sample_input!r} tensor"
             )
-        for name, value in zip(("batch", "height", "width"), (sample.shape[0], *sample.shape[2:]), strict=True):
-            if not dims[name].contains(value):
+    typical = (
+        example if example is not None else spec.example_call(model, (1, spec.in_channels(unet), 8, 8), dtype, device)
+    )
+    context = typical.get(spec.context_input)
+    tokens = int(context.shape[1]) if isinstance(context, torch.Tensor) and context.ndim == 3 else None
+    dims = parse_dims(shapes, spec.default_size(unet), factor, tokens=tokens)
+    size = {name: trace_size(dim) for name, dim in dims.items()}
+    if example is not None:
+        sizes = {"batch": sample.shape[0], "height": sample.shape[2], "width": sample.shape[3], "tokens": tokens}
+        for name, dim in dims.items():
+            if not dim.contains(sizes[name]):
                 raise ValueError(
-                    f"the example's {name} {value} is outside shapes[{name!r}] ({dims[name].describe()}); "
+                    f"the example's {name} {sizes[name]} is outside shapes[{name!r}] ({dim.describe()}); "
                     f"give an example at sizes inside the ranges (ideally the opt sizes)"
                 )
-    call = (
-        dict(example)
-        if example is not None
-        else spec.example_call(
+        call = dict(example)
+    else:
+        call = spec.example_call(
             model, (size["batch"], spec.in_channels(unet), size["height"], size["width"]), dtype, device
         )
-    )
+        if tokens is not None and size["tokens"] != tokens:
+            states = call[spec.context_input]
+            call[spec.context_input] = torch.randn(
+                states.shape[0], size["tokens"], states.shape[2], dtype=states.dtype, device=states.device
+            )
     bar = _progress(progress, f"dcfx export {format}")
     try:
         bar.set("capture and cut")

@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
-from dcfx.export.shapes import DimExpr, DimRange, TensorSpec, dtype_name
+from dcfx.export.shapes import DIM_NAMES, DimExpr, DimRange, TensorSpec, dtype_name
 from dcfx.models import spec_for
 from dcfx.passes import FEATURE_INPUT, GraphPair, build_graph_pair
 
@@ -80,7 +80,7 @@ def export_programs(
     Args:
         model: The U-Net (in the dtype and on the device of the export).
         branch: The skip branch.
-        dims: The batch, height and width ranges (``parse_dims``).
+        dims: The batch, height, width (and tokens) ranges (``parse_dims``).
         call: Keyword arguments of a U-Net call at the trace sizes; every input has the batch
             first, and 4-d inputs (the sample, ControlNet residuals) scale with the sample
             (the model's sample input: ``sample``, or ``x`` for a latent-diffusion UNetModel).
@@ -93,12 +93,15 @@ def export_programs(
     torch_dims = {
         name: None
         if dim.static
-        else Dim(name if name == "batch" else f"{name}_units", min=_units(dim, 0), max=_units(dim, 1))
+        else Dim(name if name in ("batch", "tokens") else f"{name}_units", min=_units(dim, 0), max=_units(dim, 1))
         for name, dim in dims.items()
     }
-    dynamic = {n: _dynamic_axes(t, sample, torch_dims, factor) for n, t in zip(names, tensors, strict=True)}
+    dynamic = {
+        n: _dynamic_axes(t, sample, torch_dims, factor, n == spec.context_input)
+        for n, t in zip(names, tensors, strict=True)
+    }
     graphs = build_graph_pair(model, branch, names, tensors, dynamic)
-    symbols = _symbol_names(graphs.full, names, tensors, dynamic, sample)
+    symbols = _symbol_names(graphs.full, names, tensors, dynamic, sample, spec.context_input)
     inputs = [
         _spec(n, ph.name, ph.meta["val"], symbols) for n, ph in zip(names, _placeholders(graphs.full), strict=True)
     ]
@@ -121,8 +124,9 @@ def export_programs(
             graphs.shallow, (*tensors, example_feature), dynamic_shapes=(*positional, feature_axes), strict=False
         )
     at = names.index(spec.sample_input)
-    narrowed = _narrow(dict(dims), full, at)
-    narrowed = _narrow(narrowed, shallow, at)
+    context_at = names.index(spec.context_input) if spec.context_input in names else None
+    narrowed = _narrow(dict(dims), full, at, context_at)
+    narrowed = _narrow(narrowed, shallow, at, context_at)
     # Every recorded shape must be computable over the whole range (a runtime sizes its buffers so).
     for point in ({n: getattr(d, key) for n, d in narrowed.items()} for key in ("min", "opt", "max")):
         for spec in (*inputs, *full_outputs, *shallow_outputs):
@@ -151,11 +155,13 @@ def _units(dim: DimRange, upper: int) -> int:
 
 
 def _dynamic_axes(
-    tensor: torch.Tensor, sample: torch.Tensor, torch_dims: Mapping[str, Any], factor: int
+    tensor: torch.Tensor, sample: torch.Tensor, torch_dims: Mapping[str, Any], factor: int, context: bool = False
 ) -> dict[int, Any] | None:
     axes: dict[int, Any] = {}
     if tensor.ndim and tensor.shape[0] == sample.shape[0] and torch_dims["batch"] is not None:
         axes[0] = torch_dims["batch"]
+    if context and tensor.ndim == 3 and torch_dims.get("tokens") is not None:
+        axes[1] = torch_dims["tokens"]
     if tensor.ndim == 4:
         for axis, name in ((2, "height"), (3, "width")):
             if torch_dims[name] is None:
@@ -203,6 +209,7 @@ def _symbol_names(
     tensors: tuple[torch.Tensor, ...],
     dynamic: Mapping[str, Any],
     sample: torch.Tensor,
+    context: str | None = None,
 ) -> dict[str, str]:
     # Which shape symbol of the capture is which named dimension. Every dynamic axis of every
     # input is read: torch.export may give two inputs' batch axes their own symbols.
@@ -216,6 +223,8 @@ def _symbol_names(
             (symbol,) = expr.free_symbols
             if axis == 0:
                 named = "batch"
+            elif name == context and axis == 1:
+                named = "tokens"
             else:
                 dim = "height" if axis == 2 else "width"
                 ratio = sample.shape[axis] // tensor.shape[axis]
@@ -229,7 +238,7 @@ def to_expr(size: Any, symbols: Mapping[str, str]) -> DimExpr:
     """Returns a (symbolic) size as an int or an expression over the dimension names.
 
     Raises:
-        ValueError: for a size that depends on something other than batch, height and width.
+        ValueError: for a size that depends on something other than batch, height, width and tokens.
     """
     if isinstance(size, int):
         return size
@@ -238,12 +247,9 @@ def to_expr(size: Any, symbols: Mapping[str, str]) -> DimExpr:
         return int(expr)
     unknown = {str(s) for s in expr.free_symbols} - set(symbols)
     if unknown:
-        raise ValueError(f"a shape depends on {sorted(unknown)}, not only on batch, height and width: {expr}")
+        raise ValueError(f"a shape depends on {sorted(unknown)}, not only on batch, height, width and tokens: {expr}")
     named = expr.subs(
-        {
-            s: sympy.sympify(symbols[str(s)], locals={n: sympy.Symbol(n) for n in ("batch", "height", "width")})
-            for s in expr.free_symbols
-        }
+        {s: sympy.sympify(symbols[str(s)], locals={n: sympy.Symbol(n) for n in DIM_NAMES}) for s in expr.free_symbols}
     )
     return str(sympy.simplify(named))
 
@@ -252,14 +258,19 @@ def _spec(name: str, graph_name: str, value: torch.Tensor, symbols: Mapping[str,
     return TensorSpec(name, graph_name, dtype_name(value.dtype), tuple(to_expr(s, symbols) for s in value.shape))
 
 
-def _narrow(dims: dict[str, DimRange], program: ExportedProgram, sample_at: int) -> dict[str, DimRange]:
-    # The ranges torch.export settled on for the program's sample dims (it may raise a minimum).
+def _narrow(
+    dims: dict[str, DimRange], program: ExportedProgram, sample_at: int, context_at: int | None
+) -> dict[str, DimRange]:
+    # The ranges torch.export settled on for the program's named dims (it may raise a minimum).
     user_inputs = [
         n for n in program.graph.find_nodes(op="placeholder") if n.name in program.graph_signature.user_inputs
     ]
     sample = user_inputs[sample_at].meta["val"]
-    for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
-        size = sample.shape[axis]
+    axes = [(sample, 0, "batch"), (sample, 2, "height"), (sample, 3, "width")]
+    if context_at is not None and "tokens" in dims:
+        axes.append((user_inputs[context_at].meta["val"], 1, "tokens"))
+    for value, axis, name in axes:
+        size = value.shape[axis]
         if not isinstance(size, torch.SymInt):
             continue
         expr = size.node.expr

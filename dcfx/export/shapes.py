@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-DIM_NAMES = ("batch", "height", "width")
+DIM_NAMES = ("batch", "height", "width", "tokens")
 DimExpr = int | str
 
 
@@ -62,31 +62,41 @@ class DimRange:
         return {k: v for k, v in asdict(self).items() if k != "name"}
 
 
-def parse_dims(shapes: Mapping[str, Any] | None, sample_size: int, multiple: int) -> dict[str, DimRange]:
+def parse_dims(
+    shapes: Mapping[str, Any] | None, sample_size: int, multiple: int, tokens: int | None = None
+) -> dict[str, DimRange]:
     """Returns the dimension ranges of an export from the user's ``shapes``.
 
     Args:
-        shapes: ``{"batch": ..., "height": ..., "width": ...}`` in latent pixels, each an int
-            (static), a ``(min, max)`` or a ``(min, opt, max)``. Missing names take defaults:
-            batch (1, 2, 4), height and width (sample_size / 2, sample_size, 2 * sample_size).
-            A ``(min, max)`` range is tuned for batch 2 and ``sample_size`` (moved into the range).
+        shapes: ``{"batch": ..., "height": ..., "width": ..., "tokens": ...}``, heights and
+            widths in latent pixels, tokens the length of the cross-attention states (the
+            prompt: long prompts come as 77 x k tokens), each an int (static), a ``(min, max)``
+            or a ``(min, opt, max)``. Missing names take defaults: batch (1, 2, 4), height and
+            width (sample_size / 2, sample_size, 2 * sample_size), tokens ``tokens`` (static).
+            A ``(min, max)`` range is tuned for batch 2, ``sample_size`` and ``tokens``
+            (moved into the range).
         sample_size: The model's default latent size (``unet.config.sample_size``).
         multiple: The U-Net's downsampling factor: heights and widths must be multiples of it.
+        tokens: The context length of the model's typical call; None for a model that takes no
+            cross-attention states (then ``shapes`` may not name tokens).
 
     Raises:
         ValueError: for an unknown name, a bad range, or a height/width off the multiple.
     """
     shapes = dict(shapes or {})
-    unknown = sorted(set(shapes) - set(DIM_NAMES))
+    names = DIM_NAMES if tokens is not None else DIM_NAMES[:3]
+    unknown = sorted(set(shapes) - set(names))
     if unknown:
-        raise ValueError(f"unknown shape name(s) {unknown}; shapes takes {', '.join(DIM_NAMES)}")
+        what = "" if tokens is not None or "tokens" not in unknown else " (this model takes no cross-attention states)"
+        raise ValueError(f"unknown shape name(s) {unknown}{what}; shapes takes {', '.join(names)}")
     half = max(multiple, sample_size // 2 // multiple * multiple)
-    defaults = {"batch": (1, 2, 4), "height": (half, sample_size, 2 * sample_size)}
+    defaults: dict[str, Any] = {"batch": (1, 2, 4), "height": (half, sample_size, 2 * sample_size)}
     defaults["width"] = defaults["height"]
+    defaults["tokens"] = tokens
     dims = {}
-    for name in DIM_NAMES:
-        step = 1 if name == "batch" else multiple
-        preferred = 2 if name == "batch" else sample_size
+    for name in names:
+        step = multiple if name in ("height", "width") else 1
+        preferred = {"batch": 2, "height": sample_size, "width": sample_size, "tokens": tokens or 1}[name]
         dims[name] = _parse_range(name, shapes.get(name, defaults[name]), step, preferred)
     return dims
 

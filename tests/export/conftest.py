@@ -8,8 +8,9 @@ import torch
 import dcfx
 from tests.fixtures import tiny_unet
 
-# Dynamic batch, height and width around the pipelines' sizes (the tiny U-Net downsamples by 2).
-SD_SHAPES = {"batch": (1, 2, 4), "height": (8, 16, 32), "width": (8, 16, 32)}
+# Dynamic batch, height, width and prompt length around the pipelines' sizes (the tiny U-Net
+# downsamples by 2; the pipelines' prompts are 7 tokens).
+SD_SHAPES = {"batch": (1, 2, 4), "height": (8, 16, 32), "width": (8, 16, 32), "tokens": (3, 7, 21)}
 SD_BRANCH = 1
 
 
