@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from dcfx import schedule
-from dcfx.backends import CompiledPair, check_options, compile_lock, get_backend
+from dcfx.backends import check_options, get_backend
+from dcfx.builds import AheadOfTime, CaptureAndCompile, RangedCapture, cache_dir_from
 from dcfx.config import DeepCacheConfig
+from dcfx.export.shapes import DimRange, parse_dims
 from dcfx.models import ModelSpec, spec_for
-from dcfx.passes import build_graph_pair
-from dcfx.passes.forecast import add_forecast
 from dcfx.runtime import DeepCacheUNet
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(DeepCacheConfig))
@@ -61,12 +62,18 @@ def check_branch(unet: nn.Module, spec: ModelSpec, cfg: DeepCacheConfig) -> None
         )
 
 
+# dynamic=True: the ranges a server meets (heights and widths: half to twice the model's size).
+DYNAMIC_DEFAULTS: dict[str, Any] = {"batch": (1, 2, 16), "tokens": (2, 77, 308)}
+
+
 def compile(  # noqa: A001  (the public verb shadows the builtin inside this module only)
     unet: nn.Module,
     config: DeepCacheConfig | str | os.PathLike[str] | None = None,
     *,
     backend: str = "eager",
     scheduler: Any = None,
+    dynamic: bool | Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> DeepCacheUNet:
     """Returns a drop-in replacement for ``unet`` that runs DeepCache as two graphs.
@@ -80,6 +87,16 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
         scheduler: The pipeline's scheduler: the runtime then knows each generation's step
             index and step count from ``scheduler.timesteps`` (needed by the non-uniform
             schedule unless ``steps`` is set).
+        dynamic: One graph pair for every size in ranges instead of one per input shape:
+            ``True`` (batch 1-16, heights and widths from half to twice the model's size,
+            prompts of 2-308 tokens) or ``{"batch": (min, max), "height": ..., "width": ...,
+            "tokens": ...}`` as ``dcfx.export``'s ``shapes`` (an int is static). Eager runs
+            one symbolic capture; Inductor compiles ahead of time (AOTInductor). A call
+            outside the ranges is refused with a ValueError naming the dimension.
+        cache_dir: Inductor only: keep the graphs compiled ahead of time (AOTInductor
+            packages) in this directory, keyed by the model's weights, config, branch, sizes
+            and versions, so that another process with the same model and settings loads them
+            instead of compiling (a warm start). Default: ``$DCFX_CACHE_DIR`` if set.
         **kwargs: DeepCacheConfig fields, then backend options (inductor: ``mode``, ``options``).
 
     Example:
@@ -103,43 +120,59 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
         schedule.plan(cfg)  # a schedule without a solution fails here, not at the first step
     get_backend(backend)
     check_options(backend, kwargs)
-    build = CaptureAndCompile(unet, cfg.branch, backend, dict(kwargs))
+    build = _build_for(unet, spec, cfg, backend, dict(kwargs), dynamic, cache_dir_from(cache_dir))
     return DeepCacheUNet(unet, cfg, spec, build, scheduler=scheduler)
 
 
-@dataclasses.dataclass
-class CaptureAndCompile:
-    """Builds the graph pair of one input signature: capture, cut at ``branch``, compile.
+def _build_for(
+    unet: nn.Module,
+    spec: ModelSpec,
+    cfg: DeepCacheConfig,
+    backend: str,
+    options: dict[str, Any],
+    dynamic: bool | Mapping[str, Any] | None,
+    cache_dir: Path | None,
+) -> Any:
+    """Returns the build function ``compile`` hands the runtime (see ``dcfx.builds``)."""
+    dims = _dynamic_dims(unet, spec, dynamic)
+    if backend == "inductor" and (dims is not None or cache_dir is not None):
+        if options.get("mode") is not None:
+            raise TypeError(
+                "inductor: mode= is a torch.compile setting; with dynamic= or cache_dir= the graphs are compiled "
+                "ahead of time (AOTInductor): pass Inductor settings as options= instead"
+            )
+        return AheadOfTime(unet, cfg.branch, dims, cache_dir, dict(options.get("options") or {}))
+    if cache_dir is not None:
+        raise ValueError(
+            f"cache_dir= keeps compiled graphs for the inductor backend; backend {backend!r} builds its graphs in "
+            "seconds and keeps nothing on disk"
+        )
+    if dims is not None:
+        if backend != "eager":
+            raise ValueError(f"dynamic= takes backend 'eager' or 'inductor', got {backend!r}")
+        return RangedCapture(unet, cfg.branch, backend, options, dims)
+    return CaptureAndCompile(unet, cfg.branch, backend, options)
 
-    A plain object rather than a closure, so that a ``DeepCacheUNet`` pickles (the backend
-    is looked up by name when a pair is built).
-    """
 
-    unet: nn.Module
-    branch: int
-    backend: str
-    options: dict[str, Any]
-
-    def __call__(
-        self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], forecast: bool = False
-    ) -> CompiledPair:
-        """Returns the compiled pair for inputs named ``names`` like ``tensors``, ready to run.
-
-        With ``forecast``, the pair also has the forecast graph (``dcfx.passes.forecast``).
-        Every graph runs once here, on ``tensors``: a backend that compiles on the first call
-        (Inductor) compiles now, under ``compile_lock``, and not in a step of some generation
-        that other threads' builds would have to wait for.
-        """
-        with compile_lock:
-            graphs = build_graph_pair(self.unet, self.branch, names, tensors)
-            extra = {"forecast": add_forecast(graphs.shallow)} if forecast else {}
-            pair = get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **extra, **self.options)
-            with torch.no_grad():
-                _, feature = pair.full(*tensors)
-                pair.shallow(*tensors, feature)
-                if forecast:
-                    pair.run_forecast(tensors, feature, feature, torch.zeros((), device=feature.device))
-            return pair
+def _dynamic_dims(
+    unet: nn.Module, spec: ModelSpec, dynamic: bool | Mapping[str, Any] | None
+) -> dict[str, DimRange] | None:
+    if dynamic is None or dynamic is False:
+        return None
+    if len(spec.sample_dims) != 4:
+        raise TypeError(f"dynamic= takes image U-Nets (4-d samples); {type(unet).__name__} takes video samples")
+    if dynamic is not True and not isinstance(dynamic, Mapping):
+        raise TypeError(f"dynamic must be True or a mapping of dimension ranges, got {dynamic!r}")
+    factor = spec.downsampling_factor(unet)
+    size = spec.default_size(unet)
+    ranges = dict(DYNAMIC_DEFAULTS) if dynamic is True else {}
+    ranges["height"] = ranges["width"] = (max(factor, size // 2 // factor * factor), size, 2 * size)
+    ranges.update(dict(dynamic) if isinstance(dynamic, Mapping) else {})
+    takes_context = spec.context_input in spec.signature(unet).parameters
+    if not takes_context:
+        ranges.pop("tokens", None)
+    tokens = 77 if takes_context else None
+    return parse_dims(ranges, size, factor, tokens=tokens)
 
 
 def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:

@@ -28,9 +28,11 @@ from dcfx.watch import Changes, ModelWatch
 
 logger = logging.getLogger(__name__)
 
-# At most this many graph pairs (one per input signature: shapes, dtypes, device) are kept;
-# the least recently used is dropped first.
+# At most this many graph pairs (one per input signature: shapes, dtypes, device; or one per
+# range with dynamic shapes) are kept; the least recently used is dropped first.
 MAX_GRAPH_PAIRS = 8
+# At most this many input signatures point at the pairs of ranged builds (dynamic shapes).
+MAX_SIGNATURES = 256
 # At most this many non-uniform step plans (one per generation length) are kept.
 MAX_STEP_PLANS = 32
 
@@ -267,7 +269,8 @@ class DeepCacheUNet(nn.Module):
         Kept in ``__dict__`` directly, out of nn.Module's attribute handling.
         """
         return {
-            "_pairs": {},  # Signature -> CompiledPair
+            "_pairs": {},  # Signature -> CompiledPair (several signatures may share one: see _buckets)
+            "_buckets": {},  # a ranged build's bucket -> the pair serving every call in it
             "_used": {},  # id(pair) -> tick of its last use (least recently used dropped first)
             "_ticks": itertools.count(),
             "_plans": {},  # generation length -> StepPlan
@@ -415,8 +418,9 @@ class DeepCacheUNet(nn.Module):
 
     def _drop_pairs(self) -> None:
         with self._lock:
-            pairs = list(self._pairs.values())
+            pairs = list({id(p): p for p in self._pairs.values()}.values())
             self._pairs.clear()
+            self._buckets.clear()
             self._used.clear()
             self._watch.forget()
         for pair in pairs:
@@ -606,27 +610,51 @@ class DeepCacheUNet(nn.Module):
                 return pair
             self._spec.check_inputs(self.model, names, tensors)
             self._check_model()  # a change since this generation began must not leave other graphs stale
-            logger.info("dcfx: building graphs for %s", [tuple(s) for s, _, _ in key[1]])
-            try:
-                pair = self._build(names, tensors, **({"forecast": True} if self._forecasting else {}))
-            except Exception as e:
-                if self._dropped_for is not None:
-                    raise _rebuild_failed(self._dropped_for, e) from e
-                raise
-            self._watch.record()
-            self.__dict__["_dropped_for"] = None
-            self.__dict__["graph_builds"] += 1
+            # A build over ranges (dynamic shapes) serves every call of a bucket with one pair.
+            bucket = getattr(self._build, "bucket", None)
+            bucket_key = None if bucket is None else bucket(names, tensors)
+            if bucket_key is not None:
+                bucket_key = (bucket_key, key[2])
+                pair = self._buckets.get(bucket_key)
+            if pair is None:
+                logger.info("dcfx: building graphs for %s", [tuple(s) for s, _, _ in key[1]])
+                try:
+                    pair = self._build(names, tensors, **({"forecast": True} if self._forecasting else {}))
+                except Exception as e:
+                    if self._dropped_for is not None:
+                        raise _rebuild_failed(self._dropped_for, e) from e
+                    raise
+                self._watch.record()
+                self.__dict__["_dropped_for"] = None
+                self.__dict__["graph_builds"] += 1
             with self._lock:
                 self._pairs[key] = pair
+                if bucket_key is not None:
+                    self._buckets[bucket_key] = pair
                 self._used[id(pair)] = next(self._ticks)
-                evicted = []
-                while len(self._pairs) > MAX_GRAPH_PAIRS:
-                    oldest = min(self._pairs, key=lambda k: self._used.get(id(self._pairs[k]), -1))
-                    evicted.append(self._pairs.pop(oldest))
-                    self._used.pop(id(evicted[-1]), None)
+                evicted = self._evict()
         for old in evicted:
             _release(old)
         return pair
+
+    def _evict(self) -> list[CompiledPair]:
+        # Under self._lock. At most MAX_GRAPH_PAIRS distinct pairs, the least recently used
+        # dropped first with every signature that led to it; a pair shared by many signatures
+        # (a bucket) keeps at most MAX_SIGNATURES of them, the pair itself staying.
+        pairs = {id(p): p for p in self._pairs.values()}
+        evicted = []
+        while len(pairs) > MAX_GRAPH_PAIRS:
+            oldest = min(pairs, key=lambda i: self._used.get(i, -1))
+            evicted.append(pairs.pop(oldest))
+            for k in [k for k, p in self._pairs.items() if id(p) == oldest]:
+                del self._pairs[k]
+            for b in [b for b, p in self._buckets.items() if id(p) == oldest]:
+                del self._buckets[b]
+            self._used.pop(oldest, None)
+        bucketed = {id(p) for p in self._buckets.values()}
+        for k in [k for k, p in self._pairs.items() if id(p) in bucketed][: max(0, len(self._pairs) - MAX_SIGNATURES)]:
+            del self._pairs[k]  # found again through its bucket
+        return evicted
 
 
 _COEFFICIENTS: dict[tuple[float, torch.device], torch.Tensor] = {}

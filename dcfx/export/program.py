@@ -90,16 +90,8 @@ def export_programs(
     (names, tensors), _ = spec.flatten(model, (), dict(call))
     factor = spec.downsampling_factor(model)
     sample = tensors[names.index(spec.sample_input)]
-    torch_dims = {
-        name: None
-        if dim.static
-        else Dim(name if name in ("batch", "tokens") else f"{name}_units", min=_units(dim, 0), max=_units(dim, 1))
-        for name, dim in dims.items()
-    }
-    dynamic = {
-        n: _dynamic_axes(t, sample, torch_dims, factor, n == spec.context_input)
-        for n, t in zip(names, tensors, strict=True)
-    }
+    torch_dims = export_dims(dims)
+    dynamic = dynamic_axes(model, names, tensors, dims)
     graphs = build_graph_pair(model, branch, names, tensors, dynamic)
     symbols = _symbol_names(graphs.full, names, tensors, dynamic, sample, spec.context_input)
     inputs = [
@@ -148,6 +140,82 @@ def export_programs(
         example=tensors,
         symbols=symbols,
     )
+
+
+def export_dims(dims: Mapping[str, DimRange]) -> dict[str, Any]:
+    """Returns ``torch.export`` dims for the named ranges (None for a static one).
+
+    Heights and widths count in units of their multiple (the downsampling factor), so that
+    every traced size stays a multiple of it.
+    """
+    return {
+        name: None
+        if dim.static
+        else Dim(name if name in ("batch", "tokens") else f"{name}_units", min=_units(dim, 0), max=_units(dim, 1))
+        for name, dim in dims.items()
+    }
+
+
+def dynamic_axes(
+    model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dims: Mapping[str, DimRange]
+) -> dict[str, dict[int, Any] | None]:
+    """Returns the ``torch.export`` dynamic axes of each flat input of a call over ``dims``.
+
+    Every input whose first axis is the sample's batch takes the batch; 4-d inputs (the sample,
+    ControlNet residuals) take height and width, scaled by their ratio to the sample's; the
+    cross-attention states take the tokens on their second axis.
+    """
+    spec = spec_for(model)
+    factor = spec.downsampling_factor(model)
+    sample = tensors[names.index(spec.sample_input)]
+    torch_dims = export_dims(dims)
+    return {
+        n: _dynamic_axes(t, sample, torch_dims, factor, n == spec.context_input)
+        for n, t in zip(names, tensors, strict=True)
+    }
+
+
+def call_sizes(model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """Returns the named sizes of a call: batch, height and width of the sample, tokens of the context."""
+    spec = spec_for(model)
+    sample = tensors[names.index(spec.sample_input)]
+    sizes = {"batch": int(sample.shape[0]), "height": int(sample.shape[-2]), "width": int(sample.shape[-1])}
+    if spec.context_input in names:
+        context = tensors[names.index(spec.context_input)]
+        if context.ndim == 3:
+            sizes["tokens"] = int(context.shape[1])
+    return sizes
+
+
+def resize_call(
+    model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], sizes: Mapping[str, int]
+) -> tuple[torch.Tensor, ...]:
+    """Returns the call's inputs at the named ``sizes`` (new random values where a size changes).
+
+    What a capture over dynamic dims is traced with: ``torch.export`` specialises sizes 0
+    and 1, so a call of batch 1 cannot be traced for a range that starts at 1 (``trace_size``
+    picks sizes that can).
+    """
+    now = call_sizes(model, names, tensors)
+    spec = spec_for(model)
+    resized = []
+    for name, tensor in zip(names, tensors, strict=True):
+        shape = list(tensor.shape)
+        if tensor.ndim and shape[0] == now["batch"]:
+            shape[0] = sizes["batch"]
+        if tensor.ndim == 4:
+            for axis, dim in ((2, "height"), (3, "width")):
+                ratio = now[dim] // tensor.shape[axis]
+                shape[axis] = sizes[dim] // ratio
+        if name == spec.context_input and tensor.ndim == 3 and "tokens" in sizes:
+            shape[1] = sizes["tokens"]
+        if list(tensor.shape) == shape:
+            resized.append(tensor)
+        elif tensor.dtype.is_floating_point:
+            resized.append(torch.randn(shape, dtype=tensor.dtype, device=tensor.device))
+        else:
+            resized.append(torch.zeros(shape, dtype=tensor.dtype, device=tensor.device))
+    return tuple(resized)
 
 
 def _units(dim: DimRange, upper: int) -> int:

@@ -1,0 +1,321 @@
+"""How ``dcfx.compile`` builds the graph pair a runtime asks for, per input signature or per range.
+
+- ``CaptureAndCompile``: one pair per input signature (static shapes): capture, cut, compile.
+- ``RangedCapture``: one pair for every call inside named ranges (batch, height, width, prompt
+  length), captured once with symbolic sizes; the eager backend runs it at any size.
+- ``AheadOfTime``: Inductor ahead of time (AOTInductor): the pair exported over the ranges
+  (or the call's own sizes) into ``.pt2`` packages, loaded back, and kept in a cache
+  directory keyed by the model's weights, config, branch, sizes and versions, so that a
+  second process loads it in seconds instead of compiling for minutes.
+
+A build with ranges has ``bucket(names, tensors)``: the runtime hands every call of the same
+bucket the same pair, and a call outside the ranges is refused by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcfx.backends import CompiledPair, compile_lock, get_backend
+from dcfx.export.shapes import DimRange
+from dcfx.passes import build_graph_pair
+from dcfx.passes.forecast import add_forecast
+
+logger = logging.getLogger(__name__)
+
+# Bump when what a cached package holds changes meaning.
+CACHE_VERSION = 1
+
+
+def _warm_up(pair: CompiledPair, tensors: tuple[torch.Tensor, ...], forecast: bool) -> None:
+    # Every graph runs once inside the build: a backend that compiles on the first call
+    # (Inductor) compiles now, under compile_lock, not in a step that other builds wait for.
+    with torch.no_grad():
+        _, feature = pair.full(*tensors)
+        pair.shallow(*tensors, feature)
+        if forecast:
+            pair.run_forecast(tensors, feature, feature, torch.zeros((), device=feature.device))
+
+
+@dataclasses.dataclass
+class CaptureAndCompile:
+    """Builds the graph pair of one input signature: capture, cut at ``branch``, compile.
+
+    A plain object rather than a closure, so that a ``DeepCacheUNet`` pickles (the backend
+    is looked up by name when a pair is built).
+    """
+
+    unet: nn.Module
+    branch: int
+    backend: str
+    options: dict[str, Any]
+
+    def __call__(
+        self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], forecast: bool = False
+    ) -> CompiledPair:
+        """Returns the compiled pair for inputs named ``names`` like ``tensors``, ready to run.
+
+        With ``forecast``, the pair also has the forecast graph (``dcfx.passes.forecast``).
+        """
+        with compile_lock:
+            graphs = build_graph_pair(self.unet, self.branch, names, tensors)
+            extra = {"forecast": add_forecast(graphs.shallow)} if forecast else {}
+            pair = get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **extra, **self.options)
+            _warm_up(pair, tensors, forecast)
+            return pair
+
+
+def check_sizes(
+    model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dims: Mapping[str, DimRange]
+) -> None:
+    """Raises ValueError for a call whose batch, height, width or prompt length is outside ``dims``."""
+    from dcfx.export.program import call_sizes
+
+    sizes = call_sizes(model, names, tensors)
+    for name, dim in dims.items():
+        value = sizes.get(name)
+        if value is not None and not dim.contains(value):
+            raise ValueError(
+                f"the call's {name} is {value}, outside this runtime's range {dim.describe()}: compile with "
+                f"dynamic={{{name!r}: (min, max)}} covering it"
+            )
+
+
+def _trace_tensors(
+    model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dims: Mapping[str, DimRange]
+) -> tuple[torch.Tensor, ...]:
+    from dcfx.export.program import call_sizes, resize_call, trace_size
+
+    sizes = call_sizes(model, names, tensors)
+    want = {name: trace_size(dim) for name, dim in dims.items()}
+    return resize_call(model, names, tensors, {**sizes, **want})
+
+
+@dataclasses.dataclass
+class RangedCapture:
+    """Builds one graph pair for every call inside ``dims``: a capture with symbolic sizes.
+
+    For backends that run a symbolic graph at any size (eager). The graphs are traced at
+    sizes inside the ranges (``dcfx.export.program.trace_size``) and checked on the call.
+    """
+
+    unet: nn.Module
+    branch: int
+    backend: str
+    options: dict[str, Any]
+    dims: dict[str, DimRange]
+
+    def bucket(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Hashable:
+        """Returns what calls served by one pair share (their input names); refuses sizes out of range."""
+        check_sizes(self.unet, names, tensors, self.dims)
+        return ("ranged", names)
+
+    def __call__(
+        self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], forecast: bool = False
+    ) -> CompiledPair:
+        """Returns the pair serving every call inside the ranges, ready to run."""
+        from dcfx.export.program import dynamic_axes
+
+        check_sizes(self.unet, names, tensors, self.dims)
+        with compile_lock:
+            for attempt in range(2):
+                traced = _trace_tensors(self.unet, names, tensors, self.dims)
+                try:
+                    graphs = build_graph_pair(
+                        self.unet, self.branch, names, traced, dynamic_axes(self.unet, names, traced, self.dims)
+                    )
+                    break
+                except Exception as e:
+                    narrowed = narrowed_dims(e, self.dims) if attempt == 0 else None
+                    if narrowed is None:
+                        raise
+                    logger.warning(
+                        "dcfx: torch.export cannot trace the whole range; narrowed to %s",
+                        {n: d.describe() for n, d in narrowed.items() if d != self.dims[n]},
+                    )
+                    self.dims = narrowed
+            check_sizes(self.unet, names, tensors, self.dims)
+            extra = {"forecast": add_forecast(graphs.shallow)} if forecast else {}
+            pair = get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **extra, **self.options)
+            _warm_up(pair, tensors, forecast)
+            return pair
+
+
+@dataclasses.dataclass
+class AheadOfTime:
+    """Builds a pair compiled ahead of time by AOTInductor, persisted in ``cache_dir``.
+
+    With ``dims`` one package pair serves every call inside the ranges; without, each input
+    signature gets its own (static sizes). A package is found again by a key over what made
+    it: the model's class, config and weights (a digest of every parameter and buffer), the
+    branch, the sizes, dtype and device, the Inductor settings and the dcfx, torch and
+    diffusers versions. Before use a package is checked as ``dcfx.load`` checks an export
+    (every file's sha256); an altered one is rebuilt, said in a warning. Without
+    ``cache_dir`` the packages live in a temporary directory for the runtime's life.
+    """
+
+    unet: nn.Module
+    branch: int
+    dims: dict[str, DimRange] | None
+    cache_dir: Path | None
+    inductor_configs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def bucket(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Hashable | None:
+        """Returns what calls served by one pair share; refuses sizes out of range (None: static)."""
+        if self.dims is None:
+            return None
+        check_sizes(self.unet, names, tensors, self.dims)
+        return ("aoti", names)
+
+    def __call__(
+        self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], forecast: bool = False
+    ) -> CompiledPair:
+        """Returns the loaded package pair for the call (built and cached if missing)."""
+        from dcfx.export import ArtifactError, export
+        from dcfx.export.manifest import read_manifest
+        from dcfx.export.program import call_sizes
+        from dcfx.export.registry import get_format
+        from dcfx.models import unflatten
+
+        if forecast:
+            raise NotImplementedError("forecasting with AOTInductor packages is not supported yet; use forecast='none'")
+        if self.dims is not None:
+            check_sizes(self.unet, names, tensors, self.dims)
+            dims = self.dims
+            traced = _trace_tensors(self.unet, names, tensors, dims)
+        else:
+            sizes = call_sizes(self.unet, names, tensors)
+            dims = {name: DimRange(name, v, v, v, 1) for name, v in sizes.items()}
+            traced = tensors
+        shapes = {name: (d.min, d.opt, d.max) for name, d in dims.items()}
+        key = self._key(names, tensors, shapes)
+        root = self.cache_dir if self.cache_dir is not None else _session_dir()
+        directory = root / key
+        with compile_lock:
+            pair = None
+            if directory.exists():
+                try:
+                    manifest = read_manifest(directory)
+                    pair = get_format("aoti").load(directory, manifest, device=tensors[0].device)
+                    logger.info("dcfx: loaded compiled graphs from %s", directory)
+                except ArtifactError as e:
+                    logger.warning("dcfx: the compiled graphs in %s are not usable (%s); compiling again", directory, e)
+                    shutil.rmtree(directory, ignore_errors=True)
+            if pair is None:
+                logger.info("dcfx: compiling the graphs ahead of time into %s", directory)
+                example = unflatten(names, traced)
+                export(
+                    self.unet,
+                    directory,
+                    branch=self.branch,
+                    format="aoti",
+                    shapes=shapes,
+                    example=example,
+                    inductor_configs=self.inductor_configs or None,
+                    overwrite=True,
+                    progress=False,
+                )
+                pair = get_format("aoti").load(directory, read_manifest(directory), device=tensors[0].device)
+            pair.check(names, tensors)
+            _warm_up(pair, tensors, False)
+            return pair
+
+    def _key(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shapes: Mapping[str, Any]) -> str:
+        import diffusers
+
+        import dcfx
+        from dcfx.models import spec_for
+
+        spec = spec_for(self.unet)
+        described = {
+            "cache": CACHE_VERSION,
+            "model": spec.describe(self.unet),
+            # diffusers' private entries (_use_default_values: a list in set order) vary by process.
+            "config": _jsonable({k: v for k, v in spec.model_config(self.unet).items() if not str(k).startswith("_")}),
+            "weights": weights_digest(self.unet),
+            "branch": self.branch,
+            "inputs": [[n, str(t.dtype), t.ndim] for n, t in zip(names, tensors, strict=True)],
+            "shapes": shapes,
+            "device": str(tensors[0].device),
+            "inductor": {k: repr(v) for k, v in sorted(self.inductor_configs.items())},
+            "versions": [dcfx.__version__, torch.__version__, diffusers.__version__],
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def narrowed_dims(error: Exception, dims: Mapping[str, DimRange]) -> dict[str, DimRange] | None:
+    """Returns ``dims`` narrowed as torch.export's constraint violation suggests, or None.
+
+    torch.export refuses a range that the traced graph does not support whole (it
+    specialises sizes 0 and 1, and may bound a size below a static size it meets); its
+    message suggests ``batch = Dim('batch', min=2, max=15)``. Only the names dcfx gave it
+    (batch, tokens, height_units, width_units) are read.
+    """
+    message = str(error)
+    if "Constraints violated" not in message:
+        return None
+    narrowed = dict(dims)
+    for match in re.finditer(r"(\w+) = Dim\('\w+'(?:, min=(\d+))?(?:, max=(\d+))?\)", message):
+        name, lo, hi = match.group(1), match.group(2), match.group(3)
+        base = name.removesuffix("_units")
+        if base not in narrowed:
+            continue
+        dim = narrowed[base]
+        unit = dim.multiple if name.endswith("_units") else 1
+        new_min = max(dim.min, int(lo) * unit) if lo else dim.min
+        new_max = min(dim.max, int(hi) * unit) if hi else dim.max
+        if new_min > new_max:
+            return None
+        narrowed[base] = dataclasses.replace(dim, min=new_min, opt=min(max(dim.opt, new_min), new_max), max=new_max)
+    return narrowed if narrowed != dict(dims) else None
+
+
+def weights_digest(model: nn.Module) -> str:
+    """Returns a digest of every parameter and buffer of ``model``: names, dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            data = tensor.detach().contiguous().cpu()
+            h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+_SESSION_DIR: Path | None = None
+
+
+def _session_dir() -> Path:
+    global _SESSION_DIR
+    if _SESSION_DIR is None:
+        _SESSION_DIR = Path(tempfile.mkdtemp(prefix="dcfx-aoti-"))
+    return _SESSION_DIR
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def cache_dir_from(value: str | os.PathLike[str] | None) -> Path | None:
+    """Returns the cache directory to use: ``value``, else ``$DCFX_CACHE_DIR``, else None."""
+    if value is None:
+        value = os.environ.get("DCFX_CACHE_DIR") or None
+    return None if value is None else Path(value).expanduser()

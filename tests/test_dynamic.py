@@ -1,0 +1,99 @@
+"""Dynamic shapes in dcfx.compile: one graph pair for every size in range, no recapture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dcfx
+from dcfx.builds import narrowed_dims
+from dcfx.export.shapes import DimRange
+from tests.fixtures import example_call, tiny_unet
+
+RANGES = {"batch": (1, 4), "height": (8, 32), "width": (8, 32), "tokens": (2, 16)}
+SIZES = [(2, 16, 16, 7), (1, 16, 16, 7), (3, 24, 16, 7), (2, 32, 24, 14), (1, 8, 8, 3), (4, 8, 32, 16)]
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet()
+
+
+def call_at(unet, batch, height, width, tokens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, 4, height, width, generator=g),
+        "encoder_hidden_states": torch.randn(batch, tokens, 8, generator=g),
+    }
+
+
+def test_one_eager_pair_serves_every_size_in_range(unet):
+    ranged = dcfx.compile(unet, branch=0, interval=2, dynamic=RANGES)
+    static = dcfx.compile(unet, branch=0, interval=2)
+    for size in SIZES:
+        call = call_at(unet, *size)
+        for t in (900, 700):  # a full step, then a shallow one
+            got = ranged(**call, timestep=torch.tensor(t)).sample
+            torch.testing.assert_close(got, static(**call, timestep=torch.tensor(t)).sample, atol=0, rtol=0)
+    assert ranged.graph_builds == 1 and static.graph_builds == len(SIZES)
+    assert len({id(p) for p in ranged._pairs.values()}) == 1
+    assert ranged.stats == static.stats == {"full": len(SIZES), "shallow": len(SIZES)}
+
+
+def test_ten_shapes_hold_one_pair(unet):
+    ranged = dcfx.compile(unet, branch=0, interval=2, dynamic=RANGES)
+    for i in range(10):
+        ranged(**call_at(unet, 1 + i % 4, 8 + 2 * (i % 12), 8 + 2 * ((i + 3) % 12), 2 + i), timestep=900)
+    assert ranged.graph_builds == 1
+    assert len({id(p) for p in ranged._pairs.values()}) == 1  # one pair, one set of graphs
+    assert ranged._state().buffer is not None and ranged._state().buffers[1] is None  # one feature buffer
+
+
+def test_a_call_outside_the_range_is_refused_and_changes_nothing(unet):
+    ranged = dcfx.compile(unet, branch=0, interval=2, dynamic=RANGES)
+    call = call_at(unet, 2, 16, 16, 7)
+    first = ranged(**call, timestep=900).sample
+    with pytest.raises(ValueError, match=r"the call's batch is 5, outside this runtime's range 1\.\.4"):
+        ranged(**call_at(unet, 5, 16, 16, 7), timestep=800)
+    with pytest.raises(ValueError, match=r"the call's tokens is 20, outside this runtime's range 2\.\.16"):
+        ranged(**call_at(unet, 2, 16, 16, 20), timestep=800)
+    assert ranged.stats == {"full": 1, "shallow": 0}
+    static = dcfx.compile(unet, branch=0, interval=2)
+    static(**call, timestep=900)
+    torch.testing.assert_close(ranged(**call, timestep=800).sample, static(**call, timestep=800).sample)
+    assert ranged.stats == {"full": 1, "shallow": 1}  # the generation went on
+    torch.testing.assert_close(first, static(**call, timestep=900).sample)
+
+
+def test_dynamic_true_takes_default_ranges(unet):
+    ranged = dcfx.compile(unet, branch=0, interval=2, dynamic=True)
+    for size in [(1, 8, 8, 7), (2, 16, 32, 77)]:
+        ranged(**call_at(unet, *size), timestep=900)
+    assert ranged.graph_builds == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"dynamic": "yes"}, TypeError, "dynamic must be True or a mapping"),
+        ({"dynamic": {"depth": 3}}, ValueError, "unknown shape name"),
+        ({"dynamic": {"height": (8, 31)}}, ValueError, "31 is not a multiple of 2"),
+        ({"cache_dir": "/tmp/x"}, ValueError, "cache_dir= keeps compiled graphs for the inductor backend"),
+        ({"dynamic": True, "backend": "inductor", "mode": "max-autotune"}, TypeError, "pass Inductor settings"),
+    ],
+)
+def test_bad_dynamic_settings_are_refused(unet, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        dcfx.compile(unet, branch=0, **kwargs)
+
+
+def test_narrowed_dims_reads_torch_exports_suggestion():
+    dims = {"batch": DimRange("batch", 1, 2, 16), "height": DimRange("height", 8, 16, 64, 8)}
+    error = RuntimeError(
+        "Constraints violated (batch)! ...\nSuggested fixes:\n  batch = Dim('batch', max=15)\n"
+        "  height_units = Dim('height_units', min=2, max=6)"
+    )
+    narrowed = narrowed_dims(error, dims)
+    assert narrowed["batch"] == DimRange("batch", 1, 2, 15)
+    assert narrowed["height"] == DimRange("height", 16, 16, 48, 8)
+    assert narrowed_dims(RuntimeError("something else"), dims) is None
