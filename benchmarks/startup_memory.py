@@ -14,7 +14,7 @@ Variants:
 
 Usage:
     python benchmarks/startup_memory.py --model digits            # minutes
-    python benchmarks/startup_memory.py --model sd15 --size 32    # SD1.5 config: each Inductor variant compiles for minutes
+    python benchmarks/startup_memory.py --model sd15 --size 32    # SD1.5 config: minutes per Inductor variant
 """
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ with torch.no_grad():
             if first is None:
                 first = time.perf_counter() - start
     total = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps({"first_call_s": first, "all_calls_s": total, "rss_mb": rss(), "model_rss_mb": base,
-          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "graph_builds": runtime.graph_builds,
-          "shapes": sizes}))
+          "peak_rss_mb": peak, "graph_builds": runtime.graph_builds, "shapes": sizes}))
 """
 
 

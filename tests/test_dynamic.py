@@ -8,7 +8,7 @@ import torch
 import dcfx
 from dcfx.builds import narrowed_dims
 from dcfx.export.shapes import DimRange
-from tests.fixtures import example_call, tiny_unet
+from tests.fixtures import tiny_unet
 
 RANGES = {"batch": (1, 4), "height": (8, 32), "width": (8, 32), "tokens": (2, 16)}
 SIZES = [(2, 16, 16, 7), (1, 16, 16, 7), (3, 24, 16, 7), (2, 32, 24, 14), (1, 8, 8, 3), (4, 8, 32, 16)]
