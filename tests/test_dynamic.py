@@ -97,3 +97,47 @@ def test_narrowed_dims_reads_torch_exports_suggestion():
     assert narrowed["batch"] == DimRange("batch", 1, 2, 15)
     assert narrowed["height"] == DimRange("height", 16, 16, 48, 8)
     assert narrowed_dims(RuntimeError("something else"), dims) is None
+
+
+class WouldCompile(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_ahead_of_time_pair_serves_the_range_and_warm_starts_from_its_cache(unet, tmp_path, monkeypatch, caplog):
+    import importlib
+
+    export_module = importlib.import_module("dcfx.export")  # the package; dcfx.export is the function
+    ranges = {"batch": (1, 3), "height": (8, 24), "width": (8, 24), "tokens": (2, 8)}
+    cold = dcfx.compile(unet, branch=0, interval=2, backend="inductor", dynamic=ranges, cache_dir=tmp_path)
+    static = dcfx.compile(unet, branch=0, interval=2)
+    sizes = [(2, 16, 16, 7), (1, 8, 24, 2), (3, 24, 8, 5)]
+    want = {}
+    for size in sizes:
+        for t in (900, 700):
+            call = call_at(unet, *size)
+            want[size, t] = static(**call, timestep=torch.tensor(t)).sample
+            torch.testing.assert_close(cold(**call, timestep=torch.tensor(t)).sample, want[size, t], atol=1e-4, rtol=0)
+    assert cold.graph_builds == 1 and len(list(tmp_path.iterdir())) == 1
+
+    def no_compile(*args, **kwargs):
+        raise WouldCompile
+
+    monkeypatch.setattr(export_module, "export", no_compile)
+    # A second runtime (a new process would do the same) loads the packages instead of compiling.
+    warm = dcfx.compile(unet, branch=0, interval=2, backend="inductor", dynamic=ranges, cache_dir=tmp_path)
+    for size in sizes:
+        got = warm(**call_at(unet, *size), timestep=torch.tensor(900)).sample
+        torch.testing.assert_close(got, want[size, 900], atol=1e-4, rtol=0)
+    # An altered package is refused (its sha256 no longer matches the manifest) and compiled again.
+    (package,) = [p for p in tmp_path.rglob("shallow.pt2")]
+    package.write_bytes(package.read_bytes() + b"\0")
+    altered = dcfx.compile(unet, branch=0, interval=2, backend="inductor", dynamic=ranges, cache_dir=tmp_path)
+    with caplog.at_level("WARNING", logger="dcfx.builds"), pytest.raises(WouldCompile):
+        altered(**call_at(unet, *sizes[0]), timestep=torch.tensor(900))
+    assert "not usable" in caplog.text
+    # Other weights make another key: the cached packages of the old ones are never used.
+    other = tiny_unet(seed=1)
+    stale = dcfx.compile(other, branch=0, interval=2, backend="inductor", dynamic=ranges, cache_dir=tmp_path)
+    with pytest.raises(WouldCompile):
+        stale(**call_at(other, *sizes[0]), timestep=torch.tensor(900))
