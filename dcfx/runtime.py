@@ -234,9 +234,9 @@ class DeepCacheUNet(nn.Module):
                 f"this runtime's graphs are cut at branch {self.deepcache_config.branch}; branch {config.branch} "
                 "needs its own graphs: dcfx.compile(runtime.model, ...) again"
             )
-        if config.schedule == "non-uniform" and config.steps is None and self.scheduler is None:
+        if config.schedule_spec.needs_step_count() and self.scheduler is None:
             raise ValueError(
-                "the non-uniform schedule needs the step count: set steps= (this runtime has no scheduler)"
+                f"the {config.schedule} schedule needs the step count: set steps= (this runtime has no scheduler)"
             )
         self.deepcache_config = config
         self._plans.clear()
@@ -354,8 +354,8 @@ class DeepCacheUNet(nn.Module):
         self._probe = params[0] if params else None
 
     def _step_plan(self, num_steps: int | None) -> schedule.StepPlan:
-        # Only the non-uniform schedule depends on the step count: one plan per count, made once.
-        if self.deepcache_config.schedule != "non-uniform":
+        # Only a schedule that depends on the step count (non-uniform) needs one plan per count, made once.
+        if not self.deepcache_config.schedule_spec.per_step_count:
             num_steps = None
         plan = self._plans.get(num_steps)
         if plan is None:
@@ -370,7 +370,7 @@ class DeepCacheUNet(nn.Module):
         try:
             return schedule.plan(cfg, num_steps)
         except ValueError as e:
-            if cfg.schedule != "non-uniform" or num_steps is None:
+            if not cfg.schedule_spec.per_step_count or num_steps is None:
                 raise
             # A generation shorter than the configured one (img2img, a reset mid-way) can leave
             # the centre outside it or the search without a solution: it runs uniform, said once.
