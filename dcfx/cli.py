@@ -99,12 +99,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
         schedules=tuple(args.schedules.split(",")),
         min_speedup=args.min_speedup,
         repeats=args.repeats,
+        max_rounds=args.max_rounds,
+        tolerance=args.tolerance,
         out=args.out,
         cache=not args.no_cache,
         verify=not args.no_verify,
         log=lambda m: print(m, file=sys.stderr),
     )
-    print(f"wrote {args.out}/report.md, pareto.png, results.json" + (", config.json" if result.chosen else ""))
+    print(f"wrote {args.out}/{', '.join(result.written)}")
     return 0 if result.goal is None or result.chosen is not None else 1
 
 
@@ -237,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedules", default="uniform,non-uniform")
     p.add_argument("--min-speedup", type=float, default=1.1, help="prune candidates whose FLOP-ideal speedup is lower")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per candidate, at least")
+    p.add_argument("--max-rounds", type=int, default=10, help="timed generations per candidate, at most")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.03,
+        help="time candidates in interleaved rounds until each median latency's spread is within this (0.03: 3%%)",
+    )
     p.add_argument("--out", default="tune_out", help="directory for config.json, report.md, pareto.png, results.json")
     p.add_argument("--no-cache", action="store_true", help="measure everything again (ignore out/cache.json)")
     p.add_argument("--no-verify", action="store_true", help="skip the fresh rerun of the chosen configuration")
