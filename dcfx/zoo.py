@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import UNet2DConditionModel
 from torch import nn
 
 from dcfx.models import spec_for
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 _SD_BLOCKS = {
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -56,6 +58,8 @@ def model_names() -> list[str]:
 
 def build_unet(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """Returns the built-in U-Net ``name`` with seeded random weights, in eval mode."""
+    from diffusers import UNet2DConditionModel  # here: importing dcfx must not need diffusers (dcfx.load)
+
     if name not in CONFIGS:
         raise ValueError(f"unknown model config {name!r}; built in: {', '.join(CONFIGS)}")
     torch.manual_seed(seed)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -9,6 +13,8 @@ from diffusers import UNet2DConditionModel
 from dcfx.digits import load_model
 from dcfx.zoo import check_model, load_unet
 from tests.fixtures import tiny_unet
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_bundled_model_by_name():
@@ -37,3 +43,11 @@ def test_bad_models_raise_value_errors_naming_the_choices(tmp_path):
     (tmp_path / "config.json").write_text('{"_class_name": "NotAModel"}')
     with pytest.raises(ValueError, match="'NotAModel', which is not a diffusers model class"):
         load_unet(tmp_path)
+
+
+def test_importing_dcfx_needs_no_diffusers():
+    # A process that only loads exports has no diffusers; dcfx.tune (and the loader it uses) come with dcfx.
+    code = "import sys; sys.modules['diffusers'] = None; import dcfx, dcfx.zoo; print(dcfx.tune.__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "tune"
