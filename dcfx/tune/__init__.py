@@ -165,8 +165,9 @@ def tune(
         min_speedup: Candidates whose FLOP-ideal speedup is below this are pruned.
         repeats: Timed generations per candidate at least (interleaved rounds; the latency is their median).
         max_rounds: Timed generations per candidate at most, whether its spread settled or not.
-        tolerance: Rounds go on until each latency's spread (the relative standard error of its
-            median, see ``dcfx.tune.measure``) is at most this, or ``max_rounds`` have run.
+        tolerance: Rounds go on until each latency's spread (the half-width of its median's 90%
+            confidence interval, relative to it; see ``dcfx.tune.measure``) is at most this, or
+            ``max_rounds`` have run.
         out: Where config.json, report.md, pareto.png and results.json go (None: nowhere). The
             plot needs matplotlib; without it, tune says so at the start and skips only the plot.
         cache: True (``out``/cache.json), a path, or False (measure everything again).

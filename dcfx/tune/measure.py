@@ -6,11 +6,12 @@ so that a change of load hits all of them alike. Rounds go on until the median o
 candidate is known to within ``Rounds.tolerance`` (its spread, below) or ``Rounds.max_rounds``
 have run; a candidate that has settled sits out the remaining rounds.
 
-The spread of a median is its standard error relative to it, estimated robustly from the
-median absolute deviation (MAD) of n times: ``1.2533 * 1.4826 * MAD / sqrt(n) / median``
-(1.4826 MAD estimates the standard deviation of normal noise; 1.2533 / sqrt(n) turns it into
-the standard error of a median). One run disturbed by the host barely moves it; steady noise
-makes it shrink as rounds accumulate.
+The spread of a median is the half-width of its distribution-free confidence interval,
+relative to it: with n times sorted, the interval [x_k, x_(n+1-k)] holds the true median with
+probability 1 - 2 P(Binomial(n, 1/2) < k), and k is the largest that keeps this at least
+``LEVEL`` (90%); with fewer than 8 times that is [min, max] (75% at n = 3). It assumes
+nothing about the noise, one disturbed run cannot make it look small, and it narrows as
+rounds accumulate (about as 1 / sqrt(n)).
 """
 
 from __future__ import annotations
@@ -35,26 +36,50 @@ from dcfx.quality import psnr
 
 # PSNR of identical images is infinite; reported and plotted at this ceiling.
 PSNR_CAP = 100.0
-# sqrt(pi / 2) (standard error of a median over that of a mean, normal noise) x 1.4826 (MAD to sigma).
-_MEDIAN_SE_PER_MAD = math.sqrt(math.pi / 2) * 1.4826
+# The confidence level of the interval whose half-width is a median's spread.
+LEVEL = 0.9
+
+
+def _coverage(n: int, k: int) -> float:
+    # P(x_k <= true median <= x_(n+1-k)) for n independent times: 1 - 2 P(Binomial(n, 1/2) < k).
+    return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+
+def median_interval(times: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
+    """Returns the distribution-free confidence interval of the median of ``times`` (order statistics).
+
+    The interval is [x_k, x_(n+1-k)] of the sorted times, k the largest whose coverage is at
+    least ``level``; [min, max] when even that falls short (fewer than 8 times at 90%).
+
+    Example:
+        >>> median_interval([1.0, 1.1, 0.9, 1.0, 1.2])
+        (0.9, 1.2)
+    """
+    if not times:
+        raise ValueError("no times: the median of nothing has no interval")
+    xs = sorted(times)
+    n, k = len(xs), 1
+    while k + 1 <= n // 2 and _coverage(n, k + 1) >= level:
+        k += 1
+    return xs[k - 1], xs[n - k]
 
 
 def median_spread(times: Sequence[float]) -> float:
-    """Returns the spread of the median of ``times``: its robust standard error relative to it.
+    """Returns the spread of the median of ``times``: its confidence interval's half-width relative to it.
 
     Infinite with fewer than two times (nothing is known of the noise yet).
 
     Example:
-        >>> round(median_spread([1.0, 1.1, 0.9, 1.0, 1.2]), 3)  # MAD 0.1
-        0.083
+        >>> round(median_spread([1.0, 1.1, 0.9, 1.0, 1.2]), 3)  # (1.2 - 0.9) / 2 / 1.0
+        0.15
     """
     if len(times) < 2:
         return math.inf
+    lo, hi = median_interval(times)
     median = statistics.median(times)
-    mad = statistics.median(abs(t - median) for t in times)
     if median <= 0:
-        return 0.0 if mad == 0 else math.inf
-    return _MEDIAN_SE_PER_MAD * mad / math.sqrt(len(times)) / median
+        return 0.0 if hi == lo else math.inf
+    return (hi - lo) / 2 / median
 
 
 @dataclass(frozen=True)
@@ -64,7 +89,8 @@ class Rounds:
     Attributes:
         min_rounds: Timed generations per candidate at least.
         max_rounds: Timed generations per candidate at most, settled or not.
-        tolerance: The spread (relative standard error of the median) a candidate must reach.
+        tolerance: The spread (relative half-width of the median's confidence interval) a
+            candidate must reach.
     """
 
     min_rounds: int = 3

@@ -99,7 +99,7 @@ def timing_note(result: TuneResult) -> str:
     r, n = result.rounds, result.counts
     note = (
         f"latency: median of {r.min_rounds}-{r.max_rounds} generations per candidate in interleaved rounds, until its "
-        f"spread (± = the median's robust standard error, relative) is within {r.tolerance:.1%}"
+        f"spread (± = half-width of the median's 90% confidence interval, relative) is within {r.tolerance:.1%}"
     )
     if n.get("measured"):
         note += f"; {n.get('rounds', 0)} rounds, {n.get('unsettled', 0)} of {n['measured']} measured did not settle"

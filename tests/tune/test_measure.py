@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from dcfx.tune.measure import Rounds, Timing, median_spread, time_interleaved
+from dcfx.tune.measure import Rounds, Timing, median_interval, median_spread, time_interleaved
 
 
 class FakeClock:
@@ -39,14 +39,19 @@ class FakeClock:
         return {key: prepare(key) for key in durations}
 
 
-def test_spread_is_the_robust_standard_error_of_the_median():
-    times = [1.0, 1.1, 0.9, 1.0, 1.2]  # median 1.0, MAD 0.1
-    assert median_spread(times) == pytest.approx(math.sqrt(math.pi / 2) * 1.4826 * 0.1 / math.sqrt(5))
-    assert median_spread([2.0, 2.2, 1.8, 2.0, 2.4]) == pytest.approx(median_spread(times))  # relative
-    # More rounds of the same noise: a smaller spread.
-    assert median_spread(times * 4) == pytest.approx(median_spread(times) / 2)
-    # One run disturbed by the host barely moves it, unlike the range or the standard deviation.
-    assert median_spread([1.0, 1.01, 0.99, 1.0, 9.0]) < 0.01
+def test_spread_is_the_half_width_of_the_medians_confidence_interval():
+    times = [1.0, 1.1, 0.9, 1.0, 1.2]  # five times: the interval is [min, max]
+    assert median_interval(times) == (0.9, 1.2)
+    assert median_spread(times) == pytest.approx((1.2 - 0.9) / 2 / 1.0)
+    assert median_spread([2 * t for t in times]) == pytest.approx(median_spread(times))  # relative
+    # The order statistics that keep the coverage at 90% or more: [x2, x7] of 8, [x6, x15] of 20.
+    assert median_interval(range(1, 9)) == (2, 7) and median_interval(range(1, 21)) == (6, 15)
+    # More rounds of the same noise: a narrower interval.
+    assert median_spread(times * 4) < median_spread(times) / 2
+    # A disturbed run cannot make a few times look settled (seen here: 4.6, 4.6 and 15.5 s)...
+    assert median_spread([4.6, 4.6, 15.49]) > 1
+    # ...and from eight times on, one disturbed run on either side is left out.
+    assert median_spread([1.0, 1.01, 0.99, 1.0, 9.0, 1.0, 0.2, 1.02]) == pytest.approx(0.015)
     assert median_spread([1.0]) == math.inf and median_spread([]) == math.inf
 
 
@@ -80,11 +85,12 @@ def test_a_noisy_candidate_runs_more_rounds_alone_up_to_the_cap():
 
 def test_timing_stops_at_the_first_round_within_tolerance():
     clock = FakeClock()
-    durations = {"a": [1.0, 1.3, 0.9, 1.02, 1.01, 0.99, 1.0, 1.0]}  # spreads after 3, 4, 5 runs: 0.107, 0.055, 0.008
-    for tolerance, runs in ((0.2, 3), (0.06, 4), (0.05, 5), (0.001, 8)):
+    durations = {"a": [1.0, 1.3, 0.9, 1.1, 1.05, 0.97, 1.0, 1.0]}  # spreads after 3, 4, 8 runs: 0.2, 0.19, 0.065
+    for tolerance, runs in ((0.2, 3), (0.195, 4), (0.1, 8), (0.01, 8)):
         timing = time_interleaved(clock.runs(durations), Rounds(3, 8, tolerance), clock)["a"]
         assert timing.times_s == pytest.approx(durations["a"][:runs]), tolerance
-        assert (timing.spread <= tolerance) is (runs < 8)
+        assert all(median_spread(durations["a"][:n]) > tolerance for n in range(3, runs))
+        assert (timing.spread <= tolerance) is (tolerance > 0.01)  # the last one stopped at the cap, unsettled
 
 
 def test_with_one_round_there_is_no_spread():
