@@ -248,6 +248,7 @@ def tune(
         if fresh:
             log(f"dcfx tune: timing {len(fresh)} configurations in interleaved rounds ({_rounds_text(rounds)}) ...")
             found.update(_time_candidates(runner, store, fresh, rounds, counts, progress))
+            baseline_s = float(store.get(BASELINE)["latency_s"])  # type: ignore[index]  # timed alongside
     finally:
         runner.close()
 
@@ -257,6 +258,7 @@ def tune(
         workload={k: v for k, v in workload.items() if k != "machine"},
         goal=goal,
         baseline_s=baseline_s,
+        baseline_spread=finite_spread(store.get(BASELINE)["times_s"]),  # type: ignore[index]
         full_s=full_s,
         measurements=measured,
         frontier=pareto(measured),
@@ -274,7 +276,7 @@ def tune(
             write_config(result, out_dir / "config.json")
             result.written.append("config.json")
     if verify and chosen is not None:
-        result.check = check_choice(work, chosen, baseline_s, steps, backend, runner.batches, rounds, out_dir, log)
+        result.check = check_choice(work, chosen, steps, backend, runner.batches, rounds, out_dir, log)
     result.wall_s = time.perf_counter() - start
     if out_dir is not None:
         result.written += write_outputs(result, out_dir, plot=plot)
@@ -289,6 +291,9 @@ def _goal(latency: float | None, speedup: float | None, quality: float | None) -
     if len(goals) > 1:
         raise ValueError(f"give one goal (latency=, speedup= or quality=), got {[g.kind for g in goals]}")
     return goals[0] if goals else None
+
+
+BASELINE = "baseline"  # the no-cache baseline's key in the results cache and among timed runs
 
 
 class _Store:
@@ -314,15 +319,15 @@ def _baseline_and_unit(
     unlike the plain U-Net), so that predictions compare with what runs.
     """
     pending: dict[str, Prepare] = {}
-    if store.get("baseline") is None:
+    if store.get(BASELINE) is None:
         log(f"dcfx tune: no-cache reference, {len(runner.batches)} x batch {runner.batch}, {runner.steps} steps ...")
         runner.reference()
-        pending["baseline"] = runner.plain_run
+        pending[BASELINE] = runner.plain_run
     if store.get("all-full") is None:
         pending["all-full"] = runner.cached_run(DeepCacheConfig(branch=branch, interval=1))
     for key, timing in time_interleaved(pending, rounds).items():
         store.put(key, timing_entry(timing))
-    baseline, unit = store.get("baseline"), store.get("all-full")
+    baseline, unit = store.get(BASELINE), store.get("all-full")
     assert baseline is not None and unit is not None  # both stored above
     return float(baseline["latency_s"]), float(unit["latency_s"])
 
@@ -408,15 +413,23 @@ def _time_candidates(
     counts: dict[str, int],
     progress: bool,
 ) -> dict[str, Measurement]:
-    """Returns the measurements of the ``fresh`` candidates, timed in interleaved rounds (and caches them)."""
+    """Returns the measurements of the ``fresh`` candidates, timed in interleaved rounds (and caches them).
+
+    The no-cache baseline runs in the same rounds and replaces the cached one: a speedup is a
+    ratio of two latencies, and only latencies timed side by side survive a drifting load
+    (seen here: a baseline timed under heavy load, then candidates timed after it eased, made
+    80x of a 4x speedup).
+    """
+    runs = {key: runner.cached_run(f.candidate.config) for key, f in fresh.items()}
     bar = _progress(progress, rounds.max_rounds, "dcfx tune: timing rounds")
     timings = time_interleaved(
-        {key: runner.cached_run(f.candidate.config) for key, f in fresh.items()},
+        {**runs, BASELINE: runner.plain_run},
         rounds,
         on_round=None if bar is None else lambda r, left: bar.update(),
     )
     if bar is not None:
         bar.close()
+    store.put(BASELINE, timing_entry(timings.pop(BASELINE)))
     out = {}
     for key, timing in timings.items():
         f = fresh[key]
@@ -432,7 +445,6 @@ def _time_candidates(
 def check_choice(
     work: Workload,
     chosen: Measurement,
-    baseline_s: float,
     steps: int,
     backend: str,
     batches: Sequence[Batch],
@@ -440,7 +452,11 @@ def check_choice(
     out_dir: Path | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Returns a fresh run of the chosen configuration (from config.json when written) against the tuner's numbers."""
+    """Returns a fresh run of the chosen configuration (from config.json when written) against the tuner's numbers.
+
+    The fresh runtime and the plain U-Net are timed in interleaved rounds, so the check's
+    speedup compares latencies timed side by side.
+    """
     config: Any = out_dir / "config.json" if out_dir is not None else DeepCacheConfig.from_dict(chosen.config)
     log(f"dcfx tune: checking the choice {chosen.config} with a fresh runtime ...")
     unet = work.unet
@@ -449,22 +465,27 @@ def check_choice(
     fast = compile_unet(unet, config, backend=backend, scheduler=work.scheduler())
     outs = [generate(fast, fast.scheduler, n, c, steps) for n, c in batches]  # builds and warms up, untimed
 
-    def prepare(r: int) -> Callable[[], object]:
-        noise, cond = batches[r % len(batches)]
-        return functools.partial(generate, fast, fast.scheduler, noise, cond, steps)
+    def run(model: Any, scheduler: Any) -> Prepare:
+        def prepare(r: int) -> Callable[[], object]:
+            noise, cond = batches[r % len(batches)]
+            return functools.partial(generate, model, scheduler, noise, cond, steps)
+
+        return prepare
 
     # More runs than a candidate gets: the check is one configuration, and a shared host drifts.
     least = max(5, rounds.min_rounds + 2)
     check_rounds = Rounds(least, max(least, rounds.max_rounds), rounds.tolerance)
-    timing = time_interleaved({"check": prepare}, check_rounds)["check"]
+    timings = time_interleaved({"check": run(fast, fast.scheduler), BASELINE: run(unet, plain_scheduler)}, check_rounds)
     fast.clear_graphs()
     quality_db = fidelity(outs, reference)
-    latency = timing.median_s
+    latency, baseline_s = timings["check"].median_s, timings[BASELINE].median_s
     return {
         "config_file": str(config) if isinstance(config, Path) else None,
         "latency_s": latency,
-        "spread": finite_spread(timing.times_s),
-        "times_s": list(timing.times_s),
+        "spread": finite_spread(timings["check"].times_s),
+        "times_s": list(timings["check"].times_s),
+        "baseline_s": baseline_s,
+        "baseline_spread": finite_spread(timings[BASELINE].times_s),
         "psnr_db": quality_db,
         "tuned_latency_s": chosen.latency_s,
         "tuned_psnr_db": chosen.psnr_db,

@@ -26,6 +26,7 @@ class TuneResult:
     workload: dict[str, Any]
     goal: Goal | None
     baseline_s: float
+    baseline_spread: float | None
     full_s: float
     measurements: list[Measurement]
     frontier: list[Measurement]
@@ -112,8 +113,8 @@ def summary(result: TuneResult) -> str:
     lines = [
         f"dcfx tune: {w['model']} ({w['model_class']}), {w['scheduler']}, {w['steps']} steps, batch {w['batch']}, "
         f"{w['size']}x{w['size']}, {w['backend']}, {w['seeds']} calibration seeds",
-        f"no cache: {result.baseline_s:.3f} s per generation (plain U-Net); dcfx at N=1 (every step full, the cost "
-        f"model's unit): {result.full_s:.3f} s",
+        f"no cache: {result.baseline_s:.3f} s ± {format_spread(result.baseline_spread)} per generation (plain "
+        f"U-Net); dcfx at N=1 (every step full, the cost model's unit): {result.full_s:.3f} s",
         f"candidates {n['candidates']} (no schedule at this step count: {n['no_schedule']}), pruned by the cost "
         f"model {n['pruned']}, measured {n['measured']}, from the cache {n['cached']}; {result.wall_s:.0f} s",
         timing_note(result),
@@ -133,8 +134,8 @@ def summary(result: TuneResult) -> str:
     if result.check is not None:
         k = result.check
         lines.append(
-            f"check (fresh run from config.json): {k['latency_s']:.3f} s ± {format_spread(k.get('spread'))} "
-            f"({k['speedup']:.2f}x), PSNR {k['psnr_db']:.1f} dB; "
+            f"check (fresh run from config.json, timed beside no cache): {k['latency_s']:.3f} s "
+            f"± {format_spread(k.get('spread'))} ({k['speedup']:.2f}x), PSNR {k['psnr_db']:.1f} dB; "
             f"against the tuner's measurement {k['latency_error']:+.1%} latency, {k['psnr_error_db']:+.2f} dB; "
             f"against the FLOP cost model {k['prediction_error']:+.1%}"
         )
@@ -153,6 +154,7 @@ def write_outputs(result: TuneResult, out_dir: Path, plot: bool = True) -> list[
         "goal": dataclasses.asdict(result.goal) if result.goal else None,
         "rounds": dataclasses.asdict(result.rounds),
         "baseline_s": result.baseline_s,
+        "baseline_spread": result.baseline_spread,
         "full_s": result.full_s,
         "counts": result.counts,
         "wall_s": result.wall_s,

@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx import cli
-from dcfx.tune import Goal, Measurement, Rounds, Workload, candidates, choose, median_spread, pareto, tune
+from dcfx.tune import Goal, Measurement, Rounds, Workload, candidates, choose, measure, median_spread, pareto, tune
 from dcfx.tune.report import NO_PLOT
 from tests.fixtures import tiny_unet
 
@@ -181,6 +181,32 @@ def test_without_matplotlib_tune_says_so_first_and_writes_all_but_the_plot(tiny_
     report = (tmp_path / "report.md").read_text()
     assert "(no plot: matplotlib is not installed" in report and "](pareto.png)" not in report
     assert json.loads((tmp_path / "results.json").read_text())["measurements"]
+
+
+def test_the_baseline_is_timed_beside_the_candidates_and_the_check(tiny_work, tmp_path, monkeypatch):
+    calls = []
+
+    def spy(runs, rounds, **kwargs):
+        timings = measure.time_interleaved(runs, rounds, **kwargs)
+        calls.append({key: len(t.times_s) for key, t in timings.items()})
+        return timings
+
+    monkeypatch.setattr(sys.modules["dcfx.tune"], "time_interleaved", spy)  # dcfx.tune is the function
+    result = tune(
+        tiny_work,
+        **{"steps": 4, "batch": 1, "size": 8, "seeds": 1, "repeats": 2, "max_rounds": 3, "branches": (0,)},
+        **{"intervals": (2, 3), "schedules": ("uniform",), "min_speedup": 1.0, "quality": 1.0},
+        **{"out": tmp_path, "progress": False, "log": lambda msg: None},
+    )
+    keys = {json.dumps({"branch": 0, "interval": n, "schedule": "uniform"}, sort_keys=True) for n in (2, 3)}
+    # First the cost model's unit and a first baseline; then the candidates, with the baseline again; then the check.
+    assert [set(c) for c in calls] == [{"baseline", "all-full"}, {"baseline", *keys}, {"baseline", "check"}]
+    cached = json.loads((tmp_path / "cache.json").read_text())
+    baseline = next(v for k, v in cached.items() if k.endswith(":baseline"))
+    assert len(baseline["times_s"]) == calls[1]["baseline"]  # the one timed beside the candidates is kept
+    assert result.baseline_s == baseline["latency_s"] == statistics.median(baseline["times_s"])
+    assert result.baseline_spread == pytest.approx(median_spread(baseline["times_s"]))
+    assert result.check["speedup"] == pytest.approx(result.check["baseline_s"] / result.check["latency_s"])
 
 
 def test_a_latency_goal_prunes_before_measuring(tiny_work, tmp_path):
