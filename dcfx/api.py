@@ -111,12 +111,12 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
     spec = model_spec(unet)
     cfg, kwargs = split_config_fields(config, kwargs)
     check_branch(unet, spec, cfg)
-    if cfg.schedule == "non-uniform" and scheduler is None and cfg.steps is None:
+    if cfg.schedule_spec.needs_step_count() and scheduler is None:
         raise ValueError(
-            "the non-uniform schedule needs the step count: pass scheduler=pipe.scheduler "
+            f"the {cfg.schedule} schedule needs the step count: pass scheduler=pipe.scheduler "
             "(or use dcfx.enable(pipe, ...)), or set steps= in the config"
         )
-    if cfg.steps is not None:
+    if not cfg.schedule_spec.needs_step_count():
         schedule.plan(cfg)  # a schedule without a solution fails here, not at the first step
     get_backend(backend)
     check_options(backend, kwargs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -11,32 +10,27 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dcfx import zoo
 from dcfx.branches import branches, format_branches
 from dcfx.models import spec_for
-from dcfx.zoo import CONFIGS, build_unet
+
+MODEL_HELP = f"{zoo.BUNDLED} (bundled, trained), a built-in config ({', '.join(zoo.CONFIGS)}), or a diffusers folder"
 
 
 def load_unet(model: str) -> nn.Module:
-    """Returns a built-in U-Net by name, or the U-Net of a local diffusers folder."""
-    if model in CONFIGS:
-        return build_unet(model)
-    if os.path.isdir(model):
-        import diffusers
+    """Returns the U-Net of ``--model`` (``dcfx.zoo.load_unet``); a bad name exits with its message."""
+    try:
+        return zoo.load_unet(model)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"dcfx: --model: {e}") from e
 
-        sub = os.path.join(model, "unet")
-        folder = sub if os.path.isdir(sub) else model
-        try:
-            with open(os.path.join(folder, "config.json")) as f:
-                name = json.load(f).get("_class_name", "")
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"dcfx: cannot read {folder}/config.json: {e}") from e
-        cls = getattr(diffusers, name, None)
-        if not isinstance(cls, type):
-            raise SystemExit(f"dcfx: {folder}/config.json names {name!r}, which is not a diffusers model class")
-        unet = cls.from_pretrained(folder).eval()
-        spec_for(unet)  # a TypeError naming the supported classes, before any work
-        return unet
-    raise SystemExit(f"dcfx: --model {model!r} is neither a built-in config ({', '.join(CONFIGS)}) nor a folder")
+
+def check_model(model: str) -> None:
+    """Exits with the message of ``dcfx.zoo.check_model`` unless ``--model`` names a model."""
+    try:
+        zoo.check_model(model)
+    except ValueError as e:
+        raise SystemExit(f"dcfx: --model: {e}") from e
 
 
 def cmd_branches(args: argparse.Namespace) -> int:
@@ -88,6 +82,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """Measures DeepCache configurations on this machine; prints the frontier and the choice for the goal."""
     from dcfx.tune import tune
 
+    check_model(args.model)  # before the sweep's other checks load anything
     result = tune(
         args.model,
         scheduler=args.scheduler,
@@ -104,12 +99,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
         schedules=tuple(args.schedules.split(",")),
         min_speedup=args.min_speedup,
         repeats=args.repeats,
+        max_rounds=args.max_rounds,
+        tolerance=args.tolerance,
         out=args.out,
         cache=not args.no_cache,
         verify=not args.no_verify,
         log=lambda m: print(m, file=sys.stderr),
     )
-    print(f"wrote {args.out}/report.md, pareto.png, results.json" + (", config.json" if result.chosen else ""))
+    print(f"wrote {args.out}/{', '.join(result.written)}")
     return 0 if result.goal is None or result.chosen is not None else 1
 
 
@@ -192,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("branches", help="list every skip branch: cache shape, FLOP share r, ideal speedups")
-    p.add_argument("--model", default="sd15", help=f"built-in config ({', '.join(CONFIGS)}) or a diffusers folder")
+    p.add_argument("--model", default="sd15", help=MODEL_HELP)
     p.add_argument("--size", type=int, default=64, help="latent height and width")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--layers", action="store_true", help="also list the layers each shallow graph runs")
@@ -212,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the full and shallow graphs as ONNX, TensorRT engines or AOTInductor")
     p.add_argument("out", help="the export directory (appears only when complete)")
-    p.add_argument("--model", default="small-sd", help=f"built-in config ({', '.join(CONFIGS)}) or a diffusers folder")
+    p.add_argument("--model", default="small-sd", help=MODEL_HELP)
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt", "aoti"])
     p.add_argument("--config", help="a DeepCacheConfig JSON file (instead of --branch/--interval)")
     p.add_argument("--branch", type=int, default=0)
@@ -226,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tune", help="measure configurations on this machine: Pareto frontier, best for a goal")
-    p.add_argument("--model", default="digits", help="digits (bundled), a built-in config, or a diffusers folder")
+    p.add_argument("--model", default="digits", help=MODEL_HELP)
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm", "euler"])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=10, help="samples per generation (the latency is measured at it)")
@@ -242,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedules", default="uniform,non-uniform")
     p.add_argument("--min-speedup", type=float, default=1.1, help="prune candidates whose FLOP-ideal speedup is lower")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per candidate, at least")
+    p.add_argument("--max-rounds", type=int, default=10, help="timed generations per candidate, at most")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.03,
+        help="time candidates in interleaved rounds until each median latency's spread is within this (0.03: 3%%)",
+    )
     p.add_argument("--out", default="tune_out", help="directory for config.json, report.md, pareto.png, results.json")
     p.add_argument("--no-cache", action="store_true", help="measure everything again (ignore out/cache.json)")
     p.add_argument("--no-verify", action="store_true", help="skip the fresh rerun of the chosen configuration")

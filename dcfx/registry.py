@@ -1,4 +1,4 @@
-"""A named registry with per-entry options: backends and export formats are both one."""
+"""A named registry with per-entry options: backends, export formats and schedules are each one."""
 
 from __future__ import annotations
 

@@ -280,7 +280,8 @@ class DeepCacheUNet(nn.Module):
             "_local": threading.local(),  # each thread's Generation
             "_current": contextvars.ContextVar("dcfx_generation", default=None),  # generation() blocks
             "_epoch": 0,  # moves on reschedule() and clear_graphs(): every generation starts anew
-            "_forecasting": self.deepcache_config.forecast != "none",
+            "_forecast": self.deepcache_config.forecast_spec,  # what shallow steps read (dcfx.forecast)
+            "_forecasting": self.deepcache_config.forecast_spec.forecasts,
             "_watch": ModelWatch(self.model),  # what the graphs baked in (see _check_model)
             "_dropped_for": None,  # the model change that dropped the graphs, until they are rebuilt
             "_probe": None,  # a parameter of the model: its dtype and device join each call's signature
@@ -385,16 +386,17 @@ class DeepCacheUNet(nn.Module):
                 f"this runtime's graphs are cut at branch {self.deepcache_config.branch}; branch {config.branch} "
                 "needs its own graphs: dcfx.compile(runtime.model, ...) again"
             )
-        if config.schedule == "non-uniform" and config.steps is None and self.scheduler is None:
+        if config.schedule_spec.needs_step_count() and self.scheduler is None:
             raise ValueError(
-                "the non-uniform schedule needs the step count: set steps= (this runtime has no scheduler)"
+                f"the {config.schedule} schedule needs the step count: set steps= (this runtime has no scheduler)"
             )
-        forecast_changed = config.forecast != self.deepcache_config.forecast
+        forecast_changed = config.forecast_spec.forecasts != self._forecasting
         with self._lock:
             self.deepcache_config = config
             self._plans.clear()
             self.__dict__["_epoch"] += 1
-            self.__dict__["_forecasting"] = config.forecast != "none"
+            self.__dict__["_forecast"] = config.forecast_spec
+            self.__dict__["_forecasting"] = config.forecast_spec.forecasts
         if forecast_changed:
             self._drop_pairs()  # the forecast graph is built with the pair, when forecasting
         return self
@@ -543,10 +545,11 @@ class DeepCacheUNet(nn.Module):
             sample, state.cache = pair.run_full(tensors, state.buffer_for)
             state.cache_pair, state.s1 = pair, position
             return sample
-        if self._forecasting and state.previous_pair is pair and state.s1 != state.s0:
-            coefficient = min((position - state.s1) / (state.s1 - state.s0), 1.0)
-            device = state.cache.device
-            return pair.run_forecast(tensors, state.cache, state.previous, _coefficient(coefficient, device))
+        if self._forecasting and state.previous_pair is pair:
+            coefficient = self._forecast.coefficient(position, state.s0, state.s1)
+            if coefficient is not None:
+                device = state.cache.device
+                return pair.run_forecast(tensors, state.cache, state.previous, _coefficient(coefficient, device))
         return pair.run_shallow(tensors, state.cache)
 
     def _weights_key(self) -> tuple[torch.dtype, torch.device] | None:
@@ -575,8 +578,8 @@ class DeepCacheUNet(nn.Module):
             self.__dict__["_dropped_for"] = changes
 
     def _step_plan(self, num_steps: int | None) -> schedule.StepPlan:
-        # Only the non-uniform schedule depends on the step count: one plan per count, made once.
-        if self.deepcache_config.schedule != "non-uniform":
+        # Only a schedule that depends on the step count (non-uniform) needs one plan per count, made once.
+        if not self.deepcache_config.schedule_spec.per_step_count:
             num_steps = None
         plan = self._plans.get(num_steps)
         if plan is None:
@@ -592,7 +595,7 @@ class DeepCacheUNet(nn.Module):
         try:
             return schedule.plan(cfg, num_steps)
         except ValueError as e:
-            if cfg.schedule != "non-uniform" or num_steps is None:
+            if not cfg.schedule_spec.per_step_count or num_steps is None:
                 raise
             # A generation shorter than the configured one (img2img, a reset mid-way) can leave
             # the centre outside it or the search without a solution: it runs uniform, said once.

@@ -1,15 +1,26 @@
-"""Built-in U-Net configurations with random weights: no download needed.
+"""The models dcfx can name: built-in configurations, the bundled digits model, diffusers folders.
 
-``sd15`` is the Stable Diffusion v1.5 U-Net layout (860 M parameters); ``small-sd`` keeps its
-block structure at a width that runs in seconds on a CPU.
+``sd15`` is the Stable Diffusion v1.5 U-Net layout (860 M parameters) and ``small-sd`` keeps its
+block structure at a width that runs in seconds on a CPU, both with seeded random weights (no
+download); ``digits`` is the trained model that ships with dcfx (``dcfx.digits``). ``load_unet``
+takes any of these names or a local diffusers folder: every ``dcfx`` command and ``dcfx.tune``
+load their ``--model`` through it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from torch import nn
+
+from dcfx.models import spec_for
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 _SD_BLOCKS = {
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -37,10 +48,76 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+BUNDLED = "digits"
+
+
+def model_names() -> list[str]:
+    """Returns the model names ``load_unet`` knows without a folder: the bundled model, then the configs."""
+    return [BUNDLED, *CONFIGS]
+
 
 def build_unet(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """Returns the built-in U-Net ``name`` with seeded random weights, in eval mode."""
+    from diffusers import UNet2DConditionModel  # here: importing dcfx must not need diffusers (dcfx.load)
+
     if name not in CONFIGS:
         raise ValueError(f"unknown model config {name!r}; built in: {', '.join(CONFIGS)}")
     torch.manual_seed(seed)
     return UNet2DConditionModel(**CONFIGS[name]).to(dtype).eval()
+
+
+def unet_folder(model: str | os.PathLike[str]) -> Path:
+    """Returns the folder holding a diffusers U-Net's config.json: ``model``/unet when it exists, else ``model``."""
+    sub = Path(model) / "unet"
+    return sub if sub.is_dir() else Path(model)
+
+
+def check_model(model: str | os.PathLike[str]) -> None:
+    """Raises ValueError unless ``model`` is a name ``load_unet`` knows or an existing folder (nothing is loaded)."""
+    name = os.fspath(model)
+    if name not in model_names() and not os.path.isdir(name):
+        raise ValueError(
+            f"model {name!r} is neither a built-in model ({', '.join(model_names())}) nor a diffusers folder"
+        )
+
+
+def load_unet(model: str | os.PathLike[str]) -> nn.Module:
+    """Returns the U-Net named by ``model``, in eval mode.
+
+    Args:
+        model: ``"digits"`` (the bundled trained model), a built-in config (``"sd15"``,
+            ``"small-sd"``; random weights), or a local diffusers folder: a pipeline folder
+            with a ``unet/`` subfolder, or the U-Net's own folder. Its ``config.json`` names the
+            class (``UNet2DConditionModel``, ``UNet2DModel``, ...).
+
+    Example:
+        >>> load_unet("digits").config.sample_size
+        16
+
+    Raises:
+        ValueError: ``model`` is none of these, or its config.json cannot be read or names no
+            diffusers model class.
+        TypeError: the folder holds a model class dcfx does not support.
+    """
+    name = os.fspath(model)
+    check_model(name)
+    if name == BUNDLED:
+        from dcfx.digits import load_model
+
+        return load_model().unet
+    if name in CONFIGS:
+        return build_unet(name)
+    import diffusers
+
+    folder = unet_folder(name)
+    try:
+        with open(folder / "config.json", encoding="utf-8") as f:
+            class_name = json.load(f).get("_class_name", "")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {folder}/config.json: {e}") from e
+    cls = getattr(diffusers, class_name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"{folder}/config.json names {class_name!r}, which is not a diffusers model class")
+    unet = cls.from_pretrained(folder).eval()
+    spec_for(unet)  # a TypeError naming the supported classes, before any work
+    return unet

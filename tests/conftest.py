@@ -32,16 +32,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def shared_dir() -> Path:
-    """Returns ../shared beside the checkout (DCFX_SHARED overrides)."""
-    return Path(os.environ.get("DCFX_SHARED", ROOT.parent / "shared"))
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
 def reference_schedules() -> dict:
+    """The reference implementation's non-uniform vectors (copied from shared/reference into tests/data)."""
     import json
 
-    path = shared_dir() / "reference" / "nonuniform_schedules.json"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: CI runs with ../shared beside the checkout (or set DCFX_SHARED)")
-    return json.loads(path.read_text())
+    return json.loads((DATA / "nonuniform_schedules.json").read_text())

@@ -30,7 +30,7 @@ CONFIG_CASES = [
     ({"interval": -2}, ValueError, "interval must be an int >= 1, got -2"),
     ({"interval": 2.5}, TypeError, r"interval must be an int >= 1, got 2.5 \(float\)"),
     ({"interval": None}, TypeError, "interval must be an int >= 1, got None"),
-    ({"schedule": "cosine"}, ValueError, "unknown schedule 'cosine'; valid: uniform, non-uniform, explicit, window"),
+    ({"schedule": "cosine"}, ValueError, "unknown schedule 'cosine'; registered: explicit, non-uniform, uniform"),
     ({"schedule": "non-uniform", "power": 1.0}, ValueError, r"power must be > 1 and <= 10 .* got 1.0"),
     ({"schedule": "non-uniform", "power": 0.5}, ValueError, r"power must be > 1 and <= 10 .* got 0.5"),
     ({"schedule": "non-uniform", "power": float("inf")}, ValueError, "power must be > 1 and <= 10 .* got inf"),

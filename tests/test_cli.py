@@ -15,9 +15,17 @@ def test_branches_command_prints_every_branch(capsys):
     assert any(line.startswith("branch 0: time_proj") for line in out)
 
 
-def test_unknown_model_is_a_clear_error():
-    with pytest.raises(SystemExit, match="neither a built-in config"):
-        main(["branches", "--model", "no-such-model"])
+@pytest.mark.parametrize("command", [["branches"], ["export", "out"], ["tune"]])
+def test_unknown_model_is_a_clear_error_in_every_command(command):
+    with pytest.raises(SystemExit, match=r"dcfx: --model: model 'no-such-model' is neither a built-in model \(digits"):
+        main([*command, "--model", "no-such-model"])
+
+
+def test_export_takes_the_bundled_model_as_tune_does(tmp_path, capsys):
+    out = tmp_path / "digits"
+    assert main(["export", str(out), "--model", "digits", "--batch", "2", "--height", "16", "--width", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "onnx export of UNet2DConditionModel" in printed and "sample[2, 1, 16, 16]" in printed
 
 
 def test_demo_on_the_bundled_model_reports_speed_and_quality(capsys, tmp_path):

@@ -204,8 +204,8 @@ def load(
         # Another schedule: the stored one's own fields (center, start, ...) do not carry over.
         base = {k: base[k] for k in ("branch", "interval")}
     cfg = DeepCacheConfig.from_dict({**base, **fields})
-    if cfg.schedule == "non-uniform" and scheduler is None and cfg.steps is None:
-        raise ValueError("the non-uniform schedule needs the step count: pass scheduler=pipe.scheduler or steps=")
+    if cfg.schedule_spec.needs_step_count() and scheduler is None:
+        raise ValueError(f"the {cfg.schedule} schedule needs the step count: pass scheduler=pipe.scheduler or steps=")
     device = torch.device(device or manifest.format_data.get("device", "cpu"))
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())

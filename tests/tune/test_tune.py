@@ -7,6 +7,8 @@ numbers the tuner measured, and the tuner's runs against fresh ones (eager: exac
 from __future__ import annotations
 
 import json
+import statistics
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx import cli
-from dcfx.tune import Goal, Measurement, Workload, candidates, choose, pareto, tune
+from dcfx.tune import Goal, Measurement, Rounds, Workload, candidates, choose, measure, median_spread, pareto, tune
+from dcfx.tune.report import NO_PLOT
 from tests.fixtures import tiny_unet
 
 
@@ -98,6 +101,8 @@ def test_tune_measures_chooses_checks_and_caches(tiny_work, tmp_path):
         "size": 8,
         "seeds": 2,
         "repeats": 2,
+        "max_rounds": 4,
+        "tolerance": 0.5,
         "branches": (0, 2),
         "intervals": (2, 3),
         "schedules": ("uniform", "non-uniform"),
@@ -123,7 +128,21 @@ def test_tune_measures_chooses_checks_and_caches(tiny_work, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["chosen"] == result.chosen.config and len(saved["measurements"]) == len(result.measurements)
-    assert "Pareto frontier" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "Pareto frontier" in report and "![Pareto frontier](pareto.png)" in report
+    assert result.written == ["config.json", "results.json", "report.md", "pareto.png"]
+    # Latencies come from interleaved rounds: 2 to 4 timed runs each, the spread of each median beside it.
+    assert saved["rounds"] == {"min_rounds": 2, "max_rounds": 4, "tolerance": 0.5}
+    for p, row in zip(result.measurements, saved["measurements"], strict=True):
+        assert 2 <= len(p.times_s) <= 4 and p.latency_s == statistics.median(p.times_s)
+        assert p.spread == row["spread"] == pytest.approx(median_spread(p.times_s))
+        assert f"| {p.latency_s:.3f} | {p.spread:.1%} |" in report
+    settled = sum(Rounds(2, 4, 0.5).settled(p.times_s) for p in result.measurements)
+    assert result.counts["unsettled"] == len(result.measurements) - settled
+    assert 2 <= result.counts["rounds"] <= 4
+    assert "in interleaved rounds, until its spread" in report
+    assert result.check["spread"] == pytest.approx(median_spread(result.check["times_s"]))
+    assert len(result.check["times_s"]) >= 5  # the check runs more than any candidate
     # Every quality is PSNR against no cache: caching changed the images, so it is finite and positive.
     assert all(0 < p.psnr_db < 100 for p in result.measurements)
 
@@ -131,6 +150,63 @@ def test_tune_measures_chooses_checks_and_caches(tiny_work, tmp_path):
     assert again.counts["measured"] == 0 and again.counts["cached"] == len(again.measurements)
     assert [p.config for p in again.measurements] == [p.config for p in result.measurements]
     assert [p.latency_s for p in again.measurements] == [p.latency_s for p in result.measurements]
+    assert [p.spread for p in again.measurements] == [p.spread for p in result.measurements]
+
+
+def test_without_matplotlib_tune_says_so_first_and_writes_all_but_the_plot(tiny_work, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    messages = []
+    result = tune(
+        tiny_work,
+        steps=4,
+        batch=1,
+        size=8,
+        seeds=1,
+        repeats=1,
+        max_rounds=1,
+        branches=(0,),
+        intervals=(2,),
+        schedules=("uniform",),
+        min_speedup=1.0,
+        verify=False,
+        out=tmp_path,
+        progress=False,
+        log=messages.append,
+    )
+    assert messages[0] == f"dcfx tune: {NO_PLOT}"  # before anything is measured
+    assert messages[1].startswith("dcfx tune: no-cache reference")
+    assert sum(NO_PLOT in m for m in messages) == 2  # and again at the end, where the user looks
+    assert not (tmp_path / "pareto.png").exists()
+    assert "pareto.png" not in result.written and "results.json" in result.written
+    report = (tmp_path / "report.md").read_text()
+    assert "(no plot: matplotlib is not installed" in report and "](pareto.png)" not in report
+    assert json.loads((tmp_path / "results.json").read_text())["measurements"]
+
+
+def test_the_baseline_is_timed_beside_the_candidates_and_the_check(tiny_work, tmp_path, monkeypatch):
+    calls = []
+
+    def spy(runs, rounds, **kwargs):
+        timings = measure.time_interleaved(runs, rounds, **kwargs)
+        calls.append({key: len(t.times_s) for key, t in timings.items()})
+        return timings
+
+    monkeypatch.setattr(sys.modules["dcfx.tune"], "time_interleaved", spy)  # dcfx.tune is the function
+    result = tune(
+        tiny_work,
+        **{"steps": 4, "batch": 1, "size": 8, "seeds": 1, "repeats": 2, "max_rounds": 3, "branches": (0,)},
+        **{"intervals": (2, 3), "schedules": ("uniform",), "min_speedup": 1.0, "quality": 1.0},
+        **{"out": tmp_path, "progress": False, "log": lambda msg: None},
+    )
+    keys = {json.dumps({"branch": 0, "interval": n, "schedule": "uniform"}, sort_keys=True) for n in (2, 3)}
+    # First the cost model's unit and a first baseline; then the candidates, with the baseline again; then the check.
+    assert [set(c) for c in calls] == [{"baseline", "all-full"}, {"baseline", *keys}, {"baseline", "check"}]
+    cached = json.loads((tmp_path / "cache.json").read_text())
+    baseline = next(v for k, v in cached.items() if k.endswith(":baseline"))
+    assert len(baseline["times_s"]) == calls[1]["baseline"]  # the one timed beside the candidates is kept
+    assert result.baseline_s == baseline["latency_s"] == statistics.median(baseline["times_s"])
+    assert result.baseline_spread == pytest.approx(median_spread(baseline["times_s"]))
+    assert result.check["speedup"] == pytest.approx(result.check["baseline_s"] / result.check["latency_s"])
 
 
 def test_a_latency_goal_prunes_before_measuring(tiny_work, tmp_path):
@@ -161,6 +237,8 @@ def test_a_latency_goal_prunes_before_measuring(tiny_work, tmp_path):
         ({"intervals": (1, 2)}, r"intervals must be ints >= 2 \(1 is no cache\), got \[1, 2\]"),
         ({"schedules": ("window",)}, "schedules must be among uniform, non-uniform"),
         ({"steps": 1}, "steps must be an int >= 2, got 1"),
+        ({"repeats": 3, "max_rounds": 2}, r"max_rounds \(2\) must be >= repeats \(3\)"),
+        ({"tolerance": 0.0}, r"tolerance must be a number in \(0, 1\) \(a relative spread, 0.03 = 3%\), got 0.0"),
         ({"seeds": 5, "batch": 2}, r"seeds \(5\) must be a multiple of batch \(2\)"),
         ({"backend": "tvm"}, "unknown backend 'tvm'"),
         ({"branches": (0, 9)}, r"branches \[9\] are not branches of this model; valid: 0\.\.3"),
@@ -184,7 +262,7 @@ def test_cli_on_a_diffusers_folder(tmp_path, capsys):
         ]
     )
     printed = capsys.readouterr()
-    assert "Pareto frontier" in printed.err and "wrote" in printed.out
+    assert "Pareto frontier" in printed.err and "report.md, pareto.png" in printed.out
     data = json.loads((out / "results.json").read_text())
     assert data["workload"]["model_class"] == "UNet2DConditionModel" and data["workload"]["steps"] == 4
     assert code == (0 if data["chosen"] else 1)  # exit status 1 when nothing meets the goal

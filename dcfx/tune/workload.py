@@ -1,0 +1,223 @@
+"""What ``dcfx tune`` runs: a model, its calibration inputs, the sampling loop, and the runtimes."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcfx.api import compile as dcfx_compile
+from dcfx.config import DeepCacheConfig
+from dcfx.models import spec_for
+from dcfx.runtime import DeepCacheUNet
+from dcfx.zoo import BUNDLED, load_unet
+
+SCHEDULERS = ("ddim", "dpm", "euler")
+
+Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]  # initial noise, conditioning
+
+
+class Workload:
+    """A model and the generations the tuner runs: inputs per calibration seed and a sampling loop."""
+
+    name: str
+    unet: nn.Module
+
+    def scheduler(self) -> Any:
+        """Returns a fresh scheduler of the requested kind."""
+        raise NotImplementedError
+
+    def inputs(self, seeds: Sequence[int], size: int) -> Batch:
+        """Returns the initial noise and the conditioning of a batch, one sample per seed."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Returns what identifies the workload (for the cache key and the report)."""
+        raise NotImplementedError
+
+
+def scheduler_class(name: str) -> Any:
+    """Returns the diffusers scheduler class of ``name`` ("ddim", "dpm" or "euler")."""
+    import diffusers
+
+    classes = {
+        "ddim": diffusers.DDIMScheduler,
+        "dpm": diffusers.DPMSolverMultistepScheduler,
+        "euler": diffusers.EulerDiscreteScheduler,
+    }
+    if name not in classes:
+        raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
+    return classes[name]
+
+
+class DigitsWorkload(Workload):
+    """The bundled digits model; calibration seed s draws digit s % 10 from noise seeded with s."""
+
+    def __init__(self, scheduler: str) -> None:
+        from dcfx.digits import load_model
+
+        self.name = BUNDLED
+        self._scheduler_cls = scheduler_class(scheduler)
+        self._scheduler_name = scheduler
+        self.model = load_model()
+        self.unet = self.model.unet
+
+    def scheduler(self) -> Any:  # noqa: D102
+        return self._scheduler_cls.from_config(self.model.scheduler().config)
+
+    def inputs(self, seeds: Sequence[int], size: int) -> Batch:  # noqa: D102
+        from dcfx.digits import NUM_CLASSES
+
+        noise = torch.stack([torch.randn(1, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        labels = torch.tensor([s % NUM_CLASSES for s in seeds])
+        with torch.no_grad():
+            return noise, {"encoder_hidden_states": self.model.tokens(labels)}
+
+    def describe(self) -> dict[str, Any]:  # noqa: D102
+        return {"model": BUNDLED, "scheduler": self._scheduler_name}
+
+
+class FolderWorkload(Workload):
+    """A U-Net that ``dcfx.zoo.load_unet`` loads (a built-in config or a diffusers folder).
+
+    The conditioning is seeded random embeddings: no text encoder is needed, and each
+    calibration seed draws its own (77 tokens of the model's cross-attention width), so
+    fidelity to no cache is measured on as many different conditions as seeds. A folder's
+    ``scheduler/`` configures the scheduler.
+    """
+
+    def __init__(self, model: str, scheduler: str) -> None:
+        self.name = model
+        self.unet = load_unet(model)
+        self._scheduler_cls = scheduler_class(scheduler)
+        self._scheduler_name = scheduler
+        folder = Path(model) / "scheduler"
+        self._scheduler_config = self._scheduler_cls.load_config(folder) if folder.is_dir() else None
+
+    def scheduler(self) -> Any:  # noqa: D102
+        if self._scheduler_config is not None:
+            return self._scheduler_cls.from_config(self._scheduler_config)
+        return self._scheduler_cls()
+
+    def inputs(self, seeds: Sequence[int], size: int) -> Batch:  # noqa: D102
+        spec = spec_for(self.unet)
+        param = next(self.unet.parameters())
+        calls = []
+        for s in seeds:
+            with torch.random.fork_rng():
+                torch.manual_seed(s)
+                calls.append(
+                    spec.example_call(self.unet, spec.sample_shape(self.unet, 1, size, size), param.dtype, param.device)
+                )
+        noise = torch.cat([c.pop("sample") for c in calls])
+        for c in calls:
+            c.pop("timestep")
+        cond = {k: torch.cat([c[k] for c in calls]) for k in calls[0] if isinstance(calls[0][k], torch.Tensor)}
+        return noise, cond
+
+    def describe(self) -> dict[str, Any]:  # noqa: D102
+        return {"model": self.name, "scheduler": self._scheduler_name}
+
+
+def load_workload(model: str, scheduler: str = "ddim") -> Workload:
+    """Returns the workload of ``model``: "digits" (bundled), a built-in config name, or a diffusers folder.
+
+    Raises:
+        ValueError: an unknown model or scheduler (``dcfx.zoo.load_unet`` says which models exist).
+        TypeError: a folder whose model class dcfx does not support.
+    """
+    if model == BUNDLED:
+        return DigitsWorkload(scheduler)
+    return FolderWorkload(model, scheduler)
+
+
+@torch.no_grad()
+def generate(
+    unet: nn.Module, scheduler: Any, noise: torch.Tensor, cond: dict[str, torch.Tensor], steps: int
+) -> torch.Tensor:
+    """Returns the final sample of a sampling loop from ``noise`` (a dcfx runtime or the plain U-Net)."""
+    scheduler.set_timesteps(steps)
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = unet(scheduler.scale_model_input(x, t), t, **cond).sample
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+class Runner:
+    """Runs a workload's calibration batches: plainly, or through one dcfx runtime per branch.
+
+    Each runtime is built (and compiled) and warmed up untimed on first use; it then serves
+    every schedule of its branch without new graphs (``reschedule``). ``close`` drops them.
+    """
+
+    def __init__(self, work: Workload, seeds: int, batch: int, size: int, steps: int, backend: str) -> None:
+        self.work = work
+        self.batch = batch
+        self.steps = steps
+        self.backend = backend
+        seed_list = list(range(seeds))
+        self._chunks = [seed_list[i : i + batch] for i in range(0, seeds, batch)]
+        self._size = size
+        self._batches: list[Batch] | None = None
+        self._reference: list[torch.Tensor] | None = None
+        self._plain_scheduler = work.scheduler()
+        self._runtimes: dict[int, DeepCacheUNet] = {}
+
+    @property
+    def batches(self) -> list[Batch]:
+        """The calibration batches (made on first use)."""
+        if self._batches is None:
+            self._batches = [self.work.inputs(c, self._size) for c in self._chunks]
+        return self._batches
+
+    def reference(self) -> list[torch.Tensor]:
+        """Returns the no-cache outputs of every batch (made once; this also warms the plain U-Net up)."""
+        if self._reference is None:
+            self._reference = [self._plain(b)() for b in self.batches]
+        return self._reference
+
+    def runtime(self, config: DeepCacheConfig) -> DeepCacheUNet:
+        """Returns the runtime of ``config``'s branch, switched to ``config``."""
+        fast = self._runtimes.get(config.branch)
+        if fast is None:
+            fast = dcfx_compile(self.work.unet, config, backend=self.backend, scheduler=self.work.scheduler())
+            self._runtimes[config.branch] = fast
+            generate(fast, fast.scheduler, *self.batches[0], steps=self.steps)
+        return fast.reschedule(config)
+
+    def outputs(self, config: DeepCacheConfig) -> tuple[list[torch.Tensor], list[float]]:
+        """Returns the outputs of every batch under ``config``, and how long each generation took."""
+        outs, times = [], []
+        for b in self.batches:
+            run = self._cached(config, b)
+            start = time.perf_counter()
+            outs.append(run())
+            times.append(time.perf_counter() - start)
+        return outs, times
+
+    def plain_run(self, r: int) -> Callable[[], torch.Tensor]:
+        """Returns round ``r``'s no-cache generation (batch r mod the number of batches), ready to time."""
+        return self._plain(self.batches[r % len(self.batches)])
+
+    def cached_run(self, config: DeepCacheConfig) -> Callable[[int], Callable[[], torch.Tensor]]:
+        """Returns the preparation of round r's generation under ``config``, for ``time_interleaved``."""
+        return lambda r: self._cached(config, self.batches[r % len(self.batches)])
+
+    def close(self) -> None:
+        """Drops every runtime's graphs."""
+        for fast in self._runtimes.values():
+            fast.clear_graphs()
+        self._runtimes.clear()
+
+    def _plain(self, b: Batch) -> Callable[[], torch.Tensor]:
+        return functools.partial(generate, self.work.unet, self._plain_scheduler, *b, self.steps)
+
+    def _cached(self, config: DeepCacheConfig, b: Batch) -> Callable[[], torch.Tensor]:
+        fast = self.runtime(config)
+        return functools.partial(generate, fast, fast.scheduler, *b, self.steps)
