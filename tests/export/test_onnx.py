@@ -115,7 +115,7 @@ def test_graph_io_carries_the_dimension_names(onnx_sd):
     model = onnx.load(str(onnx_sd / "shallow.onnx"), load_external_data=False)
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
     assert shapes["sample"] == ["batch", 4, "height", "width"]
-    assert shapes["encoder_hidden_states"] == ["batch", 7, 8]
+    assert shapes["encoder_hidden_states"] == ["batch", "tokens", 8]
     assert shapes["cache_feature"][0] == "batch" and shapes["cache_feature"][2:] == ["height", "width"]
     manifest = json.loads((onnx_sd / "manifest.json").read_text())
     assert manifest["dims"]["batch"] == {"min": 1, "opt": 2, "max": 4, "multiple": 1}
@@ -128,8 +128,8 @@ def test_trtexec_script_covers_the_ranges(onnx_sd):
     fp16 = [line for line in script.splitlines() if line.startswith("trtexec")]
     assert len(fp16) == 2 and all("--fp16" in line for line in fp16)
     full = next(line for line in fp16 if "--onnx=full.onnx" in line)
-    assert "--minShapes=sample:1x4x8x8,timestep:1,encoder_hidden_states:1x7x8" in full
-    assert "--maxShapes=sample:4x4x32x32,timestep:4,encoder_hidden_states:4x7x8" in full
+    assert "--minShapes=sample:1x4x8x8,timestep:1,encoder_hidden_states:1x3x8" in full
+    assert "--maxShapes=sample:4x4x32x32,timestep:4,encoder_hidden_states:4x21x8" in full
     shallow = next(line for line in fp16 if "--onnx=shallow.onnx" in line)
     assert "cache_feature:2x16x16x16" in shallow  # opt: batch 2, 16x16, 16 channels at branch 1
 

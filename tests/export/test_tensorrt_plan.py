@@ -19,7 +19,7 @@ def test_profiles_from_the_manifest_ranges(onnx_sd):
     full = profile_shapes(manifest.graphs["full"].inputs, manifest.dims)
     assert full["sample"] == ((1, 4, 8, 8), (2, 4, 16, 16), (4, 4, 32, 32))
     assert full["timestep"] == ((1,), (2,), (4,))
-    assert full["encoder_hidden_states"] == ((1, 7, 8), (2, 7, 8), (4, 7, 8))
+    assert full["encoder_hidden_states"] == ((1, 3, 8), (2, 7, 8), (4, 21, 8))  # tokens 3..21
     shallow = profile_shapes(manifest.graphs["shallow"].inputs, manifest.dims)
     assert shallow["cache_feature"] == ((1, 16, 8, 8), (2, 16, 16, 16), (4, 16, 32, 32))
 
