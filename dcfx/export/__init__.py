@@ -216,7 +216,7 @@ def load(
     base = stored.to_dict()
     if fields.get("schedule", stored.schedule) != stored.schedule:
         # Another schedule: the stored one's own fields (center, start, ...) do not carry over.
-        base = {k: base[k] for k in ("branch", "interval", "forecast")}
+        base = {k: base[k] for k in ("branch", "interval", "forecast") if k in base}
     cfg = DeepCacheConfig.from_dict({**base, **fields})
     if cfg.schedule == "non-uniform" and scheduler is None and cfg.steps is None:
         raise ValueError("the non-uniform schedule needs the step count: pass scheduler=pipe.scheduler or steps=")
