@@ -36,8 +36,8 @@ from dcfx.passes.forecast import add_forecast
 
 logger = logging.getLogger(__name__)
 
-# Bump when what a cached package holds changes meaning.
-CACHE_VERSION = 1
+# Bump when what a cached package holds changes meaning. 2: the forecast graph's package too.
+CACHE_VERSION = 2
 
 
 def _warm_up(pair: CompiledPair, tensors: tuple[torch.Tensor, ...], forecast: bool) -> None:
@@ -183,15 +183,16 @@ class AheadOfTime:
     def __call__(
         self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], forecast: bool = False
     ) -> CompiledPair:
-        """Returns the loaded package pair for the call (built and cached if missing)."""
+        """Returns the loaded package pair for the call (built and cached if missing).
+
+        Every package set holds the forecast graph; with ``forecast`` it is opened too.
+        """
         from dcfx.export import ArtifactError, export
         from dcfx.export.manifest import read_manifest
         from dcfx.export.program import call_sizes
         from dcfx.export.registry import get_format
         from dcfx.models import unflatten
 
-        if forecast:
-            raise NotImplementedError("forecasting with AOTInductor packages is not supported yet; use forecast='none'")
         if self.dims is not None:
             check_sizes(self.unet, names, tensors, self.dims)
             dims = self.dims
@@ -230,7 +231,9 @@ class AheadOfTime:
                 )
                 pair = get_format("aoti").load(directory, read_manifest(directory), device=tensors[0].device)
             pair.check(names, tensors)
-            _warm_up(pair, tensors, False)
+            if forecast:
+                pair.open_forecast()
+            _warm_up(pair, tensors, forecast)
             return pair
 
     def _key(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shapes: Mapping[str, Any]) -> str:

@@ -1,9 +1,11 @@
 """Deployment: the graph pair written as ONNX, TensorRT engines or AOTInductor packages.
 
-``export`` captures the U-Net over ranges of batch, height and width, cuts it, writes both
-graphs in a format plus manifest.json, and checks the written graphs against the in-process
-ones. ``load`` verifies a directory and returns the same runtime as ``dcfx.compile`` over the
-exported graphs, without the model object and without diffusers' model code.
+``export`` captures the U-Net over ranges of batch, height and width, cuts it, writes the full
+and shallow graphs and the forecast graph (the shallow graph on a forecast of the feature,
+for ``forecast="linear"``) in a format plus manifest.json, and checks the written graphs
+against the in-process ones. ``load`` verifies a directory and returns the same runtime as
+``dcfx.compile`` over the exported graphs, without the model object and without diffusers'
+model code.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from dcfx.config import DeepCacheConfig
 from dcfx.export.loaded import ExportedModel, ExportedPair
 from dcfx.export.manifest import (
+    FORECAST,
     ArtifactError,
     GraphEntry,
     Manifest,
@@ -42,7 +45,15 @@ logger = logging.getLogger(__name__)
 # Attributes diffusers pipelines read off pipe.unet besides its config (SDXL's add_time_ids).
 _ATTRIBUTES = ("add_embedding.linear_1.in_features",)
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DeepCacheConfig))
-_STAGES = ("capture and cut", "export full graph", "export shallow graph", "write files", "check outputs", "hash files")
+_STAGES = (
+    "capture and cut",
+    "export full graph",
+    "export shallow graph",
+    "export forecast graph",
+    "write files",
+    "check outputs",
+    "hash files",
+)
 
 
 def export(
@@ -58,14 +69,15 @@ def export(
     progress: bool = True,
     **kwargs: Any,
 ) -> Path:
-    """Writes the full and shallow graphs of ``unet`` in ``format`` and manifest.json to ``out_dir``.
+    """Writes the full, shallow and forecast graphs of ``unet`` in ``format`` and manifest.json to ``out_dir``.
 
     Args:
         unet: A diffusers ``UNet2DConditionModel`` or ``UNet2DModel``, or a latent-diffusion
             ``UNetModel`` (left unchanged).
         out_dir: The export directory; it appears only once complete.
         config: A ``DeepCacheConfig``, the path of its JSON, or None with its fields as keywords.
-            Only the branch shapes the graphs; the schedule is recorded as ``load``'s default.
+            Only the branch shapes the graphs; the schedule and the forecast mode are recorded
+            as ``load``'s defaults (every export carries the forecast graph, whatever the mode).
         format: ``"onnx"``, ``"tensorrt"`` or ``"aoti"`` (``dcfx.export.available_formats()``).
         shapes: ``{"batch": ..., "height": ..., "width": ..., "tokens": ...}``, heights and
             widths in latent pixels, tokens the prompt length (the cross-attention states' second
@@ -182,12 +194,14 @@ def load(
         device: Where the graphs run: "cpu" (onnx, aoti) or "cuda" (all formats). Default:
             the device the format exported for.
         **kwargs: DeepCacheConfig fields to change the schedule (``interval``, ``schedule``,
-            ...; not ``branch``: the graphs are cut for one branch), then the format's load
-            options (onnx: ``providers``, ``session_options``; tensorrt: ``cuda_graph``).
+            ``forecast``, ...; not ``branch``: the graphs are cut for one branch), then the
+            format's load options (onnx: ``providers``, ``session_options``; tensorrt:
+            ``cuda_graph``). The forecast graph is opened only with ``forecast="linear"``.
 
     Raises:
         ArtifactError: a missing or altered file, a newer format version, an engine built for
-            another GPU or TensorRT version.
+            another GPU or TensorRT version, forecasting asked of an export without the
+            forecast graph (written before dcfx exported it).
         ValueError: a branch other than the exported one.
     """
     directory = Path(directory)
@@ -202,10 +216,16 @@ def load(
     base = stored.to_dict()
     if fields.get("schedule", stored.schedule) != stored.schedule:
         # Another schedule: the stored one's own fields (center, start, ...) do not carry over.
-        base = {k: base[k] for k in ("branch", "interval")}
+        base = {k: base[k] for k in ("branch", "interval", "forecast") if k in base}
     cfg = DeepCacheConfig.from_dict({**base, **fields})
     if cfg.schedule_spec.needs_step_count() and scheduler is None:
         raise ValueError(f"the {cfg.schedule} schedule needs the step count: pass scheduler=pipe.scheduler or steps=")
+    if cfg.forecast_spec.forecasts and FORECAST not in manifest.graphs:
+        raise ArtifactError(
+            f"{directory} holds the graphs {sorted(manifest.graphs)} but no forecast graph (written by dcfx "
+            f"{manifest.versions.get('dcfx', '?')}), so it cannot run forecast={cfg.forecast!r}: export it again "
+            f"with this dcfx, or load it with forecast='none'"
+        )
     device = torch.device(device or manifest.format_data.get("device", "cpu"))
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -222,7 +242,8 @@ def load(
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{directory / 'manifest.json'}: malformed model entry: {e!r}") from e
     pair: ExportedPair = fmt.load(directory, manifest, device=device, **kwargs)
-
+    if cfg.forecast_spec.forecasts:
+        pair.open_forecast()  # now, not at the first step: a bad file is refused at load
     return DeepCacheUNet(model, cfg, spec, _LoadedBuild(pair, str(directory)), scheduler=scheduler)
 
 
@@ -233,8 +254,18 @@ class _LoadedBuild:
         self.pair = pair
         self.directory = directory
 
-    def __call__(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> ExportedPair:
+    def __call__(
+        self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], forecast: bool = False
+    ) -> ExportedPair:
+        """Returns the loaded pair for the call, its forecast graph opened when ``forecast``.
+
+        Raises:
+            ValueError: inputs the export does not take.
+            ArtifactError: ``forecast`` for an export without the forecast graph.
+        """
         self.pair.check(names, tensors)
+        if forecast:
+            self.pair.open_forecast()
         return self.pair
 
     def __reduce__(self) -> Any:
@@ -272,9 +303,11 @@ def _manifest(
         "attributes": {path: v for path in _ATTRIBUTES if (v := _attribute(unet, path)) is not None},
     }
     files = format_data.pop("files")
+    # A format registered elsewhere may write no forecast graph: its exports cannot forecast.
     graphs = {
-        "full": GraphEntry(files["full"], programs.inputs, programs.full_outputs),
-        "shallow": GraphEntry(files["shallow"], programs.shallow_inputs, programs.shallow_outputs),
+        graph: GraphEntry(files[graph], inputs, outputs)
+        for graph, (_, inputs, outputs) in programs.programs().items()
+        if graph in files
     }
     return Manifest(
         format=format,
@@ -302,11 +335,30 @@ def _check(
         got_sample, got_feature = (t.to(device) for t in pair.full(*on_device))
         got_shallow = pair.shallow(*on_device, want_feature.to(run_on)).to(device)
     diffs = {
-        "full_max_abs_diff": (got_sample.float() - want_sample.float()).abs().max().item(),
-        "feature_max_abs_diff": (got_feature.float() - want_feature.float()).abs().max().item(),
-        "shallow_max_abs_diff": (got_shallow.float() - want_shallow.float()).abs().max().item(),
+        "full_max_abs_diff": _max_abs_diff(got_sample, want_sample),
+        "feature_max_abs_diff": _max_abs_diff(got_feature, want_feature),
+        "shallow_max_abs_diff": _max_abs_diff(got_shallow, want_shallow),
     }
+    if FORECAST in manifest.graphs:
+        # Another feature as the previous one, and a coefficient that moves the feature.
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(want_feature.shape, generator=g).to(want_feature)
+        previous = want_feature + 0.1 * noise * want_feature.abs().max()
+        coefficient = torch.tensor(0.5, dtype=torch.float32, device=want_feature.device)
+        pair.open_forecast()
+        with torch.no_grad():
+            want_forecast = programs.forecast_graph(*example, want_feature, previous, coefficient)
+            moved = (want_feature.to(run_on), previous.to(run_on), coefficient.to(run_on))
+            got_forecast = pair.forecast(*on_device, *moved).to(device)
+        diffs["forecast_max_abs_diff"] = _max_abs_diff(got_forecast, want_forecast)
+        # How far the forecast moved the output: a check that could not tell a forecast from
+        # the shallow graph would be vacuous.
+        diffs["forecast_moved_max_abs"] = _max_abs_diff(want_forecast, want_shallow)
     return {"at": {s.name: list(t.shape) for s, t in zip(programs.inputs, example, strict=True)}, **diffs}
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,10 +1,11 @@
 """AOTInductor: each graph compiled ahead of time into a .pt2 package (C++ and a shared library).
 
-``full.pt2`` and ``shallow.pt2`` come from ``torch._inductor.aoti_compile_and_package``; they
-run from Python here or from C++ (``torch::inductor::AOTIModelPackageLoader``) without Python.
-Loading goes through the package loader directly: no exported program is deserialized and
-nothing is unpickled. Each package holds its own copy of the weights it uses (the format has
-no shared weight file); the shallow graph's are a small part of the full graph's.
+``full.pt2``, ``shallow.pt2`` and ``forecast.pt2`` come from
+``torch._inductor.aoti_compile_and_package``; they run from Python here or from C++
+(``torch::inductor::AOTIModelPackageLoader``) without Python. Loading goes through the package
+loader directly: no exported program is deserialized and nothing is unpickled. Each package
+holds its own copy of the weights it uses (the format has no shared weight file); the shallow
+and forecast graphs' are a small part of the full graph's.
 """
 
 from __future__ import annotations
@@ -39,15 +40,17 @@ class AotiFormat:
     def write(
         self, programs: ProgramPair, out: Path, inductor_configs: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Compiles full.pt2 and shallow.pt2; returns the format data."""
+        """Compiles full.pt2, shallow.pt2 and forecast.pt2; returns the format data."""
         configs = {**DEFAULT_INDUCTOR_CONFIGS, **(inductor_configs or {})}
-        for graph, program in (("full", programs.full), ("shallow", programs.shallow)):
+        files = {}
+        for graph, (program, _, _) in programs.programs().items():
+            files[graph] = f"{graph}.pt2"
             torch._inductor.aoti_compile_and_package(
-                program, package_path=str(out / f"{graph}.pt2"), inductor_configs=dict(configs)
+                program, package_path=str(out / files[graph]), inductor_configs=dict(configs)
             )
         device = programs.example[0].device
         return {
-            "files": {"full": "full.pt2", "shallow": "shallow.pt2"},
+            "files": files,
             "device": str(device),
             "inductor_configs": {k: repr(v) for k, v in configs.items()},
         }
@@ -58,7 +61,7 @@ class AotiFormat:
 
 
 class AotiPair(ExportedPair):
-    """Both packages loaded by ``AOTIModelPackageLoader``; outputs are copied into place."""
+    """The packages loaded by ``AOTIModelPackageLoader``; outputs are copied into place."""
 
     def __init__(self, directory: Path, manifest: Manifest, device: torch.device) -> None:
         super().__init__(manifest, device)
@@ -68,15 +71,18 @@ class AotiPair(ExportedPair):
                 f"{directory} holds AOTInductor code for {exported_on.type}; it cannot run on {device.type}: export "
                 f"again with the model on {device.type}"
             )
-        index = device.index if device.index is not None else -1
-        loaders = {}
+        object.__setattr__(self, "directory", directory)
+        object.__setattr__(self, "loaders", {})
         for graph in ("full", "shallow"):
-            path = directory / manifest.graphs[graph].file
-            try:
-                loaders[graph] = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
-            except RuntimeError as e:
-                raise ArtifactError(f"{path} could not be loaded by this torch ({torch.__version__}): {e}") from e
-        object.__setattr__(self, "loaders", loaders)
+            self._open(graph)
+
+    def _open(self, graph: str) -> None:
+        index = self.device.index if self.device.index is not None else -1
+        path = self.directory / self.manifest.graphs[graph].file
+        try:
+            self.loaders[graph] = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+        except RuntimeError as e:
+            raise ArtifactError(f"{path} could not be loaded by this torch ({torch.__version__}): {e}") from e
 
     def _run(self, graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         # AOTInductor code assumes the strides it was traced with (contiguous): an expanded

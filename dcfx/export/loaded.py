@@ -3,7 +3,8 @@
 A loaded export has no model object and needs no diffusers code: ``ExportedModel`` answers
 what a pipeline asks of ``pipe.unet`` (``config``, ``dtype``, ``device`` and a few recorded
 attributes) from the manifest, and ``ExportedPair`` sizes every output from the manifest's
-shape expressions, so a format's runtime can bind preallocated buffers.
+shape expressions, so a format's runtime can bind preallocated buffers (the forecast graph's
+two feature inputs are the runtime's two feature buffers, bound where they lie).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from dcfx.adapters import SCALE_INPUT
 from dcfx.backends import BufferFn, CompiledPair
-from dcfx.export.manifest import ArtifactError, Manifest
+from dcfx.export.manifest import FORECAST, ArtifactError, Manifest
 from dcfx.export.shapes import TensorSpec, bind_inputs, dtype_from_name, evaluate
 
 
@@ -86,8 +87,10 @@ class ExportedModel(nn.Module):
 class ExportedPair(CompiledPair):
     """The base of every format's loaded pair: input checks and output sizes from the manifest.
 
-    A format implements ``_run(graph, inputs, outputs)``: run graph "full" or "shallow" on
-    ``inputs``, writing into the preallocated ``outputs`` (IO binding).
+    A format implements ``_open(graph)``: load graph "full", "shallow" or "forecast" from its
+    file (its constructor opens the first two; ``open_forecast`` the third, when the runtime
+    forecasts), and ``_run(graph, inputs, outputs)``: run an opened graph on ``inputs``,
+    writing into the preallocated ``outputs`` (IO binding).
     """
 
     def __init__(self, manifest: Manifest, device: torch.device) -> None:
@@ -102,6 +105,31 @@ class ExportedPair(CompiledPair):
                 if isinstance(expr, str) and expr in manifest.dims:
                     locate.setdefault(expr, (i, axis))
         object.__setattr__(self, "_locate", locate)
+
+    @property
+    def has_forecast(self) -> bool:
+        """Whether the export holds the forecast graph (exports of older dcfx versions do not)."""
+        return FORECAST in self.manifest.graphs
+
+    def open_forecast(self) -> None:
+        """Opens the forecast graph (once): ``run_forecast`` works from then on.
+
+        The graph is opened only for a runtime that forecasts: an onnxruntime session, a
+        TensorRT engine or an AOTInductor package keeps its own copy of the weights it uses.
+
+        Raises:
+            ArtifactError: the export holds no forecast graph, or its file cannot be opened.
+        """
+        if self.forecast is not None:
+            return
+        if not self.has_forecast:
+            raise ArtifactError(
+                f"this export holds the graphs {sorted(self.manifest.graphs)}, not the forecast graph that "
+                f"forecast='linear' runs (it was written by dcfx {self.manifest.versions.get('dcfx', '?')}); "
+                f"export again with this dcfx, or load it with forecast='none'"
+            )
+        self._open(FORECAST)
+        object.__setattr__(self, "forecast", self._call_forecast)
 
     def check(self, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
         """Checks a call's flat inputs against the export (once per input signature).
@@ -151,6 +179,22 @@ class ExportedPair(CompiledPair):
         self._run("shallow", (*inputs, feature), (sample,))
         return sample
 
+    def run_forecast(  # noqa: D102
+        self,
+        inputs: tuple[torch.Tensor, ...],
+        feature: torch.Tensor,
+        previous: torch.Tensor,
+        coefficient: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.forecast is None:
+            raise RuntimeError("the forecast graph of this export is not open (ExportedPair.open_forecast)")
+        # Both features are the runtime's buffers (written by run_full, contiguous): bound in place.
+        (spec,) = self.manifest.graphs[FORECAST].outputs
+        inputs = _contiguous(inputs)
+        sample = self._empty(spec, self.sizes(inputs))
+        self._run(FORECAST, (*inputs, feature, previous, coefficient), (sample,))
+        return sample
+
     def _call_full(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = _contiguous(inputs)
         sample_spec, feature_spec = self.manifest.graphs["full"].outputs
@@ -162,8 +206,15 @@ class ExportedPair(CompiledPair):
     def _call_shallow(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.run_shallow(inputs[:-1], inputs[-1])
 
+    def _call_forecast(self, *inputs: torch.Tensor) -> torch.Tensor:
+        *call, feature, previous, coefficient = _contiguous(inputs)
+        return self.run_forecast(tuple(call), feature, previous, coefficient)
+
     def _empty(self, spec: TensorSpec, values: tuple[tuple[str, int], ...]) -> torch.Tensor:
         return torch.empty(_size(spec, values), dtype=spec.torch_dtype, device=self.device)
+
+    def _open(self, graph: str) -> None:
+        raise NotImplementedError
 
     def _run(self, graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         raise NotImplementedError

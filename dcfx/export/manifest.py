@@ -1,8 +1,9 @@
 """manifest.json: what an export directory holds, and the checks made before anything runs.
 
-The manifest ties the two graphs of an export together: the format, the versions that wrote
-it, the model's config (and its hash), the DeepCache config, every input and output with its
-shape expressions and dtype, the dimension ranges, and the sha256 of every file. A seal, the
+The manifest ties the graphs of an export together (full, shallow and forecast: ``GRAPHS``):
+the format, the versions that wrote it, the model's config (and its hash), the DeepCache
+config, every input and output with its shape expressions and dtype, the dimension ranges,
+and the sha256 of every file. A seal, the
 sha256 of the rest of the manifest, catches a manifest edited by hand. Reading it verifies all
 of that, and that the directory holds no symbolic link and no file the manifest does not list;
 a directory is written to a temporary sibling and renamed into place, so an interrupted export
@@ -29,7 +30,13 @@ from dcfx.export.shapes import DimRange, TensorSpec
 
 MANIFEST = "manifest.json"
 # 2: the manifest carries a seal. Version 1 manifests (unsealed) are refused: export again.
+# The forecast graph came without a new version: ``graphs`` maps names to entries, and an
+# export without the forecast graph still loads (it cannot forecast; ``dcfx.load`` says so).
 FORMAT_VERSION = 2
+# The graphs an export holds, in the order formats write them; the forecast graph, the
+# shallow graph on a forecast of the feature (``dcfx.passes.forecast``), is optional.
+GRAPHS = ("full", "shallow", "forecast")
+FORECAST = "forecast"
 _CHUNK = 1 << 20
 
 
@@ -178,6 +185,11 @@ def read_manifest(directory: str | os.PathLike[str], verify_files: bool = True) 
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{path} is malformed: {e!r}") from e
+    if set(GRAPHS[:2]) - set(manifest.graphs) or set(manifest.graphs) - set(GRAPHS):
+        raise ArtifactError(
+            f"{path} lists the graphs {sorted(manifest.graphs)}; an export holds {', '.join(GRAPHS[:2])} and "
+            f"optionally {FORECAST}"
+        )
     for entry in manifest.graphs.values():
         if entry.file not in manifest.files:
             raise ArtifactError(f"{path} does not list the sha256 of graph file {entry.file!r}")

@@ -1,10 +1,11 @@
-"""ONNX: both graphs by the torch.onnx dynamo exporter, one shared weights file, onnxruntime.
+"""ONNX: the graphs by the torch.onnx dynamo exporter, one shared weights file, onnxruntime.
 
-Files: ``full.onnx`` and ``shallow.onnx`` (graphs only) and ``weights.bin``, which holds every
-initializer once: the shallow graph's weights are a subset of the full graph's, so its
-initializers point into the same file. ``trtexec.sh`` holds the equivalent TensorRT engine
-builds. The runtime runs both graphs in onnxruntime with IO binding: inputs are read from and
-outputs written to torch tensors in place, the cache feature straight into the runtime's buffer.
+Files: ``full.onnx``, ``shallow.onnx`` and ``forecast.onnx`` (graphs only) and ``weights.bin``,
+which holds every initializer once: the shallow and forecast graphs' weights are a subset of the
+full graph's, so their initializers point into the same file. ``trtexec.sh`` holds the
+equivalent TensorRT engine builds. The runtime runs the graphs in onnxruntime with IO binding:
+inputs are read from and outputs written to torch tensors in place, the cache feature straight
+into the runtime's buffer, and the forecast graph reads both feature buffers where they lie.
 """
 
 from __future__ import annotations
@@ -62,16 +63,14 @@ class OnnxFormat:
         _ort()
 
     def write(self, programs: ProgramPair, out: Path, opset: int = OPSET) -> dict[str, Any]:
-        """Writes full.onnx, shallow.onnx, weights.bin and trtexec.sh; returns the format data."""
+        """Writes full.onnx, shallow.onnx, forecast.onnx, weights.bin and trtexec.sh; returns the format data."""
         from dcfx.export import tensorrt
 
         onnx = _onnx()
+        graphs = programs.programs()
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             models = {}
-            for graph, program, outputs in (
-                ("full", programs.full, programs.full_outputs),
-                ("shallow", programs.shallow, programs.shallow_outputs),
-            ):
+            for graph, (program, _, outputs) in graphs.items():
                 path = Path(tmp) / f"{graph}.onnx"
                 torch.onnx.export(
                     program,
@@ -83,22 +82,20 @@ class OnnxFormat:
                     verbose=False,
                 )
                 models[graph] = onnx.load(str(path), load_external_data=False)
-            inputs = {"full": programs.inputs, "shallow": programs.shallow_inputs}
-            outputs = {"full": programs.full_outputs, "shallow": programs.shallow_outputs}
             for graph, model in models.items():
-                _set_io_shapes(model, inputs[graph], outputs[graph])
+                _, inputs, outputs = graphs[graph]
+                _set_io_shapes(model, inputs, outputs)
             sizes = _share_weights(models, Path(tmp), out / WEIGHTS)
             for graph, model in models.items():
                 onnx.save(model, str(out / f"{graph}.onnx"))
         for graph in models:
             onnx.checker.check_model(str(out / f"{graph}.onnx"))
         entries = {
-            "full": GraphEntry("full.onnx", programs.inputs, programs.full_outputs),
-            "shallow": GraphEntry("shallow.onnx", programs.shallow_inputs, programs.shallow_outputs),
+            graph: GraphEntry(f"{graph}.onnx", inputs, outputs) for graph, (_, inputs, outputs) in graphs.items()
         }
         (out / TRTEXEC).write_text(tensorrt.trtexec_script(entries, programs.dims))
         return {
-            "files": {"full": "full.onnx", "shallow": "shallow.onnx"},
+            "files": {graph: entry.file for graph, entry in entries.items()},
             "device": "cpu",
             "opset": opset,
             "onnx": onnx.__version__,
@@ -186,7 +183,7 @@ def _inline(tensor: Any, data: bytes) -> None:
 
 
 class OnnxPair(ExportedPair):
-    """Both graphs in onnxruntime sessions, run with IO binding over torch tensors."""
+    """The graphs in onnxruntime sessions, run with IO binding over torch tensors."""
 
     def __init__(
         self,
@@ -211,17 +208,20 @@ class OnnxPair(ExportedPair):
         missing = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
         if missing:
             raise ValueError(f"onnxruntime providers {missing} are not available here; available: {available}")
-        options = session_options or ort.SessionOptions()
-        sessions = {}
+        object.__setattr__(self, "_session_args", (directory, session_options or ort.SessionOptions(), providers))
+        object.__setattr__(self, "sessions", {})
         for graph in ("full", "shallow"):
-            entry: GraphEntry = manifest.graphs[graph]
-            session = ort.InferenceSession(str(directory / entry.file), options, providers=list(providers))
-            got = [i.name for i in session.get_inputs()]
-            want = [s.graph_name for s in entry.inputs]
-            if got != want:
-                raise ArtifactError(f"{directory / entry.file} takes inputs {got}, the manifest says {want}")
-            sessions[graph] = session
-        object.__setattr__(self, "sessions", sessions)
+            self._open(graph)
+
+    def _open(self, graph: str) -> None:
+        directory, options, providers = self._session_args
+        entry: GraphEntry = self.manifest.graphs[graph]
+        session = _ort().InferenceSession(str(directory / entry.file), options, providers=list(providers))
+        got = [i.name for i in session.get_inputs()]
+        want = [s.graph_name for s in entry.inputs]
+        if got != want:
+            raise ArtifactError(f"{directory / entry.file} takes inputs {got}, the manifest says {want}")
+        self.sessions[graph] = session
 
     def _run(self, graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         entry = self.manifest.graphs[graph]

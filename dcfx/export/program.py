@@ -1,9 +1,10 @@
-"""The graph pair of one branch as two ``ExportedProgram``s over named, ranged dimensions.
+"""The graphs of one branch as ``ExportedProgram``s over named, ranged dimensions.
 
 Every deployment format starts here: the U-Net is captured with dynamic batch, height and
-width, cut into the full and the shallow graph, and each graph is exported again on its own
-(ONNX and AOTInductor take an ``ExportedProgram``). Shapes are recorded as expressions over
-the dimension names (``TensorSpec``), which is all a runtime needs to size buffers.
+width, cut into the full and the shallow graph, the forecast graph is made from the shallow
+one (``dcfx.passes.forecast``), and each graph is exported again on its own (ONNX and
+AOTInductor take an ``ExportedProgram``). Shapes are recorded as expressions over the
+dimension names (``TensorSpec``), which is all a runtime needs to size buffers.
 """
 
 from __future__ import annotations
@@ -21,31 +22,39 @@ from torch.export import Dim, ExportedProgram
 from dcfx.export.shapes import DIM_NAMES, DimExpr, DimRange, TensorSpec, dtype_name
 from dcfx.models import spec_for
 from dcfx.passes import FEATURE_INPUT, GraphPair, build_graph_pair
+from dcfx.passes.forecast import COEFFICIENT_INPUT, PREVIOUS_INPUT, add_forecast
 
 logger = logging.getLogger(__name__)
 
 OUT_SAMPLE = "out_sample"
+# What a forecast is traced with: any value would do (the coefficient is an input).
+_TRACE_COEFFICIENT = 0.5
 
 
 @dataclass
 class ProgramPair:
-    """The exported full and shallow programs and the specs of their inputs and outputs.
+    """The exported full, shallow and forecast programs and the specs of their inputs and outputs.
 
     ``full(*inputs) -> (out_sample, cache_feature)``;
-    ``shallow(*inputs, cache_feature) -> out_sample``. ``dims`` are the ranges the programs
-    accept (torch.export may narrow what was asked for). ``graphs`` are the in-process graphs
-    the programs came from, and ``example`` a call they were traced with: formats compare
-    their artifacts against them.
+    ``shallow(*inputs, cache_feature) -> out_sample``;
+    ``forecast(*inputs, cache_feature, cache_previous, forecast_coefficient) -> out_sample``,
+    the shallow graph on ``cache_feature + coefficient * (cache_feature - cache_previous)``
+    (the coefficient a 0-d float32 tensor). ``dims`` are the ranges the programs accept
+    (torch.export may narrow what was asked for). ``graphs`` and ``forecast_graph`` are the
+    in-process graphs the programs came from, and ``example`` a call they were traced with:
+    formats compare their artifacts against them.
     """
 
     full: ExportedProgram
     shallow: ExportedProgram
+    forecast: ExportedProgram
     inputs: list[TensorSpec]
     full_outputs: list[TensorSpec]
     shallow_outputs: list[TensorSpec]
     feature: TensorSpec
     dims: dict[str, DimRange]
     graphs: GraphPair
+    forecast_graph: fx.GraphModule
     example: tuple[torch.Tensor, ...]
     symbols: dict[str, str]
 
@@ -53,6 +62,25 @@ class ProgramPair:
     def shallow_inputs(self) -> list[TensorSpec]:
         """The shallow graph's inputs: the call's inputs and the cache feature."""
         return [*self.inputs, self.feature]
+
+    @property
+    def forecast_inputs(self) -> list[TensorSpec]:
+        """The forecast graph's inputs: the shallow graph's, the previous feature and the coefficient."""
+        previous = replace(self.feature, name=PREVIOUS_INPUT, graph_name=PREVIOUS_INPUT)
+        return [*self.shallow_inputs, previous, TensorSpec(COEFFICIENT_INPUT, COEFFICIENT_INPUT, "float32", ())]
+
+    @property
+    def forecast_outputs(self) -> list[TensorSpec]:
+        """The forecast graph's outputs: the shallow graph's (the sample)."""
+        return list(self.shallow_outputs)
+
+    def programs(self) -> dict[str, tuple[ExportedProgram, list[TensorSpec], list[TensorSpec]]]:
+        """Returns each graph's program, inputs and outputs by name (``dcfx.export.manifest.GRAPHS``)."""
+        return {
+            "full": (self.full, self.inputs, self.full_outputs),
+            "shallow": (self.shallow, self.shallow_inputs, self.shallow_outputs),
+            "forecast": (self.forecast, self.forecast_inputs, self.forecast_outputs),
+        }
 
 
 def downsampling_factor(model: nn.Module) -> int:
@@ -75,7 +103,7 @@ def export_programs(
     call: Mapping[str, Any],
     on_stage: Callable[[str], None] = lambda stage: None,
 ) -> ProgramPair:
-    """Returns the branch's graph pair exported over ``dims``, traced with ``call``.
+    """Returns the branch's full, shallow and forecast graphs exported over ``dims``, traced with ``call``.
 
     Args:
         model: The U-Net (in the dtype and on the device of the export).
@@ -93,6 +121,7 @@ def export_programs(
     torch_dims = export_dims(dims)
     dynamic = dynamic_axes(model, names, tensors, dims)
     graphs = build_graph_pair(model, branch, names, tensors, dynamic)
+    forecast_graph = add_forecast(graphs.shallow)
     symbols = _symbol_names(graphs.full, names, tensors, dynamic, sample, spec.context_input)
     inputs = [
         _spec(n, ph.name, ph.meta["val"], symbols) for n, ph in zip(names, _placeholders(graphs.full), strict=True)
@@ -115,10 +144,20 @@ def export_programs(
         shallow = torch.export.export(
             graphs.shallow, (*tensors, example_feature), dynamic_shapes=(*positional, feature_axes), strict=False
         )
+        on_stage("export forecast graph")
+        # The previous feature has the feature's shape and the same dynamic axes.
+        coefficient = torch.tensor(_TRACE_COEFFICIENT, dtype=torch.float32, device=example_feature.device)
+        forecast = torch.export.export(
+            forecast_graph,
+            (*tensors, example_feature, example_feature.clone(), coefficient),
+            dynamic_shapes=(*positional, feature_axes, feature_axes, None),
+            strict=False,
+        )
     at = names.index(spec.sample_input)
     context_at = names.index(spec.context_input) if spec.context_input in names else None
-    narrowed = _narrow(dict(dims), full, at, context_at)
-    narrowed = _narrow(narrowed, shallow, at, context_at)
+    narrowed = dict(dims)
+    for program in (full, shallow, forecast):
+        narrowed = _narrow(narrowed, program, at, context_at)
     # Every recorded shape must be computable over the whole range (a runtime sizes its buffers so).
     for point in ({n: getattr(d, key) for n, d in narrowed.items()} for key in ("min", "opt", "max")):
         for spec in (*inputs, *full_outputs, *shallow_outputs):
@@ -131,12 +170,14 @@ def export_programs(
     return ProgramPair(
         full=full,
         shallow=shallow,
+        forecast=forecast,
         inputs=inputs,
         full_outputs=full_outputs,
         shallow_outputs=shallow_outputs,
         feature=feature,
         dims=narrowed,
         graphs=graphs,
+        forecast_graph=forecast_graph,
         example=tensors,
         symbols=symbols,
     )

@@ -1,10 +1,11 @@
 """TensorRT: engines built from the ONNX export, and a runtime over them with fixed buffers.
 
 The ``tensorrt`` format writes the ONNX files (``dcfx.export.onnx``), then builds
-``full.plan`` and ``shallow.plan`` with the TensorRT Python API: one optimisation profile from
-the export's (min, opt, max) dimension ranges, fp16 or fp32, and a timing cache
-(``timing.cache``) that later builds reuse. Every ONNX export also writes ``trtexec.sh``, the
-same builds as ``trtexec`` command lines, for users who build engines by hand.
+``full.plan``, ``shallow.plan`` and ``forecast.plan`` with the TensorRT Python API: one
+optimisation profile each from the export's (min, opt, max) dimension ranges, fp16 or fp32,
+and a timing cache (``timing.cache``) that later builds reuse. Every ONNX export also writes
+``trtexec.sh``, the same builds as ``trtexec`` command lines, for users who build engines by
+hand.
 
 TensorRT is imported lazily: everything up to the engine build (profiles, plans, commands) is
 plain Python and runs anywhere. At load, the manifest's TensorRT version and GPU are compared
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from dcfx.export.loaded import ExportedPair
-from dcfx.export.manifest import ArtifactError, GraphEntry, Manifest
+from dcfx.export.manifest import FORECAST, ArtifactError, GraphEntry, Manifest
 from dcfx.export.program import ProgramPair
 from dcfx.export.registry import register_format
 from dcfx.export.shapes import DimRange, TensorSpec
@@ -50,10 +51,16 @@ def _tensorrt() -> Any:
 
 
 def profile_shapes(inputs: Sequence[TensorSpec], dims: Mapping[str, DimRange]) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """Returns the (min, opt, max) shape of each graph input over the dimension ranges."""
+    """Returns the (min, opt, max) shape of each graph input of rank 1 or more over the dimension ranges.
+
+    A 0-d input (the forecast coefficient) has its one shape: TensorRT wants no profile for
+    it, and trtexec has no way to write an empty shape.
+    """
     points = [{name: getattr(dim, key) for name, dim in dims.items()} for key in ("min", "opt", "max")]
     profile = {}
     for spec in inputs:
+        if not spec.shape:
+            continue
         lo, opt, hi = (spec.size(values) for values in points)
         profile[spec.graph_name] = (lo, opt, hi)
     return profile
@@ -115,7 +122,7 @@ def build_plan(
 
 
 def trtexec_script(entries: Mapping[str, GraphEntry], dims: Mapping[str, DimRange]) -> str:
-    """Returns a shell script with the ``trtexec`` builds of both engines (fp16 and fp32)."""
+    """Returns a shell script with the ``trtexec`` builds of every engine (fp16 and fp32)."""
     lines = [
         "#!/bin/sh",
         "# TensorRT engines for this dcfx export, built by hand (run in this directory).",
@@ -196,7 +203,7 @@ class TensorRTFormat:
         timing_cache: str | Path | None = None,
         **onnx: Any,
     ) -> dict[str, Any]:
-        """Writes the ONNX files, then builds full.plan and shallow.plan.
+        """Writes the ONNX files, then builds full.plan, shallow.plan and forecast.plan.
 
         ``timing_cache``: a file that later builds reuse (read, then updated); the export
         keeps a copy as timing.cache either way.
@@ -205,8 +212,8 @@ class TensorRTFormat:
 
         data = OnnxFormat().write(programs, out, **onnx)
         entries = {
-            "full": GraphEntry(data["files"]["full"], programs.inputs, programs.full_outputs),
-            "shallow": GraphEntry(data["files"]["shallow"], programs.shallow_inputs, programs.shallow_outputs),
+            graph: GraphEntry(data["files"][graph], inputs, outputs)
+            for graph, (_, inputs, outputs) in programs.programs().items()
         }
         plan = build_plan(entries, programs.dims, precision, workspace)
         for build in plan.values():
@@ -248,12 +255,14 @@ def check_engine_compatible(manifest: Manifest, directory: Path, current: Mappin
 
 
 class TensorRTPair(ExportedPair):
-    """Both engines with one execution context each; tensors are bound by address.
+    """The engines with one execution context each; tensors are bound by address.
 
     The cache feature is bound as the full engine's output and the shallow engine's input at
-    the runtime buffer's address, so it never moves. With ``cuda_graph``, each engine's launch
-    is captured once per input shape (and cache buffer) into a CUDA graph and replayed: the
-    other inputs are copied into static buffers first, the sample is copied out after.
+    the runtime buffer's address, so it never moves; the forecast engine binds both of the
+    runtime's feature buffers (the feature and the previous one) the same way. With
+    ``cuda_graph``, each engine's launch is captured once per input shape (and feature
+    buffers) into a CUDA graph and replayed: the other inputs (the forecast coefficient
+    among them) are copied into static buffers first, the sample is copied out after.
     """
 
     def __init__(self, directory: Path, manifest: Manifest, device: torch.device, cuda_graph: bool) -> None:
@@ -264,25 +273,29 @@ class TensorRTPair(ExportedPair):
         super().__init__(manifest, device)
         trt = _tensorrt()
         check_engine_compatible(manifest, directory, {"tensorrt": trt.__version__, **gpu_identity(device)})
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engines, contexts = {}, {}
-        with torch.cuda.device(device):
-            for graph in ("full", "shallow"):
-                entry = manifest.graphs[graph]
-                path = directory / entry.file
-                data = path.read_bytes()  # hashed again: the bytes checked are the bytes deserialized
-                if hashlib.sha256(data).hexdigest() != manifest.files[entry.file]["sha256"]:
-                    raise ArtifactError(f"{path} does not match its sha256 in the manifest: it was altered")
-                engine = runtime.deserialize_cuda_engine(data)
-                if engine is None:
-                    raise ArtifactError(f"TensorRT {trt.__version__} could not deserialize {path}")
-                _check_engine_io(trt, engine, entry, path)
-                engines[graph] = engine
-                contexts[graph] = engine.create_execution_context()
-        object.__setattr__(self, "engines", engines)
-        object.__setattr__(self, "contexts", contexts)
+        object.__setattr__(self, "directory", directory)
+        object.__setattr__(self, "runtime", trt.Runtime(trt.Logger(trt.Logger.WARNING)))
+        object.__setattr__(self, "engines", {})
+        object.__setattr__(self, "contexts", {})
         object.__setattr__(self, "cuda_graph", cuda_graph)
         object.__setattr__(self, "_graphs", OrderedDict())
+        for graph in ("full", "shallow"):
+            self._open(graph)
+
+    def _open(self, graph: str) -> None:
+        trt = _tensorrt()
+        entry = self.manifest.graphs[graph]
+        path = self.directory / entry.file
+        data = path.read_bytes()  # hashed again: the bytes checked are the bytes deserialized
+        if hashlib.sha256(data).hexdigest() != self.manifest.files[entry.file]["sha256"]:
+            raise ArtifactError(f"{path} does not match its sha256 in the manifest: it was altered")
+        with torch.cuda.device(self.device):
+            engine = self.runtime.deserialize_cuda_engine(data)
+            if engine is None:
+                raise ArtifactError(f"TensorRT {trt.__version__} could not deserialize {path}")
+            _check_engine_io(trt, engine, entry, path)
+            self.engines[graph] = engine
+            self.contexts[graph] = engine.create_execution_context()
 
     def _run(self, graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         entry = self.manifest.graphs[graph]
@@ -296,14 +309,15 @@ class TensorRTPair(ExportedPair):
     def _replay(
         self, graph: str, entry: GraphEntry, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
     ) -> None:
-        # The cache feature (the full graph's second output, the shallow graph's last input) is
-        # the runtime's buffer: bound by its address, which is part of the key. Other inputs are
+        # The cache feature (the full graph's second output, the shallow graph's last input)
+        # and the previous feature (the forecast graph's input after it) are the runtime's
+        # buffers: bound by their addresses, which are part of the key. Other inputs are
         # copied into static buffers; the sample output is copied out.
-        feature = outputs[1] if graph == "full" else inputs[-1]
-        key = (graph, tuple(t.shape for t in inputs), feature.data_ptr())
+        fixed = _feature_buffers(graph, inputs, outputs)
+        key = (graph, tuple(t.shape for t in inputs), tuple(t.data_ptr() for t in fixed))
         captured = self._graphs.get(key)
         if captured is None:
-            static_in = [t if t is feature else t.clone() for t in inputs]
+            static_in = [t if any(t is f for f in fixed) else t.clone() for t in inputs]
             static_out = [torch.empty_like(outputs[0]), *outputs[1:]]
             self._bind(graph, entry, static_in, static_out)
             self._execute(graph)  # warm-up: TensorRT allocates what it needs on the first run
@@ -312,7 +326,8 @@ class TensorRTPair(ExportedPair):
                 self._execute(graph)
             captured = (cuda_graph, static_in, static_out)
             self._graphs[key] = captured
-            if len(self._graphs) > MAX_GRAPH_PAIRS * 2:
+            # Per input shape: three engines, each bound to either of a generation's two buffers.
+            if len(self._graphs) > MAX_GRAPH_PAIRS * 6:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
         cuda_graph, static_in, static_out = captured
@@ -331,7 +346,8 @@ class TensorRTPair(ExportedPair):
     ) -> None:
         context = self.contexts[graph]
         for spec, tensor in zip(entry.inputs, inputs, strict=True):
-            if not context.set_input_shape(spec.graph_name, tuple(tensor.shape)):
+            # A 0-d input (the forecast coefficient) has one shape, fixed in the engine.
+            if spec.shape and not context.set_input_shape(spec.graph_name, tuple(tensor.shape)):
                 raise ValueError(f"the {graph} engine refuses {spec.name} of shape {tuple(tensor.shape)}")
             context.set_tensor_address(spec.graph_name, tensor.data_ptr())
         for spec, tensor in zip(entry.outputs, outputs, strict=True):
@@ -341,6 +357,18 @@ class TensorRTPair(ExportedPair):
                     f"the {graph} engine makes {spec.name} of shape {shape}, the manifest says {tuple(tensor.shape)}"
                 )
             context.set_tensor_address(spec.graph_name, tensor.data_ptr())
+
+
+def _feature_buffers(
+    graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    # The runtime's feature buffers a graph binds: written by the full graph, read by the
+    # shallow graph, both (feature, previous) read by the forecast graph before its coefficient.
+    if graph == "full":
+        return (outputs[1],)
+    if graph == FORECAST:
+        return (inputs[-3], inputs[-2])
+    return (inputs[-1],)
 
 
 def _check_engine_io(trt: Any, engine: Any, entry: GraphEntry, path: Path) -> None:

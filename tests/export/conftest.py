@@ -28,6 +28,15 @@ def sd_example(batch: int = 2, size: int = 16, seed: int = 0) -> dict:
     }
 
 
+def sample_loop(unet, scheduler, call, x, steps=10):
+    """Denoises ``x`` with ``unet`` (a dcfx runtime) and ``scheduler``; returns the final latents."""
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(**dict(call, sample=x, timestep=t)).sample, t, x).prev_sample
+    return x
+
+
 def export_sd(out, **overrides):
     """Exports the tiny SD-layout U-Net (branch SD_BRANCH, N=3, the pipelines' prompt length)."""
     options = {"branch": SD_BRANCH, "interval": 3, "format": "onnx", "shapes": SD_SHAPES, "example": sd_example()}

@@ -1,16 +1,18 @@
-"""AOTInductor: both graphs as .pt2 packages, run here and in a fresh process without diffusers."""
+"""AOTInductor: the graphs as .pt2 packages, run here and in a fresh process without diffusers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx.export.manifest import ArtifactError, read_manifest
-from tests.export.conftest import SD_BRANCH, export_sd, sd_unet
+from tests.export.conftest import SD_BRANCH, export_sd, sample_loop, sd_unet
 from tests.export.fresh import run_fresh
 
-pytestmark = pytest.mark.slow  # two C++ compiles (about 90 s here)
+pytestmark = pytest.mark.slow  # three C++ compiles per export (about 2 min here)
+ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,45 @@ def test_matches_eager_in_a_fresh_process_without_diffusers(aoti_sd, tmp_path):
 def test_packages_and_manifest(aoti_sd):
     manifest = read_manifest(aoti_sd)
     assert manifest.format == "aoti" and manifest.format_data["device"] == "cpu"
-    assert {"full.pt2", "shallow.pt2"} <= set(manifest.files)
+    assert {"full.pt2", "shallow.pt2", "forecast.pt2"} <= set(manifest.files)
+    assert manifest.graphs["forecast"].file == "forecast.pt2"
     assert manifest.files["shallow.pt2"]["bytes"] < manifest.files["full.pt2"]["bytes"]
-    assert manifest.checks["full_max_abs_diff"] < 1e-4 and manifest.checks["shallow_max_abs_diff"] < 1e-4
+    assert manifest.files["forecast.pt2"]["bytes"] < manifest.files["full.pt2"]["bytes"]
+    assert max(manifest.checks[f"{g}_max_abs_diff"] for g in ("full", "shallow", "forecast")) < ATOL
+
+
+def forecast_case(seed=7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    return x, {"encoder_hidden_states": torch.randn(2, 7, 8, generator=g)}
+
+
+def test_forecast_sampling_loop_equals_eager_runtime(aoti_sd):
+    x, call = forecast_case()
+    scheduler = DDIMScheduler()
+    eager = dcfx.compile(sd_unet(), branch=SD_BRANCH, interval=3, forecast="linear", scheduler=scheduler)
+    want = sample_loop(eager, scheduler, call, x)
+    loaded = dcfx.load(aoti_sd, forecast="linear", scheduler=scheduler)
+    got = sample_loop(loaded, scheduler, call, x)
+    assert loaded.stats == eager.stats == {"full": 4, "shallow": 6}
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    reuse = sample_loop(dcfx.load(aoti_sd, scheduler=scheduler), scheduler, call, x)
+    assert (got - reuse).abs().max() > 100 * ATOL, "forecasting changed nothing: the test would be vacuous"
+
+
+def test_inductor_ahead_of_time_forecasts(tmp_path):
+    # dcfx.compile's AOTInductor builds are exports: their packages carry the forecast graph.
+    x, call = forecast_case(seed=8)
+    scheduler = DDIMScheduler()
+    eager = dcfx.compile(sd_unet(), branch=SD_BRANCH, interval=3, forecast="linear", scheduler=scheduler)
+    want = sample_loop(eager, scheduler, call, x)
+    options = {"backend": "inductor", "cache_dir": tmp_path, "scheduler": scheduler}
+    aot = dcfx.compile(sd_unet(), branch=SD_BRANCH, interval=3, forecast="linear", **options)
+    got = sample_loop(aot, scheduler, call, x)
+    assert aot.graph_builds == 1 and aot.stats == eager.stats
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    (package,) = tmp_path.iterdir()
+    assert read_manifest(package).graphs["forecast"].file == "forecast.pt2"
 
 
 def test_static_export_refuses_other_sizes(aoti_sd):

@@ -56,7 +56,7 @@ def test_untouched_copy_loads(copy):
     assert isinstance(dcfx.load(copy), dcfx.DeepCacheUNet)
 
 
-@pytest.mark.parametrize("name", ["weights.bin", "full.onnx", "shallow.onnx", "trtexec.sh"])
+@pytest.mark.parametrize("name", ["weights.bin", "full.onnx", "shallow.onnx", "forecast.onnx", "trtexec.sh"])
 def test_altered_file(copy, no_session, name):
     flip_byte(copy / name)
     with pytest.raises(ArtifactError, match=f"{name} does not match its sha256"):
@@ -70,10 +70,60 @@ def test_truncated_file(copy, no_session):
         dcfx.load(copy)
 
 
-@pytest.mark.parametrize("name", ["weights.bin", "shallow.onnx"])
+@pytest.mark.parametrize("name", ["weights.bin", "shallow.onnx", "forecast.onnx"])
 def test_missing_file(copy, no_session, name):
     (copy / name).unlink()
     with pytest.raises(ArtifactError, match=f"{name} is missing"):
+        dcfx.load(copy)
+
+
+def drop_forecast(data):
+    """What an export written before the forecast graph holds: no forecast entry, no file."""
+    del data["graphs"]["forecast"]
+    del data["files"]["forecast.onnx"]
+
+
+def test_an_export_without_the_forecast_graph(copy):
+    (copy / "forecast.onnx").unlink()
+    edit_manifest(copy, drop_forecast)
+    loaded = dcfx.load(copy)  # it loads, and runs the paper's reuse
+    call = {"encoder_hidden_states": torch.randn(2, 7, 8)}
+    x = torch.randn(2, 4, 16, 16)
+    for t in (900, 800):
+        loaded(x, t, **call)
+    assert loaded.stats == {"full": 1, "shallow": 1}
+    with pytest.raises(ArtifactError, match=r"graphs \['full', 'shallow'\] but no forecast graph .* export it again"):
+        dcfx.load(copy, forecast="linear")
+    # Turned on later: refused at the next call, which runs nothing.
+    loaded.reschedule(forecast="linear")
+    with pytest.raises(ArtifactError, match=r"not the forecast graph that forecast='linear' runs"):
+        loaded(x, 900, **call)
+    assert loaded.stats == {"full": 1, "shallow": 1}
+
+
+def test_forecast_is_the_recorded_default_and_opened_only_when_used(copy):
+    edit_manifest(copy, lambda d: d["deepcache"].update(forecast="linear"))
+    loaded = dcfx.load(copy)
+    assert loaded.deepcache_config.forecast == "linear"
+    assert set(loaded._build.pair.sessions) == {"full", "shallow", "forecast"}
+    plain = dcfx.load(copy, forecast="none")
+    assert plain.deepcache_config.forecast == "none" and set(plain._build.pair.sessions) == {"full", "shallow"}
+    # Another schedule at load keeps the recorded forecast mode.
+    assert dcfx.load(copy, schedule="window", start=1, stop=4).deepcache_config.forecast == "linear"
+
+
+def test_a_forecast_entry_pointing_at_another_graph_is_caught(copy):
+    edit_manifest(copy, lambda d: d["graphs"]["forecast"].update(file="shallow.onnx"))
+    with pytest.raises(ArtifactError, match=r"shallow.onnx takes inputs .* the manifest says"):
+        dcfx.load(copy, forecast="linear")
+
+
+def test_unknown_or_missing_graphs_are_refused(copy, no_session):
+    edit_manifest(copy, lambda d: d["graphs"].update(extra=d["graphs"]["shallow"]))
+    with pytest.raises(ArtifactError, match=r"lists the graphs \['extra', 'forecast', 'full', 'shallow'\]"):
+        dcfx.load(copy)
+    edit_manifest(copy, lambda d: [d["graphs"].pop(g) for g in ("extra", "full")])
+    with pytest.raises(ArtifactError, match=r"an export holds full, shallow and optionally forecast"):
         dcfx.load(copy)
 
 

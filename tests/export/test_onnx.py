@@ -9,10 +9,11 @@ import pickle
 import onnx
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx.export.manifest import read_manifest
-from tests.export.conftest import SD_BRANCH, SD_SHAPES, sd_example, sd_unet
+from tests.export.conftest import SD_BRANCH, SD_SHAPES, sample_loop, sd_example, sd_unet
 from tests.export.fresh import run_fresh
 from tests.fixtures import (
     UNET_FACTORIES,
@@ -72,6 +73,27 @@ def test_pipeline_schedule_equals_eager_runtime(onnx_sd):
     torch.testing.assert_close(run_sd(pipe, steps=10, size=32), got, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize(("batch", "height", "width"), [(2, 16, 16), (1, 24, 8)])
+def test_forecast_sampling_loop_equals_eager_runtime(onnx_sd, batch, height, width):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(batch, 4, height, width, generator=g)
+    call = {"encoder_hidden_states": torch.randn(batch, 7, 8, generator=g)}
+    scheduler = DDIMScheduler()
+    eager = dcfx.compile(sd_unet(), branch=SD_BRANCH, interval=3, forecast="linear", scheduler=scheduler)
+    want = sample_loop(eager, scheduler, call, x)
+    loaded = dcfx.load(onnx_sd, forecast="linear", scheduler=scheduler)
+    got = sample_loop(loaded, scheduler, call, x)
+    assert loaded.stats == eager.stats == {"full": 4, "shallow": 6}
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    # Turned on after load: the forecast graph is opened at the next build, and gives the same.
+    later = dcfx.load(onnx_sd, scheduler=scheduler)
+    reuse = sample_loop(later, scheduler, call, x)
+    assert later.deepcache_config.forecast == "none" and later._pairs
+    assert (got - reuse).abs().max() > 100 * ATOL, "forecasting changed nothing: the test would be vacuous"
+    again = sample_loop(later.reschedule(forecast="linear"), scheduler, call, x)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+
+
 def test_load_changes_the_schedule_not_the_branch(onnx_sd):
     loaded = dcfx.load(onnx_sd, interval=2)
     assert loaded.deepcache_config.interval == 2 and loaded.deepcache_config.branch == SD_BRANCH
@@ -97,16 +119,18 @@ def test_example_outside_the_shapes_is_refused(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_shallow_weights_are_stored_once(onnx_sd):
+@pytest.mark.parametrize("graph", ["shallow", "forecast"])
+def test_shallow_weights_are_stored_once(onnx_sd, graph):
     manifest = read_manifest(onnx_sd)
     sizes = manifest.format_data["weights"]
-    assert sizes["shallow_new_bytes"] == 0 < sizes["shallow_weight_bytes"] < sizes["full_weight_bytes"]
+    assert sizes[f"{graph}_new_bytes"] == 0 < sizes[f"{graph}_weight_bytes"] < sizes["full_weight_bytes"]
+    assert sizes["forecast_weight_bytes"] == sizes["shallow_weight_bytes"]
     assert sizes["file_bytes"] >= sizes["full_weight_bytes"]
     assert manifest.files["weights.bin"]["bytes"] == sizes["file_bytes"]
-    shallow = onnx.load(str(onnx_sd / "shallow.onnx"), load_external_data=False)
-    external = [t for t in shallow.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    model = onnx.load(str(onnx_sd / f"{graph}.onnx"), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == {"weights.bin"}
-    for name in ("full.onnx", "shallow.onnx"):
+    for name in ("full.onnx", f"{graph}.onnx"):
         onnx.checker.check_model(str(onnx_sd / name))
         assert (onnx_sd / name).stat().st_size < 5e6  # graphs only; the weights live in weights.bin
 
@@ -115,23 +139,34 @@ def test_graph_io_carries_the_dimension_names(onnx_sd):
     model = onnx.load(str(onnx_sd / "shallow.onnx"), load_external_data=False)
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
     assert shapes["sample"] == ["batch", 4, "height", "width"]
-    assert shapes["encoder_hidden_states"] == ["batch", 7, 8]
+    assert shapes["encoder_hidden_states"] == ["batch", "tokens", 8]
     assert shapes["cache_feature"][0] == "batch" and shapes["cache_feature"][2:] == ["height", "width"]
+    forecast = onnx.load(str(onnx_sd / "forecast.onnx"), load_external_data=False)
+    inputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in forecast.graph.input}
+    assert list(inputs)[-3:] == ["cache_feature", "cache_previous", "forecast_coefficient"]
+    assert inputs["cache_previous"] == inputs["cache_feature"] == shapes["cache_feature"]
+    assert inputs["forecast_coefficient"] == []
     manifest = json.loads((onnx_sd / "manifest.json").read_text())
     assert manifest["dims"]["batch"] == {"min": 1, "opt": 2, "max": 4, "multiple": 1}
-    assert manifest["checks"]["full_max_abs_diff"] < ATOL and manifest["checks"]["shallow_max_abs_diff"] < ATOL
+    checks = manifest["checks"]
+    assert max(checks[f"{g}_max_abs_diff"] for g in ("full", "shallow", "forecast")) < ATOL
+    assert checks["forecast_moved_max_abs"] > 100 * ATOL  # the check's forecast differs from the shallow output
     assert manifest["model"]["class"] == "UNet2DConditionModel" and manifest["deepcache"]["branch"] == SD_BRANCH
 
 
 def test_trtexec_script_covers_the_ranges(onnx_sd):
     script = (onnx_sd / "trtexec.sh").read_text()
     fp16 = [line for line in script.splitlines() if line.startswith("trtexec")]
-    assert len(fp16) == 2 and all("--fp16" in line for line in fp16)
+    assert len(fp16) == 3 and all("--fp16" in line for line in fp16)
     full = next(line for line in fp16 if "--onnx=full.onnx" in line)
-    assert "--minShapes=sample:1x4x8x8,timestep:1,encoder_hidden_states:1x7x8" in full
-    assert "--maxShapes=sample:4x4x32x32,timestep:4,encoder_hidden_states:4x7x8" in full
+    assert "--minShapes=sample:1x4x8x8,timestep:1,encoder_hidden_states:1x3x8" in full
+    assert "--maxShapes=sample:4x4x32x32,timestep:4,encoder_hidden_states:4x21x8" in full
     shallow = next(line for line in fp16 if "--onnx=shallow.onnx" in line)
     assert "cache_feature:2x16x16x16" in shallow  # opt: batch 2, 16x16, 16 channels at branch 1
+    forecast = next(line for line in fp16 if "--onnx=forecast.onnx" in line)
+    assert "--saveEngine=forecast.plan" in forecast
+    assert "cache_feature:4x16x32x32,cache_previous:4x16x32x32 " in forecast  # the 0-d coefficient takes no shape
+    assert "forecast_coefficient" not in forecast
 
 
 @pytest.mark.parametrize(

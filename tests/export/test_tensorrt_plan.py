@@ -19,17 +19,24 @@ def test_profiles_from_the_manifest_ranges(onnx_sd):
     full = profile_shapes(manifest.graphs["full"].inputs, manifest.dims)
     assert full["sample"] == ((1, 4, 8, 8), (2, 4, 16, 16), (4, 4, 32, 32))
     assert full["timestep"] == ((1,), (2,), (4,))
-    assert full["encoder_hidden_states"] == ((1, 7, 8), (2, 7, 8), (4, 7, 8))
+    assert full["encoder_hidden_states"] == ((1, 3, 8), (2, 7, 8), (4, 21, 8))  # tokens 3..21
     shallow = profile_shapes(manifest.graphs["shallow"].inputs, manifest.dims)
     assert shallow["cache_feature"] == ((1, 16, 8, 8), (2, 16, 16, 16), (4, 16, 32, 32))
+    forecast = profile_shapes(manifest.graphs["forecast"].inputs, manifest.dims)
+    # The previous feature has the feature's profile; the 0-d coefficient needs none.
+    assert forecast["cache_previous"] == forecast["cache_feature"] == shallow["cache_feature"]
+    assert list(forecast) == [*shallow, "cache_previous"]
 
 
 def test_engine_build_plan(onnx_sd):
     manifest = read_manifest(onnx_sd)
     plan = build_plan(manifest.graphs, manifest.dims, precision="fp32", workspace=1 << 30)
-    assert set(plan) == {"full", "shallow"}
+    assert list(plan) == ["full", "shallow", "forecast"]
     assert plan["full"].onnx == "full.onnx" and plan["full"].engine == "full.plan"
     assert plan["shallow"].profile["cache_feature"][2] == (4, 16, 32, 32)
+    assert plan["forecast"].onnx == "forecast.onnx" and plan["forecast"].engine == "forecast.plan"
+    assert plan["forecast"].profile["cache_previous"][0] == (1, 16, 8, 8)
+    assert "--minShapes=" in plan["forecast"].trtexec() and "cache_previous:1x16x8x8" in plan["forecast"].trtexec()
     line = plan["full"].trtexec()
     assert "--fp16" not in line and "--memPoolSize=workspace:1024M" in line and "--timingCacheFile=timing.cache" in line
     with pytest.raises(ValueError, match="precision must be one of"):

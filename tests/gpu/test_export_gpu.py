@@ -11,13 +11,15 @@ import time
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 import dcfx
-from tests.export.conftest import SD_BRANCH, SD_SHAPES, export_sd, sd_example, sd_unet
+from tests.export.conftest import SD_BRANCH, SD_SHAPES, export_sd, sample_loop, sd_example, sd_unet
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+needs_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT")
 
 
 def _ort_cuda() -> bool:
@@ -85,7 +87,7 @@ def test_aoti_for_cuda(tmp_path):
 
 
 @needs_cuda
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT")
+@needs_tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_tensorrt_engines(tmp_path_factory, precision, cuda_graph):
@@ -94,3 +96,42 @@ def test_tensorrt_engines(tmp_path_factory, precision, cuda_graph):
     loaded = dcfx.load(out, cuda_graph=cuda_graph)
     _check_against_eager(loaded, atol=1e-3 if precision == "fp32" else 5e-2)
     print(f"TensorRT {precision} cuda_graph={cuda_graph} per call (ms):", _per_call_ms(loaded))
+
+
+@pytest.fixture(scope="module")
+def tensorrt_fp32(tmp_path_factory):
+    return export_sd(tmp_path_factory.mktemp("trt") / "forecast", format="tensorrt", precision="fp32")
+
+
+@needs_cuda
+@needs_tensorrt
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_tensorrt_forecast(tensorrt_fp32, cuda_graph):
+    out = tensorrt_fp32
+    assert (out / "forecast.plan").exists() and "--onnx=forecast.onnx" in (out / "trtexec.sh").read_text()
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(2, 4, 16, 24, device="cuda", generator=g)
+    call = {"encoder_hidden_states": torch.randn(2, 7, 8, device="cuda", generator=g)}
+    scheduler = DDIMScheduler()
+    eager = dcfx.compile(sd_unet().cuda(), branch=SD_BRANCH, interval=3, forecast="linear", scheduler=scheduler)
+    want = sample_loop(eager, scheduler, call, x)
+    loaded = dcfx.load(out, forecast="linear", scheduler=scheduler, cuda_graph=cuda_graph)
+    got = sample_loop(loaded, scheduler, call, x)
+    assert loaded.stats == eager.stats == {"full": 4, "shallow": 6}
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+    reuse = sample_loop(dcfx.load(out, scheduler=scheduler, cuda_graph=cuda_graph), scheduler, call, x)
+    assert (got - reuse).abs().max() > 1e-2, "forecasting changed nothing: the test would be vacuous"
+
+    # Both feature buffers are bound where they lie: a second generation keeps their addresses
+    # and gives the same latents; with CUDA graphs, the forecast engine has at most one
+    # capture per order of the two buffers (they trade roles on each full step).
+    state = loaded._state()
+    addresses = {b.data_ptr() for b in state.buffers}
+    assert len(addresses) == 2
+    torch.testing.assert_close(sample_loop(loaded, scheduler, call, x), got, atol=1e-5, rtol=0)
+    assert {b.data_ptr() for b in state.buffers} == addresses
+    if cuda_graph:
+        forecast_keys = [key for key in loaded._build.pair._graphs if key[0] == "forecast"]
+        assert 1 <= len(forecast_keys) <= 2 and all(set(key[2]) == addresses for key in forecast_keys)
+    timed = dcfx.load(out, forecast="linear", cuda_graph=cuda_graph)  # no scheduler: timesteps 999, 998, ...
+    print(f"TensorRT fp32 forecast cuda_graph={cuda_graph} per call (ms):", _per_call_ms(timed))
