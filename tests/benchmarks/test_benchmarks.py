@@ -56,18 +56,55 @@ def test_pipeline_speed_refuses_a_limit_outside_the_run():
 
 
 def test_quality_smoke(tmp_path):
+    # The benchmark as it was before forecasting: DDIM only, reuse only; same rows, same keys.
     run_script(
         "quality.py",
         *("--per-class", "2", "--steps", "6", "--intervals", "3", "--branches", "0"),
-        *("--schedules", "uniform", "--out", str(tmp_path)),
+        *("--schedules", "uniform", "--forecasts", "none", "--out", str(tmp_path)),
     )
     rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["no cache", "dcfx uniform", "fewer steps"]
     base, cached, fewer = rows
     assert "psnr" not in base and 0 <= base["accuracy"] <= 1 and base["fd"] > 0
-    assert cached["full_steps"] == 2 and 0 < cached["psnr"] < 100
+    assert cached["full_steps"] == 2 and 0 < cached["psnr"] < 100 and cached["forecast"] == "none"
     assert fewer["steps"] == round(2 + 4 * cached["r"])
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_quality_forecast_and_samplers_smoke(tmp_path):
+    run_script(
+        "quality.py",
+        *("--per-class", "1", "--samplers", "ddim:8,euler:6", "--intervals", "3", "--branches", "0"),
+        *("--grids", "0:3", "--out", str(tmp_path)),
+    )
+    result = json.loads((tmp_path / "quality.json").read_text())
+    assert set(result["samplers"]) == {"ddim:8", "euler:6"} and "leading" in result["samplers"]["euler:6"]
+    assert result["machine"]["loadavg_start"] is not None and result["machine"]["torch_num_threads"] == 1
+    methods = ["no cache", "dcfx uniform", "dcfx uniform + forecast", "dcfx non-uniform", "fewer steps"]
+    for sampler in ("ddim:8", "euler:6"):
+        rows = {r["method"]: r for r in result["rows"] if r["sampler"] == sampler}
+        assert sorted(rows) == sorted(methods)
+        reuse, forecast = rows["dcfx uniform"], rows["dcfx uniform + forecast"]
+        assert forecast["forecast"] == "linear" and forecast["full_steps"] == reuse["full_steps"]
+        assert forecast["ideal"] == reuse["ideal"]  # the forecast's elementwise op is not counted
+        assert forecast["psnr"] != reuse["psnr"]  # two full steps before the last shallow ones: it acts
+        assert rows["fewer steps"]["ideal"] > 1
+    euler_base = next(r for r in result["rows"] if r["sampler"] == "euler:6" and r["method"] == "no cache")
+    assert euler_base["psnr_vs_first_sampler"] > 20  # a sane sampler lands near DDIM, not on saturated images
+    table = (tmp_path / "quality.md").read_text()
+    assert "## Euler 6" in table and "reuse -> forecast" in table and "| FLOP-ideal speedup >= |" in table
+    assert (tmp_path / "quality.png").stat().st_size > 0
+    assert (tmp_path / "grid_ddim8_b0_n3.png").stat().st_size > 0  # no cache, reuse, forecast
+    assert (tmp_path / "grid_euler6_b0_n3.png").stat().st_size > 0
+
+
+def test_quality_sampling_loop_is_generate_for_ddim(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    quality = __import__("quality")
+    model = load_model()
+    labels = torch.tensor([3, 8])
+    ours = quality.sample(model.unet, model.tokens, model.scheduler(), labels, steps=3, seed=1)
+    assert torch.equal(ours, generate(model.unet, model.tokens, model.scheduler(), labels, steps=3, seed=1))
 
 
 def test_training_scripts_write_loadable_models(tmp_path):
