@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 import dcfx
 from dcfx.branches import ideal_speedup_of_counts
-from dcfx.config import FORECASTS
+from dcfx.forecast import available_forecasts
 from dcfx.demo import save_grid
 from dcfx.digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, ClassTokens, load_classifier, load_model
 from dcfx.quality import accuracy, feature_stats, frechet_distance, psnr
@@ -148,9 +148,9 @@ class Scenario:
         bad = [s for s in (*self.schedules, *self.forecast_schedules) if s not in ("uniform", "non-uniform")]
         if bad or not self.schedules:
             raise ValueError(f"schedules must be uniform and/or non-uniform, got {self.schedules}")
-        bad = [f for f in self.forecasts if f not in FORECASTS]
+        bad = [f for f in self.forecasts if f not in available_forecasts()]
         if bad or not self.forecasts:
-            raise ValueError(f"forecasts must be some of {', '.join(FORECASTS)}, got {self.forecasts}")
+            raise ValueError(f"forecasts must be some of {', '.join(available_forecasts())}, got {self.forecasts}")
 
     def methods(self) -> list[tuple[str, str]]:
         """Returns the (schedule, forecast) pairs run through dcfx, in table order."""
