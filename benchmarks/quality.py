@@ -53,9 +53,9 @@ from tqdm import tqdm
 
 import dcfx
 from dcfx.branches import ideal_speedup_of_counts
-from dcfx.forecast import available_forecasts
 from dcfx.demo import save_grid
 from dcfx.digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, ClassTokens, load_classifier, load_model
+from dcfx.forecast import available_forecasts
 from dcfx.quality import accuracy, feature_stats, frechet_distance, psnr
 from dcfx.schedule import full_step_indices
 
