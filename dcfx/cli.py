@@ -138,7 +138,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     import dcfx
 
     unet = load_unet(args.model)
-    shapes = {k: v for k, v in (("batch", args.batch), ("height", args.height), ("width", args.width)) if v is not None}
+    given = {"batch": args.batch, "height": args.height, "width": args.width, "tokens": args.tokens}
+    shapes = {**zoo.typical_shapes(args.model), **{k: v for k, v in given.items() if v is not None}}
     options = {k: v for k, v in (("opset", args.opset), ("precision", args.precision)) if v is not None}
     config = args.config or None
     fields = {} if config else {"branch": args.branch, "interval": args.interval}
@@ -216,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=int, default=3)
     for dim in ("batch", "height", "width"):
         p.add_argument(f"--{dim}", type=_range, help=f"{dim} (latent): N, MIN:MAX or MIN:OPT:MAX")
+    p.add_argument(
+        "--tokens",
+        type=_range,
+        help="prompt length (the cross-attention states' second dimension): N, MIN:MAX or MIN:OPT:MAX; "
+        "default: the model's own (77; 4 for the digits model)",
+    )
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--opset", type=int, help="ONNX opset (onnx, tensorrt)")
     p.add_argument("--precision", choices=["fp16", "fp32"], help="engine precision (tensorrt)")

@@ -66,6 +66,21 @@ def build_unet(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     return UNet2DConditionModel(**CONFIGS[name]).to(dtype).eval()
 
 
+def typical_shapes(model: str | os.PathLike[str]) -> dict[str, int]:
+    """Returns the call sizes a model's own generation uses where they differ from a U-Net's typical call.
+
+    The built-in example call of an export has a 77-token prompt (CLIP); the digits model and
+    folders written like it (``class_tokens.safetensors`` beside the U-Net) read
+    ``dcfx.digits.TOKENS`` class tokens, so their exports take that prompt length.
+    """
+    name = os.fspath(model)
+    if name == BUNDLED or (os.path.isdir(name) and (Path(name) / "class_tokens.safetensors").is_file()):
+        from dcfx.digits import TOKENS
+
+        return {"tokens": TOKENS}
+    return {}
+
+
 def unet_folder(model: str | os.PathLike[str]) -> Path:
     """Returns the folder holding a diffusers U-Net's config.json: ``model``/unet when it exists, else ``model``."""
     sub = Path(model) / "unet"
