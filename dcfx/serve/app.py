@@ -334,7 +334,9 @@ def build_app(options: ServeOptions) -> Any:
             num_replicas=options.replicas,
             ray_actor_options=actor,
             max_ongoing_requests=per_replica,
-            max_queued_requests=max(1, options.max_queue),
+            # Ray counts a request as queued until a replica is picked, a burst included: the
+            # engines' queues are the real bound; this one only caps requests between them.
+            max_queued_requests=max(100, 2 * options.replicas * per_replica),
             health_check_period_s=2.0,
             health_check_timeout_s=30.0,
             graceful_shutdown_timeout_s=10.0,

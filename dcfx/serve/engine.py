@@ -209,22 +209,24 @@ class _CacheGroup:
         self.padded = padded
         self.epoch = epoch
         self.pool = pool
-        self.buffer: torch.Tensor | None = None
+        self.buffer: torch.Tensor | None = None  # the call's rows of a pooled buffer
+        self._pooled: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self.live = sum(1 for g, _ in layout if g is not None)
 
     def buffer_for(
         self, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         """Returns the rows of a pooled buffer that the full call writes the feature into."""
-        self.buffer = self.pool.take(shape, stride, dtype, device)
+        self._pooled = self.pool.take(shape, stride, dtype, device)
+        self.buffer = self._pooled[1][: shape[0]]
         return self.buffer
 
     def leave(self) -> None:
         """One generation no longer reads these rows; the buffer goes back when none does."""
         self.live -= 1
-        if self.live == 0 and self.buffer is not None:
-            self.pool.give(self.buffer)
-            self.buffer = None
+        if self.live <= 0 and self._pooled is not None:
+            self.pool.give(*self._pooled)
+            self._pooled = self.buffer = None
 
 
 class _BufferPool:
@@ -237,22 +239,21 @@ class _BufferPool:
 
     def take(
         self, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        key = (tuple(shape[1:]), tuple(stride[1:]), stride[0], dtype, device)
+    ) -> tuple[tuple[Any, ...], torch.Tensor]:
+        """Returns a free buffer for features of this layout (its key and the whole buffer)."""
+        key = (tuple(shape[1:]), tuple(stride), dtype, device)
         free = self.free[key]
         if free:
-            base = free.pop()
-        else:
-            # The feature's own strides (some features come out channels-last), over capacity rows.
-            base = torch.empty_strided((self.capacity, *shape[1:]), tuple(stride), dtype=dtype, device=device)
-            self.allocated += 1
-        view = base[: shape[0]]
-        view._dcfx_pool_key = key  # type: ignore[attr-defined]
-        view._dcfx_pool_base = base  # type: ignore[attr-defined]
-        return view
+            return key, free.pop()
+        # The feature's own strides (some features come out channels-last), over capacity rows:
+        # the first n rows then have exactly the strides a call of n rows produces.
+        self.allocated += 1
+        base = torch.empty_strided((self.capacity, *shape[1:]), tuple(stride), dtype=dtype, device=device)
+        return key, base
 
-    def give(self, view: torch.Tensor) -> None:
-        self.free[view._dcfx_pool_key].append(view._dcfx_pool_base)  # type: ignore[attr-defined]
+    def give(self, key: tuple[Any, ...], base: torch.Tensor) -> None:
+        """Takes a buffer back."""
+        self.free[key].append(base)
 
 
 class _Cohort:
@@ -557,7 +558,7 @@ class Engine:
             try:
                 out, _ = pair.run_full(inputs, group.buffer_for)
             except BaseException:
-                group.live = 1
+                group.live = 0
                 group.leave()  # its buffer goes back to the pool
                 raise
             self._record("full", layout, padded)
@@ -608,9 +609,10 @@ class Engine:
         first = gens[0].group.buffer
         scratch = cohort.scratch
         if scratch is None or scratch.shape[1:] != first.shape[1:] or scratch.stride() != first.stride():
-            scratch = cohort.scratch = torch.empty_strided(
+            scratch = torch.empty_strided(
                 (self.config.max_batch, *first.shape[1:]), first.stride(), dtype=first.dtype, device=first.device
             )
+            cohort.scratch = scratch.zero_()  # padding rows read it: finite values, never stale memory
         offset = 0
         for gen in gens:
             scratch[offset : offset + gen.rows].copy_(gen.group.buffer[gen.row : gen.row + gen.rows])
