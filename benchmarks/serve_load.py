@@ -60,10 +60,11 @@ KEEP_UP = 0.9
 class Scenario:
     """What one benchmark run measures."""
 
-    rates: tuple[float, ...] = (1.5, 3.0, 5.0, 8.0, 12.0)
-    seconds_per_rate: float = 15.0  # requests per run: rate x this, within [min_requests, max_requests]
-    min_requests: int = 40
-    max_requests: int = 90
+    rates: tuple[float, ...] = (2.0, 3.0, 4.0, 6.0, 9.0, 13.0)
+    seconds_per_rate: float = 10.0  # requests per run: rate x this, within [min_requests, max_requests]
+    min_requests: int = 30
+    max_requests: int = 80
+    repeats: int = 2  # runs per (rate, variant), variants in a shuffled order each time
     warmup_requests: int = 8
     steps: int = 50
     branch: int = 0
@@ -104,42 +105,59 @@ def request_for(i: int, steps: int) -> GenerationRequest:
     return GenerationRequest(labels=(i % 10,), seed=i, steps=steps)
 
 
-def drive(engine: Engine, times: Sequence[float], steps: int) -> list[tuple[float, float]]:
-    """Runs the arrivals through ``engine`` in this thread; returns each request's (arrival, finish)."""
+def drive(engine: Engine, times: Sequence[float], steps: int) -> tuple[list[tuple[float, float]], float]:
+    """Runs the arrivals through ``engine`` in this thread.
+
+    Returns each request's (arrival, finish), and the share of a core this thread got while it
+    ticked (its CPU time over the wall time of its ticks: 1.0 undisturbed, lower where other
+    processes took the core).
+    """
     start = time.perf_counter()
     futures, submitted = [], 0
+    tick_wall = tick_cpu = 0.0
     while submitted < len(times) or not all(f.done() for f in futures):
         now = time.perf_counter() - start
         while submitted < len(times) and times[submitted] <= now:
             futures.append(engine.submit(request_for(submitted, steps)))
             submitted += 1
-        if not engine.tick() and submitted < len(times):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        ticked = engine.tick()
+        tick_wall += time.perf_counter() - wall
+        tick_cpu += time.thread_time() - cpu
+        if not ticked and submitted < len(times):
             time.sleep(max(0.0, times[submitted] - (time.perf_counter() - start)))
-    return [(start + t, f.result().finished_s) for t, f in zip(times, futures, strict=True)]
+    spans = [(start + t, f.result().finished_s) for t, f in zip(times, futures, strict=True)]
+    return spans, tick_cpu / tick_wall if tick_wall else 1.0
 
 
-def summarize(spans: Sequence[tuple[float, float]], rate: float, warmup: int) -> dict[str, Any]:
-    """Returns throughput, latency percentiles and whether the run kept up with its arrivals."""
-    counted = list(spans[warmup:])
-    latencies = [f - a for a, f in counted]
-    arrived = [a for a, _ in counted]
-    finishes = sorted(f for _, f in counted)
-    # Departures per second against arrivals per second of the same requests: equal (up to the
-    # spread of latencies) when the system keeps up, the service rate when a backlog builds.
-    throughput = (len(finishes) - 1) / (finishes[-1] - finishes[0])
-    arrival_rate = (len(arrived) - 1) / (arrived[-1] - arrived[0])
+def summarize(runs: Sequence[Sequence[tuple[float, float]]], rate: float, warmup: int) -> dict[str, Any]:
+    """Returns throughput, latency percentiles and whether the runs kept up with their arrivals.
+
+    Latencies of the runs are pooled; throughput and the keep-up ratio are their means.
+    """
+    latencies, throughputs, ratios = [], [], []
+    for spans in runs:
+        counted = list(spans[warmup:])
+        latencies += [f - a for a, f in counted]
+        arrived = [a for a, _ in counted]
+        finishes = sorted(f for _, f in counted)
+        # Departures per second against arrivals per second of the same requests: equal (up to
+        # the spread of latencies) when the system keeps up, the service rate when a backlog builds.
+        throughputs.append((len(finishes) - 1) / (finishes[-1] - finishes[0]))
+        ratios.append(throughputs[-1] / ((len(arrived) - 1) / (arrived[-1] - arrived[0])))
     ordered = sorted(latencies)
     return {
         "offered_rate": rate,
-        "arrival_rate": arrival_rate,
-        "requests": len(spans),
-        "counted": len(counted),
-        "throughput": throughput,
+        "runs": len(runs),
+        "requests": sum(len(spans) for spans in runs),
+        "counted": len(latencies),
+        "throughput": statistics.fmean(throughputs),
+        "departures_over_arrivals": statistics.fmean(ratios),
         "p50_s": percentile(ordered, 50),
         "p99_s": percentile(ordered, 99),
         "mean_s": statistics.fmean(latencies),
         "max_s": ordered[-1],
-        "keeps_up": throughput >= KEEP_UP * arrival_rate,
+        "keeps_up": statistics.fmean(ratios) >= KEEP_UP,
     }
 
 
@@ -169,41 +187,86 @@ def engine_summary(stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_engine_variants(scenario: Scenario, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    model = load_model()
-    serve_model = DigitsServeModel(model)
-    runtime = dcfx.compile(model.unet, branch=scenario.branch, interval=scenario.interval)
-    probe = request_for(0, scenario.steps)
-    log("building the graph pairs of every batch size (not timed) ...")
-    Engine(runtime, serve_model, EngineConfig(max_batch=scenario.max_batch)).warmup(probe)
+def run_engine_variants(
+    scenario: Scenario, runtime: Any, serve_model: DigitsServeModel, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
     rows = []
+    order = random.Random(scenario.seed)
     for rate in scenario.rates:
-        times = arrivals(rate, scenario.requests_at(rate), scenario.seed)
+        runs: dict[str, list[Any]] = {name: [] for name in scenario.variants}
+        for repeat in range(scenario.repeats):
+            # The cores are shared: variants take turns in a new order each time, on the same arrivals.
+            times = arrivals(rate, scenario.requests_at(rate), scenario.seed + repeat)
+            for name in order.sample(scenario.variants, len(scenario.variants)):
+                runs[name].append(run_variant(name, scenario, runtime, serve_model, times))
         for name in scenario.variants:
-            interval, config = variant_setup(name, scenario)
-            runtime.reschedule(interval=interval)  # the same graphs serve every schedule of the branch
-            engine = Engine(runtime, serve_model, config)
-            load_before = os.getloadavg()[0]
-            spans = drive(engine, times, scenario.steps)
-            row = {"variant": name, **summarize(spans, rate, scenario.warmup_requests)}
-            row.update(engine_summary(engine.stats()), load_avg_1m=[load_before, os.getloadavg()[0]])
-            rows.append(row)
-            log(
-                f"rate {rate:5.2f}/s {name:17s} throughput {row['throughput']:5.2f}/s  p50 {row['p50_s']:6.2f} s  "
-                f"p99 {row['p99_s']:6.2f} s  {'keeps up' if row['keeps_up'] else 'falls behind'}  "
-                f"(full {row['full_calls']} x {row['mean_full_rows']:.1f} rows, shallow {row['shallow_calls']} x "
-                f"{row['mean_shallow_rows']:.1f}; load {load_before:.1f})"
-            )
+            rows.append(variant_row(name, rate, runs[name], scenario))
+            log(describe(rows[-1]))
     runtime.reschedule(interval=scenario.interval)
     return rows
 
 
-def run_ray(scenario: Scenario, log: Callable[[str], None]) -> dict[str, Any]:
-    """Returns the same measurement at ``scenario.ray_rate`` through Ray Serve's HTTP path."""
+def build(scenario: Scenario, log: Callable[[str], None]) -> tuple[Any, DigitsServeModel]:
+    """Returns the runtime with the graph pairs of every batch size built (not timed), and the model."""
+    model = load_model()
+    serve_model = DigitsServeModel(model)
+    runtime = dcfx.compile(model.unet, branch=scenario.branch, interval=scenario.interval)
+    log("building the graph pairs of every batch size (not timed) ...")
+    Engine(runtime, serve_model, EngineConfig(max_batch=scenario.max_batch)).warmup(request_for(0, scenario.steps))
+    return runtime, serve_model
+
+
+def run_variant(
+    name: str, scenario: Scenario, runtime: Any, serve_model: DigitsServeModel, times: Sequence[float]
+) -> dict[str, Any]:
+    """Returns one run of a variant on the arrivals ``times``: spans, engine counters, load, core share."""
+    interval, config = variant_setup(name, scenario)
+    runtime.reschedule(interval=interval)  # the same graphs serve every schedule of the branch
+    engine = Engine(runtime, serve_model, config)
+    load_before = os.getloadavg()[0]
+    spans, share = drive(engine, times, scenario.steps)
+    return {"spans": spans, "stats": engine.stats(), "load": [load_before, os.getloadavg()[0]], "core_share": share}
+
+
+def variant_row(name: str, rate: float, runs: Sequence[dict[str, Any]], scenario: Scenario) -> dict[str, Any]:
+    row = {"variant": name, **summarize([r["spans"] for r in runs], rate, scenario.warmup_requests)}
+    totals: dict[str, Any] = {}
+    for r in runs:
+        for key, value in engine_summary(r["stats"]).items():
+            totals.setdefault(key, []).append(value)
+    row.update({k: statistics.fmean(v) for k, v in totals.items()})
+    row["load_avg_1m"] = [min(r["load"][0] for r in runs), max(r["load"][1] for r in runs)]
+    row["core_share"] = min(r["core_share"] for r in runs)
+    return row
+
+
+def describe(row: dict[str, Any]) -> str:
+    text = (
+        f"rate {row['offered_rate']:5.2f}/s {row['variant']:24s} throughput {row['throughput']:5.2f}/s  "
+        f"p50 {row['p50_s']:6.2f} s  p99 {row['p99_s']:6.2f} s  {'keeps up' if row['keeps_up'] else 'falls behind'}"
+    )
+    if "full_calls" in row:
+        text += (
+            f"  (full {row['full_calls']:.0f} x {row['mean_full_rows']:.1f} rows, shallow {row['shallow_calls']:.0f} x "
+            f"{row['mean_shallow_rows']:.1f}; core share >= {row['core_share']:.2f})"
+        )
+    return text
+
+
+def run_ray(
+    scenario: Scenario, runtime: Any, serve_model: DigitsServeModel, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Returns dcfx at ``scenario.ray_rate`` through Ray Serve's HTTP path and in-process, runs alternating.
+
+    Each request's HTTP + Ray overhead is its latency at the client less its latency inside the
+    replica's engine (from submit to the last step, the ``x-dcfx-latency-s`` header): a
+    difference measured on the same request, so the machine's load cancels out of it.
+    """
     import urllib.request
 
     from dcfx.serve.app import ServeApp, ServeOptions
 
+    rate = scenario.ray_rate
     options = ServeOptions(
         replicas=1,
         max_batch=scenario.max_batch,
@@ -219,38 +282,63 @@ def run_ray(scenario: Scenario, log: Callable[[str], None]) -> dict[str, Any]:
     log("starting Ray Serve (one replica) ...")
     started = time.perf_counter()
     url = app.start(ray_init={"log_to_driver": False}) + "/generate"
-    log(f"  ready in {time.perf_counter() - started:.0f} s")
+    startup_s = time.perf_counter() - started
+    log(f"  ready in {startup_s:.0f} s")
 
-    def post(i: int) -> float:
+    def post(i: int) -> tuple[float, float]:
         body = json.dumps({"label": i % 10, "seed": i, "steps": scenario.steps, "output": "latents"}).encode()
         request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as r:
             r.read()
             assert r.status == 200
-        return time.perf_counter()
+            return time.perf_counter(), float(r.headers["x-dcfx-latency-s"])
 
+    local_runs, remote_runs, overheads = [], [], []
     try:
         for i in range(3):  # warm the path: proxy, router, replica
             post(i)
-        rate = scenario.ray_rate
-        times = arrivals(rate, scenario.requests_at(rate), scenario.seed)
-        load_before = os.getloadavg()[0]
-        start = time.perf_counter()
-        with ThreadPoolExecutor(len(times)) as pool:
-            futures = []
-            for i, t in enumerate(times):
-                time.sleep(max(0.0, start + t - time.perf_counter()))
-                futures.append(pool.submit(post, i))
-            spans = [(start + t, f.result()) for t, f in zip(times, futures, strict=True)]
-        row = {"variant": "dcfx via Ray Serve HTTP", **summarize(spans, rate, scenario.warmup_requests)}
-        row["load_avg_1m"] = [load_before, os.getloadavg()[0]]
-        log(
-            f"rate {rate:5.2f}/s Ray Serve HTTP     throughput {row['throughput']:5.2f}/s  p50 {row['p50_s']:6.2f} s  "
-            f"p99 {row['p99_s']:6.2f} s"
-        )
-        return row
+        for repeat in range(scenario.repeats):
+            times = arrivals(rate, scenario.requests_at(rate), scenario.seed + repeat)
+            local_runs.append(run_variant("dcfx", scenario, runtime, serve_model, times))
+            start = time.perf_counter()
+            with ThreadPoolExecutor(len(times)) as pool:
+                futures = []
+                for i, t in enumerate(times):
+                    time.sleep(max(0.0, start + t - time.perf_counter()))
+                    futures.append(pool.submit(post, i))
+                answers = [f.result() for f in futures]
+            spans = [(start + t, finish) for t, (finish, _) in zip(times, answers, strict=True)]
+            remote_runs.append(spans)
+            counted = zip(spans[scenario.warmup_requests :], answers[scenario.warmup_requests :], strict=True)
+            overheads += [(finish - arrival) - inside for (arrival, finish), (_, inside) in counted]
     finally:
         app.stop()
+    local = {**variant_row("dcfx", rate, local_runs, scenario), "variant": "dcfx in-process"}
+    remote = {"variant": "dcfx via Ray Serve HTTP", **summarize(remote_runs, rate, scenario.warmup_requests)}
+    ordered = sorted(overheads)
+    remote.update(overhead_p50_s=percentile(ordered, 50), overhead_p99_s=percentile(ordered, 99), startup_s=startup_s)
+    log(describe(local))
+    log(describe(remote) + f"  (HTTP + Ray per request: p50 {remote['overhead_p50_s'] * 1e3:.1f} ms)")
+    return {"in_process": local, "http": remote}
+
+
+def throughput_at(rows: Sequence[dict[str, Any]], bound: float) -> tuple[float | None, float | None]:
+    """Returns a variant's throughput at p99 = ``bound``: the best measured rate within it, and interpolated.
+
+    ``rows`` are the variant's runs in rising rate. The interpolated value follows the curve
+    linearly from the last kept-up point within the bound to the next kept-up point beyond it.
+    """
+    kept = [r for r in rows if r["keeps_up"]]
+    within = [r for r in kept if r["p99_s"] <= bound]
+    if not within:
+        return None, None
+    best = max(within, key=lambda r: r["throughput"])
+    beyond = [r for r in kept if r["offered_rate"] > best["offered_rate"] and r["p99_s"] > bound]
+    if not beyond:
+        return best["throughput"], best["throughput"]
+    nxt = beyond[0]
+    share = (bound - best["p99_s"]) / (nxt["p99_s"] - best["p99_s"])
+    return best["throughput"], best["throughput"] + share * (nxt["throughput"] - best["throughput"])
 
 
 def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -258,30 +346,23 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
     by = {(r["variant"], r["offered_rate"]): r for r in rows}
     rates = sorted({r["offered_rate"] for r in rows})
     lines = []
-    one = [
-        by[("one-at-a-time", q)] for q in rates if ("one-at-a-time", q) in by and by[("one-at-a-time", q)]["keeps_up"]
-    ]
-    if one and any(("dcfx", q) in by for q in rates):
-        bound = one[-1]["p99_s"]
 
-        def capacity(variant: str) -> float | None:
-            ok = [
-                by[(variant, q)]["throughput"]
-                for q in rates
-                if (variant, q) in by and by[(variant, q)]["keeps_up"] and by[(variant, q)]["p99_s"] <= bound
-            ]
-            return max(ok) if ok else None
+    def curve(variant: str) -> list[dict[str, Any]]:
+        return [by[(variant, q)] for q in rates if (variant, q) in by]
 
-        ours, base = capacity("dcfx"), capacity("one-at-a-time")
-        if ours is None or base is None:
+    one = [r for r in curve("one-at-a-time") if r["keeps_up"]]
+    if one and curve("dcfx"):
+        for base in one:
+            bound = base["p99_s"]
+            grid, smooth = throughput_at(curve("dcfx"), bound)
+            if grid is None:
+                lines.append(f"- At p99 <= {bound:.2f} s: dcfx kept up at no measured rate within it.")
+                continue
+            met = "met" if smooth >= 2 * base["throughput"] else "NOT met"
             lines.append(
-                f"- 2x one-at-a-time at equal p99 ({bound:.2f} s): not measurable (no kept-up rate within it)."
-            )
-        else:
-            met = "met" if ours >= 2 * base else "NOT met"
-            lines.append(
-                f"- Throughput at p99 <= {bound:.2f} s (one-at-a-time's p99 at the highest rate it keeps up with): "
-                f"dcfx {ours:.2f}/s, one-at-a-time {base:.2f}/s: {ours / base:.2f}x (goal >= 2x: {met})."
+                f"- At p99 <= {bound:.2f} s (one-at-a-time's at {base['offered_rate']:g}/s, where it serves "
+                f"{base['throughput']:.2f}/s): dcfx {smooth:.2f}/s on its curve ({grid:.2f}/s at a measured rate), "
+                f"{smooth / base['throughput']:.2f}x (goal >= 2x: {met})."
             )
     both = [
         q
@@ -317,7 +398,10 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"Bundled digits model, one digit per request, {s['steps']} DDIM steps, branch {s['branch']}, "
         f"1:{s['interval']} (no-cache: every step full), max_batch {s['max_batch']}, calls padded to powers of two, "
         f"eager, {s['threads']} torch thread(s). Poisson arrivals; latency from arrival to the last step; throughput "
-        f"= departure rate; the first {s['warmup_requests']} requests of each run not counted.",
+        f"= departure rate; the first {s['warmup_requests']} requests of each run not counted. Each rate ran "
+        f"{s['repeats']} times per variant, the variants in a shuffled order each time on the same arrivals "
+        "(latencies pooled, throughput averaged). Core share: the engine thread's CPU time over the wall time of "
+        "its ticks (the lowest of the runs; 1.0 = the core was ours). Calls per run, mean live rows per call.",
         "",
         f"Machine: {machine['cpu_count']} CPU cores ({machine['processor']}), load average (1 min) "
         f"{machine['load_avg_start'][0]:.1f} at the start and {machine['load_avg_end'][0]:.1f} at the end (the cores "
@@ -326,36 +410,39 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"{result['wall_s'] / 60:.1f} min.",
         "",
         "| rate (req/s) | variant | throughput (req/s) | p50 (s) | p99 (s) | keeps up | full calls x rows | "
-        "shallow calls x rows | cache copies | load |",
-        "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "shallow calls x rows | cache copies | core share | load |",
+        "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
         calls = (
-            f"{r['full_calls']} x {r['mean_full_rows']:.1f} | {r['shallow_calls']} x {r['mean_shallow_rows']:.1f} | "
-            f"{r['cache_copies']}"
-            if "full_calls" in r
-            else "- | - | -"
+            f"{r['full_calls']:.0f} x {r['mean_full_rows']:.1f} | {r['shallow_calls']:.0f} x "
+            f"{r['mean_shallow_rows']:.1f} | {r['cache_copies']:.0f} | {r['core_share']:.2f}"
         )
         lines.append(
             f"| {r['offered_rate']:g} | {r['variant']} | {r['throughput']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
-            f"{'yes' if r['keeps_up'] else 'no'} | {calls} | {r['load_avg_1m'][0]:.1f} |"
+            f"{'yes' if r['keeps_up'] else 'no'} | {calls} | {r['load_avg_1m'][0]:.1f}-{r['load_avg_1m'][1]:.1f} |"
         )
     lines += ["", "## The goal", "", *result["verdict"], ""]
     if result.get("ray"):
-        ray_row = result["ray"]
-        same = next(
-            (r for r in result["rows"] if r["variant"] == "dcfx" and r["offered_rate"] == ray_row["offered_rate"]), None
-        )
-        text = (
-            f"Through Ray Serve's HTTP path (one replica, JSON in, latents out) at {ray_row['offered_rate']:g}/s: "
-            f"throughput {ray_row['throughput']:.2f}/s, p50 {ray_row['p50_s']:.2f} s, p99 {ray_row['p99_s']:.2f} s"
-        )
-        if same:
-            text += (
-                f"; the engine in-process at the same rate: p50 {same['p50_s']:.2f} s, p99 {same['p99_s']:.2f} s "
-                f"(HTTP + Ray: {ray_row['p50_s'] - same['p50_s']:+.2f} s at p50)"
-            )
-        lines += ["## Ray Serve HTTP path", "", text + ".", ""]
+        local, remote = result["ray"]["in_process"], result["ray"]["http"]
+        lines += [
+            "## Ray Serve HTTP path",
+            "",
+            f"At {remote['offered_rate']:g}/s, one replica ({s['threads']} torch thread), JSON in and latents (base64) "
+            f"out, a client thread per request, {remote['runs']} runs alternating with the engine in-process on the "
+            "same arrivals:",
+            "",
+            "| path | throughput (req/s) | p50 (s) | p99 (s) |",
+            "| --- | ---: | ---: | ---: |",
+            f"| engine in-process | {local['throughput']:.2f} | {local['p50_s']:.2f} | {local['p99_s']:.2f} |",
+            f"| Ray Serve HTTP | {remote['throughput']:.2f} | {remote['p50_s']:.2f} | {remote['p99_s']:.2f} |",
+            "",
+            f"HTTP + Ray Serve per request (latency at the client less latency inside the replica's engine, the "
+            f"same request): p50 {remote['overhead_p50_s'] * 1e3:.1f} ms, p99 {remote['overhead_p99_s'] * 1e3:.1f} ms. "
+            f"Start-up (local Ray instance, Serve, one replica loading and building its graphs): "
+            f"{remote['startup_s']:.0f} s.",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 
@@ -376,10 +463,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 if not r["keeps_up"]:
                     ax.plot(r["throughput"], r[key], marker="x", color="black", markersize=9)
         if result.get("ray"):
-            ray_row = result["ray"]
-            ax.plot(
-                ray_row["throughput"], ray_row[key], marker="*", markersize=14, color="black", label="dcfx via Ray HTTP"
-            )
+            remote = result["ray"]["http"]
+            ax.plot(remote["throughput"], remote[key], "k*", markersize=14, label="dcfx via Ray Serve HTTP")
         ax.set_yscale("log")
         ax.set_xlabel("throughput (requests/s)")
         ax.set_ylabel("seconds")
@@ -406,9 +491,10 @@ def versions() -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rates", default="1.5,3,5,8,12", help="offered rates, requests per second")
-    parser.add_argument("--seconds-per-rate", type=float, default=15.0)
-    parser.add_argument("--min-requests", type=int, default=40)
+    parser.add_argument("--rates", default="2,5,8,12,16", help="offered rates, requests per second")
+    parser.add_argument("--seconds-per-rate", type=float, default=12.0)
+    parser.add_argument("--min-requests", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per rate and variant")
     parser.add_argument("--max-requests", type=int, default=90)
     parser.add_argument("--warmup-requests", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
@@ -428,6 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds_per_rate=args.seconds_per_rate,
         min_requests=args.min_requests,
         max_requests=args.max_requests,
+        repeats=args.repeats,
         warmup_requests=args.warmup_requests,
         steps=args.steps,
         interval=args.interval,
@@ -440,8 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     started = time.perf_counter()
     load_start = os.getloadavg()
-    rows = run_engine_variants(scenario, log)
-    ray_row = run_ray(scenario, log) if scenario.ray_rate else None
+    runtime, serve_model = build(scenario, log)
+    rows = run_engine_variants(scenario, runtime, serve_model, log)
+    ray_rows = run_ray(scenario, runtime, serve_model, log) if scenario.ray_rate else None
     result = {
         "scenario": dataclasses.asdict(scenario),
         "machine": {
@@ -453,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "versions": versions(),
         "rows": rows,
-        "ray": ray_row,
+        "ray": ray_rows,
         "verdict": verdict(rows),
         "wall_s": time.perf_counter() - started,
     }

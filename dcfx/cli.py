@@ -206,6 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         interval=args.interval,
         backend=args.backend,
         threads=args.threads,
+        retries=args.retries,
         request_timeout_s=args.request_timeout,
     )
     app = ServeApp(options, host=args.host, port=args.port, address=args.address)
@@ -239,6 +240,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="join this Ray cluster instead of starting a local Ray instance")
+    p.add_argument("--retries", type=int, default=2, help="times a request is sent again when its replica died")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request gets a 504")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight requests get at shutdown")
     p.set_defaults(func=cmd_serve)

@@ -245,6 +245,7 @@ class Gateway:
                 continue
             except EngineStopped as e:  # that replica is shutting down: another one may take it
                 died.append(_cause(e))
+                self.counts["retried"] += 1
                 continue
             except QueueFull as e:
                 self.counts["queue_full"] += 1
@@ -258,6 +259,11 @@ class Gateway:
             except asyncio.TimeoutError:
                 self.counts["failed"] += 1
                 return _error(504, f"the request took longer than request_timeout_s={self.options.request_timeout_s}")
+            except Exception as e:  # the generation itself failed (a graph raised, out of memory)
+                self.counts["failed"] += 1
+                logger.exception("dcfx.serve: a generation failed")
+                cause = getattr(e, "cause", None) or e
+                return _error(500, f"the generation failed: {type(cause).__name__}: {cause}")
             self.counts["ok"] += 1
             headers = {
                 "x-dcfx-replica": reply["replica"],

@@ -22,11 +22,11 @@ def test_serve_load_smoke(tmp_path):
     rows = {r["variant"]: r for r in result["rows"]}
     assert set(rows) == {"one-at-a-time", "dcfx"} and result["ray"] is None
     one, ours = rows["one-at-a-time"], rows["dcfx"]
-    assert one["counted"] == ours["counted"] == 4
-    assert one["full_calls"] == 5 * 2 and one["shallow_calls"] == 5 * 8  # steps 0 and 5 of 10 full under 1:5
+    assert one["runs"] == ours["runs"] == 2 and one["counted"] == ours["counted"] == 2 * 4  # two runs pooled
+    assert one["full_calls"] == 5 * 2 and one["shallow_calls"] == 5 * 8  # per run: steps 0 and 5 of 10 full, 1:5
     assert one["mean_shallow_rows"] == 1.0 and ours["mean_shallow_rows"] > 1.0  # at 20/s dcfx's requests share calls
     for row in rows.values():
         assert 0 < row["p50_s"] <= row["p99_s"] <= row["max_s"] and row["throughput"] > 0
-        assert len(row["load_avg_1m"]) == 2
+        assert len(row["load_avg_1m"]) == 2 and 0 < row["core_share"] <= 1.5
     assert "| 20 | dcfx |" in (tmp_path / "serve_load.md").read_text()
     assert (tmp_path / "serve_load.png").stat().st_size > 0

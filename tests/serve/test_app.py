@@ -19,7 +19,7 @@ pytest.importorskip("ray.serve", reason="the serve extra: pip install 'dcfx[serv
 from dcfx.serve import EngineConfig
 from dcfx.serve.app import ServeApp, ServeOptions
 from dcfx.serve.wire import decode_latents
-from tests.serve.http import Offline, free_port, get, post
+from tests.serve.client import Offline, free_port, get, post
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="the serve extra: pip install 'dcfx[serve]'")
 
 from dcfx.serve import EngineConfig
-from tests.serve.http import Offline, free_port, get, post
+from tests.serve.client import Offline, free_port, get, post
 
 pytestmark = pytest.mark.slow
 
