@@ -1,4 +1,4 @@
-"""The ``dcfx`` command: ``demo``, ``branches``, ``tune``, ``export``, ``inspect``."""
+"""The ``dcfx`` command: ``demo``, ``branches``, ``tune``, ``export``, ``inspect``, ``serve``."""
 
 from __future__ import annotations
 
@@ -184,6 +184,66 @@ def _print_summary(directory: str | os.PathLike[str]) -> None:
     print(f"  files: {len(m.files)}, {total / 1e6:.1f} MB in all; checks: {m.checks}")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serves a model over HTTP on Ray Serve until Ctrl-C or SIGTERM; then drains and stops."""
+    import signal
+    import threading
+
+    try:
+        from dcfx.serve.app import ServeApp, ServeOptions
+    except ImportError as e:
+        raise SystemExit(f"dcfx serve needs Ray Serve: pip install 'dcfx[serve]' ({e})") from None
+    options = ServeOptions(
+        model=args.model,
+        replicas=args.replicas,
+        max_batch=args.max_batch,
+        batch_sizes=_ints(args.batch_sizes) if args.batch_sizes else None,
+        max_wait=args.max_wait,
+        max_queue=args.max_queue,
+        branch=args.branch,
+        interval=args.interval,
+        backend=args.backend,
+        threads=args.threads,
+        retries=args.retries,
+        request_timeout_s=args.request_timeout,
+    )
+    app = ServeApp(options, host=args.host, port=args.port, address=args.address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    where = f"the Ray cluster at {args.address}" if args.address else "a local Ray instance"
+    print(f"dcfx serve: starting {args.model} x {args.replicas} on {where} ...", file=sys.stderr, flush=True)
+    url = app.start()
+    print(f"dcfx serve: ready at {url} (POST /generate, GET /health, GET /stats); Ctrl-C stops", flush=True)
+    stop.wait()
+    print(f"dcfx serve: draining (up to {args.drain_timeout:g} s), then stopping ...", file=sys.stderr, flush=True)
+    unfinished = app.stop(drain_timeout_s=args.drain_timeout)
+    print(f"dcfx serve: stopped ({unfinished} requests unfinished)", file=sys.stderr, flush=True)
+    return 0 if unfinished == 0 else 1
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """Adds the ``serve`` subcommand to the ``dcfx`` parser."""
+    p = sub.add_parser("serve", help="serve a model over HTTP on Ray Serve, with DeepCache-aware step batching")
+    p.add_argument("--model", default="digits", help="digits (bundled) or a model folder (diffusers U-Net)")
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas (Ray Serve deployment replicas)")
+    p.add_argument("--max-batch", type=int, default=16, help="U-Net rows per call at most")
+    p.add_argument("--batch-sizes", help="batch sizes calls are padded to, e.g. 1,2,4,8,16 (default: powers of two)")
+    p.add_argument("--max-wait", type=int, help="ticks a request may wait for phase alignment (default: always)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests per replica; more get a 503")
+    p.add_argument("--branch", type=int, default=0)
+    p.add_argument("--interval", type=int, default=5)
+    p.add_argument("--backend", default="eager", help="a registered backend: eager or inductor")
+    p.add_argument("--threads", type=int, help="torch threads per replica (default: cores / replicas)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local Ray instance")
+    p.add_argument("--retries", type=int, default=2, help="times a request is sent again when its replica died")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request gets a 504")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight requests get at shutdown")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser of the ``dcfx`` command."""
     parser = argparse.ArgumentParser(prog="dcfx", description="DeepCache for diffusion U-Nets as a compiler pass")
@@ -261,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="verify an export directory (sha256 of every file) and summarise it")
     p.add_argument("dir")
     p.set_defaults(func=cmd_inspect)
+
+    add_serve_parser(sub)
     return parser
 
 

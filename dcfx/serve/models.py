@@ -1,0 +1,237 @@
+"""What the engine serves: a U-Net with its schedulers, and how a request becomes U-Net rows.
+
+``DigitsServeModel`` serves the bundled digits model (requests name class labels);
+``UNetServeModel`` any diffusers U-Net from a folder (requests carry conditioning tensors,
+results are latents). ``load_serve_model("digits" | PATH)`` picks one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcfx.serve.request import GenerationRequest
+from dcfx.serve.schedulers import available_schedulers, make_scheduler
+
+# Requests may ask for samples up to this many times the model's sample_size per side.
+MAX_SIZE_FACTOR = 4
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedRequest:
+    """A request as U-Net rows: its initial noise and its conditioning.
+
+    Attributes:
+        noise: The initial noise (images, channels, height, width), before the scheduler's
+            ``init_noise_sigma``.
+        conditioning: U-Net keyword inputs, one row per U-Net row: the images' conditional
+            rows, then (guided requests) their unconditional rows.
+        rows: U-Net rows per step: the images, twice that when guided.
+    """
+
+    noise: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+    rows: int
+
+
+class ServeModel:
+    """A U-Net the engine can serve: its schedulers, its sizes, and request preparation.
+
+    Attributes:
+        name: What the server calls the model ("digits", or the folder).
+        unet: The plain U-Net (the engine's runtime wraps it).
+        scheduler_config: The scheduler config every scheduler is built from.
+    """
+
+    name: str
+    unet: nn.Module
+    scheduler_config: Mapping[str, Any]
+
+    @property
+    def gives_images(self) -> bool:
+        """Whether results are images that ``png`` can encode (else latents only)."""
+        return False
+
+    def sample_size(self) -> tuple[int, int]:
+        """Returns the default (height, width): the U-Net's ``sample_size``."""
+        size = self.unet.config.sample_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def size_of(self, request: GenerationRequest) -> tuple[int, int]:
+        """Returns the (height, width) of ``request``, checked against the model's limits."""
+        size = request.size or self.sample_size()
+        limit = MAX_SIZE_FACTOR * max(self.sample_size())
+        if max(size) > limit:
+            raise ValueError(f"size {size} is larger than this server allows for {self.name}: at most {limit} per side")
+        return size
+
+    def scheduler(self, name: str) -> Any:
+        """Returns a fresh scheduler of kind ``name`` (ValueError naming the valid kinds)."""
+        return make_scheduler(name, self.scheduler_config)
+
+    def check_scheduler(self, name: str) -> None:
+        """Raises ValueError unless ``name`` is a registered scheduler kind."""
+        if name not in available_schedulers():
+            raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(available_schedulers())}")
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Returns the request's noise and conditioning rows (ValueError/TypeError for a bad request)."""
+        raise NotImplementedError
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        """Returns the final sample as the result carries it (float32, CPU)."""
+        return latents.float().cpu()
+
+    def png(self, latents: torch.Tensor) -> bytes:
+        """Returns the images of a result as one PNG, side by side (ValueError for a latent-only model)."""
+        raise ValueError(f"{self.name} gives latents only (its samples are not images): ask for output 'latents'")
+
+    def _noise(self, request: GenerationRequest, images: int) -> torch.Tensor:
+        height, width = self.size_of(request)
+        generator = torch.Generator().manual_seed(request.seed)
+        channels = int(self.unet.config.in_channels)
+        noise = torch.randn(images, channels, height, width, generator=generator)
+        return noise.to(device=self.unet.device, dtype=self.unet.dtype)
+
+
+class DigitsServeModel(ServeModel):
+    """The bundled digits model (``dcfx.digits``): requests name digits; results are 1-channel images.
+
+    A request's noise and conditioning are those of ``dcfx.digits.generate`` for the same
+    labels and seed, so served images equal offline ones (see ``dcfx.serve.engine``).
+    """
+
+    def __init__(self, model: Any, name: str = "digits") -> None:
+        self.name = name
+        self.model = model
+        self.unet = model.unet
+        self.scheduler_config = dict(model.scheduler_config)
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:  # noqa: D102
+        from dcfx.digits import NULL_CLASS, NUM_CLASSES
+
+        if request.labels is None:
+            raise ValueError(f"the {self.name} model takes labels (digits 0..{NUM_CLASSES - 1}), not conditioning")
+        bad = [v for v in request.labels if not 0 <= v < NUM_CLASSES]
+        if bad:
+            raise ValueError(f"labels must be digits 0..{NUM_CLASSES - 1}, got {list(request.labels)}")
+        labels = torch.tensor(request.labels)
+        if request.guided:
+            labels = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
+        with torch.no_grad():
+            tokens = self.model.tokens(labels.to(self.unet.device)).to(self.unet.dtype)
+        noise = self._noise(request, len(request.labels))
+        return PreparedRequest(noise, {"encoder_hidden_states": tokens}, len(labels))
+
+    @property
+    def gives_images(self) -> bool:  # noqa: D102
+        return True
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return latents.clamp(-1, 1).float().cpu()
+
+    def png(self, latents: torch.Tensor) -> bytes:  # noqa: D102
+        return images_png(latents)
+
+
+class UNetServeModel(ServeModel):
+    """Any diffusers U-Net: requests carry its conditioning inputs as tensors; results are latents."""
+
+    def __init__(self, unet: nn.Module, scheduler_config: Mapping[str, Any], name: str) -> None:
+        self.name = name
+        self.unet = unet
+        self.scheduler_config = dict(scheduler_config)
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:  # noqa: D102
+        if request.labels is not None:
+            raise ValueError(f"{self.name} takes conditioning tensors, not labels (labels are for the digits model)")
+        cond = dict(request.conditioning or {})
+        images = next(iter(cond.values())).shape[0] if cond else 1
+        accepted = [n for n in _forward_inputs(self.unet) if n not in ("sample", "timestep")]
+        for key, value in cond.items():
+            if key not in accepted:
+                raise ValueError(f"{self.name} takes no input {key!r}; conditioning inputs: {', '.join(accepted)}")
+            if value.shape[0] != images:
+                raise ValueError(
+                    f"conditioning {key!r} has {value.shape[0]} rows, other inputs {images}: one row per image"
+                )
+        if request.guided:
+            negative = dict(request.negative_conditioning or {})
+            if set(negative) != set(cond) or any(negative[k].shape != cond[k].shape for k in cond):
+                raise ValueError(
+                    f"guidance {request.guidance} needs negative_conditioning with the keys and shapes of conditioning "
+                    f"({ {k: tuple(v.shape) for k, v in cond.items()} })"
+                )
+            cond = {k: torch.cat([cond[k], negative[k]]) for k in cond}
+        device, dtype = self.unet.device, self.unet.dtype
+        cond = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in cond.items()}
+        rows = images * (2 if request.guided else 1)
+        return PreparedRequest(self._noise(request, images), cond, rows)
+
+    @property
+    def gives_images(self) -> bool:
+        """Whether the U-Net's samples are images: 1 or 3 channels (a pixel-space model's in [-1, 1])."""
+        return int(self.unet.config.out_channels) in (1, 3)
+
+    def png(self, latents: torch.Tensor) -> bytes:  # noqa: D102
+        if not self.gives_images:
+            return super().png(latents)
+        return images_png(latents)
+
+
+def _forward_inputs(unet: nn.Module) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(type(unet).forward).parameters)[1:]
+
+
+def images_png(images: torch.Tensor) -> bytes:
+    """Returns images (B, 1 or 3, H, W) in [-1, 1] as one PNG, side by side, at their own pixel size."""
+    from PIL import Image
+
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
+    row = torch.cat(list(pixels), dim=2)  # (C, H, B * W)
+    array = row[0].numpy() if row.shape[0] == 1 else row.permute(1, 2, 0).contiguous().numpy()
+    out = io.BytesIO()
+    Image.fromarray(array, mode="L" if row.shape[0] == 1 else "RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def load_serve_model(model: str) -> ServeModel:
+    """Returns the model to serve: "digits" (bundled), a digits-style folder, or a diffusers folder.
+
+    A diffusers folder is a pipeline folder (``unet/`` and ``scheduler/``) or a U-Net folder
+    (``config.json``; its scheduler is diffusers' default DDIM then).
+
+    Raises:
+        ValueError: ``model`` is none of these, or its config names no diffusers U-Net class.
+    """
+    from dcfx.digits import load_model
+
+    if model == "digits":
+        return DigitsServeModel(load_model())
+    path = Path(model)
+    if (path / "class_tokens.safetensors").is_file():
+        return DigitsServeModel(load_model(path), name=str(path))
+    unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    if not (unet_dir / "config.json").is_file():
+        raise ValueError(
+            f"model {model!r} is neither 'digits' nor a diffusers folder (no config.json or unet/config.json)"
+        )
+    import diffusers
+
+    name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{unet_dir}/config.json names {name!r}, which is not a diffusers model class")
+    unet = cls.from_pretrained(unet_dir).eval()
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    return UNetServeModel(unet, {k: v for k, v in config.items() if not k.startswith("_")}, name=str(path))

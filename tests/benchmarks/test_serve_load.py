@@ -1,0 +1,32 @@
+"""benchmarks/serve_load.py runs end to end at a toy size and writes a consistent result."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_serve_load_smoke(tmp_path):
+    args = ["--rates", "20", "--min-requests", "5", "--max-requests", "5", "--warmup-requests", "1"]
+    args += ["--steps", "10", "--max-batch", "2", "--variants", "one-at-a-time,dcfx", "--ray-rate", "0"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "serve_load.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"one-at-a-time", "dcfx"} and result["ray"] is None
+    one, ours = rows["one-at-a-time"], rows["dcfx"]
+    assert one["runs"] == ours["runs"] == 2 and one["counted"] == ours["counted"] == 2 * 4  # two runs pooled
+    assert one["full_calls"] == 5 * 2 and one["shallow_calls"] == 5 * 8  # per run: steps 0 and 5 of 10 full, 1:5
+    assert one["mean_shallow_rows"] == 1.0 and ours["mean_shallow_rows"] > 1.0  # at 20/s dcfx's requests share calls
+    for row in rows.values():
+        assert 0 < row["p50_s"] <= row["p99_s"] <= row["max_s"] and row["throughput"] > 0
+        assert len(row["load_avg_1m"]) == 2 and 0 < row["core_share"] <= 1.5
+    assert "| 20 | dcfx |" in (tmp_path / "serve_load.md").read_text()
+    assert (tmp_path / "serve_load.png").stat().st_size > 0

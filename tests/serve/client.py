@@ -1,0 +1,60 @@
+"""A small HTTP client for the serve tests (stdlib only)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from typing import Any
+
+import torch
+
+import dcfx
+from dcfx.digits import load_model
+from dcfx.serve import DigitsServeModel, Engine, EngineConfig, GenerationRequest
+
+
+def free_port() -> int:
+    """Returns a TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 300.0) -> tuple[int, dict[str, str], bytes]:
+    """POSTs ``body`` as JSON; returns the status, the headers and the body (errors included)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def get(url: str, timeout: float = 60.0) -> tuple[int, Any]:
+    """GETs ``url``; returns the status and the JSON body."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+class Offline:
+    """The same requests run here, alone, with the server's engine settings: what it must answer."""
+
+    def __init__(self, interval: int, config: EngineConfig) -> None:
+        model = load_model()
+        self.model = DigitsServeModel(model)
+        self.runtime = dcfx.compile(model.unet, branch=0, interval=interval)
+        self.config = config
+
+    def latents(self, body: dict[str, Any]) -> torch.Tensor:
+        request = GenerationRequest(labels=(body["label"],), seed=body.get("seed", 0), steps=body.get("steps", 50))
+        return Engine(self.runtime, self.model, self.config).run([request])[0].latents
+
+    def png(self, body: dict[str, Any]) -> bytes:
+        return self.model.png(self.latents(body))
