@@ -9,6 +9,7 @@ a second process with the same settings and cache directory as the cold one befo
 Variants:
     eager                 one capture per shape
     inductor-1, -3        Inductor (torch.compile, freezing) at 1 and 3 shapes: a pair per shape
+    inductor-nofreeze-3   Inductor without freezing at 3 shapes: the graphs read the model's weights
     dynamic               Inductor ahead of time over ranges (dynamic=): one pair for every shape
     aoti-cold, aoti-warm  the dynamic pair persisted in a cache directory (cache_dir=), then loaded
 
@@ -33,7 +34,7 @@ from typing import Any
 
 from graph_speed import machine_info, write_results
 
-VARIANTS = ("eager", "inductor-1", "inductor-3", "dynamic", "aoti-cold", "aoti-warm")
+VARIANTS = ("eager", "inductor-1", "inductor-3", "inductor-nofreeze-3", "dynamic", "aoti-cold", "aoti-warm")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Scenario:
     batch: int = 2
     variants: tuple[str, ...] = VARIANTS
     threads: int = 2
+    rounds: int = 7  # per-call timing: this many full and shallow calls per shape (medians reported)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.variants) - set(VARIANTS))
@@ -72,6 +74,8 @@ with torch.no_grad():
         kwargs["dynamic"] = {"batch": (1, 4), "height": (8, 4 * args["size"]), "width": (8, 4 * args["size"])}
     if args["cache_dir"]:
         kwargs["cache_dir"] = args["cache_dir"]
+    if not args["freezing"]:
+        kwargs["options"] = {"freezing": False}
     start = time.perf_counter()
     runtime = dcfx.compile(unet, **kwargs)
     tokens = 4 if args["model"] == "digits" else 77
@@ -84,9 +88,24 @@ with torch.no_grad():
             if first is None:
                 first = time.perf_counter() - start
     total = time.perf_counter() - start
+    rss_after = rss()
+    # Steady-state per-call times at each shape: calls alternate full and shallow (interval 2).
+    per_call = {}
+    for size in sizes:
+        x = torch.randn(args["batch"], unet.config.in_channels, size, size)
+        ehs = torch.randn(args["batch"], tokens, unet.config.cross_attention_dim)
+        times = {"full": [], "shallow": []}
+        for t in range(999, 999 - 2 * args["rounds"], -1):
+            before = runtime.stats["full"]
+            tick = time.perf_counter()
+            runtime(x, torch.tensor(t), ehs)
+            times["full" if runtime.stats["full"] > before else "shallow"].append(time.perf_counter() - tick)
+        per_call[str(size)] = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"first_call_s": first, "all_calls_s": total, "rss_mb": rss(), "model_rss_mb": base,
-          "peak_rss_mb": peak, "graph_builds": runtime.graph_builds, "shapes": sizes}))
+    result = {"first_call_s": first, "all_calls_s": total, "rss_mb": rss_after, "model_rss_mb": base}
+    result.update(peak_rss_mb=peak)
+    result.update(graph_builds=runtime.graph_builds, shapes=sizes, per_call_ms=per_call)
+    print("RESULT " + json.dumps(result))
 """
 
 
@@ -97,7 +116,9 @@ def run_variant(scenario: Scenario, variant: str, cache_dir: Path) -> dict[str, 
         "size": scenario.size,
         "batch": scenario.batch,
         "backend": "eager" if variant == "eager" else "inductor",
-        "shapes": 3 if variant in ("eager", "inductor-3", "dynamic", "aoti-cold", "aoti-warm") else 1,
+        "shapes": 1 if variant == "inductor-1" else 3,
+        "freezing": variant != "inductor-nofreeze-3",
+        "rounds": scenario.rounds,
         "dynamic": variant in ("dynamic", "aoti-cold", "aoti-warm"),
         "cache_dir": str(cache_dir) if variant.startswith("aoti") else None,
     }
@@ -125,6 +146,21 @@ def table(scenario: Scenario, rows: list[dict[str, Any]]) -> str:
             f"| {r['variant']} | {len(r['shapes'])} | {r['graph_builds']} | {r['first_call_s']:.1f} | "
             f"{r['all_calls_s']:.1f} | {r['rss_mb']:.0f} | {r['model_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
+    sizes = sorted({size for r in rows for size in r["per_call_ms"]}, key=int)
+    lines += [
+        "",
+        f"Per call after the start (median of {scenario.rounds} calls each, ms), full / shallow, "
+        f"by latent size (batch {scenario.batch}):",
+        "",
+        "| variant | " + " | ".join(f"{s}x{s}" for s in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
+    for r in rows:
+        cells = [
+            f"{r['per_call_ms'][s]['full']:.1f} / {r['per_call_ms'][s]['shallow']:.1f}" if s in r["per_call_ms"] else ""
+            for s in sizes
+        ]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -153,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=Scenario.size)
     parser.add_argument("--batch", type=int, default=Scenario.batch)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=Scenario.rounds, help="timed full and shallow calls per shape")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/startup_memory"))
     args = parser.parse_args(argv)
-    scenario = Scenario(args.model, args.size, args.batch, tuple(args.variants.split(",")))
+    scenario = Scenario(args.model, args.size, args.batch, tuple(args.variants.split(",")), rounds=args.rounds)
     rows = []
     with tempfile.TemporaryDirectory(prefix="dcfx-bench-cache-") as cache:
         for variant in scenario.variants:

@@ -52,9 +52,16 @@ class Offline:
         self.runtime = dcfx.compile(model.unet, branch=0, interval=interval)
         self.config = config
 
-    def latents(self, body: dict[str, Any]) -> torch.Tensor:
+    def latents(self, body: dict[str, Any], threads: int = 1) -> torch.Tensor:
+        """The request's latents, computed with the replicas' torch thread count (``threads=1`` in
+        the tests' apps): a convolution's float sums depend on how the work is split."""
         request = GenerationRequest(labels=(body["label"],), seed=body.get("seed", 0), steps=body.get("steps", 50))
-        return Engine(self.runtime, self.model, self.config).run([request])[0].latents
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return Engine(self.runtime, self.model, self.config).run([request])[0].latents
+        finally:
+            torch.set_num_threads(before)
 
     def png(self, body: dict[str, Any]) -> bytes:
         return self.model.png(self.latents(body))
