@@ -661,16 +661,25 @@ class DeepCacheUNet(nn.Module):
 
 
 _COEFFICIENTS: dict[tuple[float, torch.device], torch.Tensor] = {}
+_PINNED: dict[tuple[float, torch.device], torch.Tensor] = {}  # host sources of copies that may be in flight
 
 
 def _coefficient(value: float, device: torch.device) -> torch.Tensor:
-    # One 0-d tensor per value and device, made once: a copy to the GPU on every step would sync.
+    # One 0-d tensor per value and device, made once. On CUDA it is copied from pinned host
+    # memory without blocking: a plain copy to the GPU would synchronise the step.
     key = (value, device)
     tensor = _COEFFICIENTS.get(key)
     if tensor is None:
         if len(_COEFFICIENTS) >= 4096:
             _COEFFICIENTS.clear()
-        tensor = _COEFFICIENTS[key] = torch.tensor(value, dtype=torch.float32, device=device)
+            _PINNED.clear()
+        host = torch.tensor(value, dtype=torch.float32)
+        if device.type == "cuda":
+            host = _PINNED[key] = host.pin_memory()
+            tensor = host.to(device, non_blocking=True)
+        else:
+            tensor = host.to(device)
+        _COEFFICIENTS[key] = tensor
     return tensor
 
 

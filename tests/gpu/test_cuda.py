@@ -44,12 +44,14 @@ def test_cuda_fp16():
     assert cos > 0.999
 
 
-def test_steps_make_no_host_device_sync_with_the_scheduler():
+@pytest.mark.parametrize("forecast", ["none", "linear"])
+def test_steps_make_no_host_device_sync_with_the_scheduler(forecast):
     # The first step of a generation reads scheduler.timesteps once to find where it starts
-    # (img2img starts late); every later step runs without a synchronising call.
+    # (img2img starts late); every later step runs without a synchronising call (forecasting:
+    # the coefficients are host floats, their tensors copied from pinned memory).
     unet = tiny_sd().cuda()
     scheduler = DDIMScheduler()
-    fast = dcfx.compile(unet, branch=0, interval=3, scheduler=scheduler)
+    fast = dcfx.compile(unet, branch=0, interval=3, scheduler=scheduler, forecast=forecast)
     loop(fast, scheduler, torch.float32)  # graphs built
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(2, 4, 32, 32, generator=g, device="cuda")
