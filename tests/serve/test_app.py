@@ -76,8 +76,9 @@ def test_bad_requests_and_routes_get_clear_errors(app):
 
 
 def test_a_full_queue_answers_503_at_once(app):
-    # Each replica holds 4 running and 4 waiting requests; the rest are refused at once.
-    bodies = [{"label": d % 10, "seed": d, "steps": 60, "output": "latents"} for d in range(30)]
+    # Each replica holds 4 running and 4 waiting requests; the rest are refused at once (long
+    # generations, so that a refusal is first by far even on a loaded host).
+    bodies = [{"label": d % 10, "seed": d, "steps": 200, "output": "latents"} for d in range(30)]
 
     def timed(body):
         start = time.perf_counter()
