@@ -312,7 +312,7 @@ def run(scenario: Scenario, out: Path) -> list[dict[str, Any]]:
                 del fast
             for n in sorted({n for n, _ in shown}):
                 panels = [("no cache", base)] + [shown[n, f] for f in scenario.forecasts if (n, f) in shown]
-                title = f"{sampler_title(text).replace(' ', '').lower()}_b{branch}_n{n}"
+                title = f"{kind}{steps}_b{branch}_n{n}"
                 save_grid(panels, NUM_CLASSES, out / f"grid_{title}.png")
             if scenario.fewer_steps:
                 for n in scenario.intervals:
