@@ -12,6 +12,7 @@ first call) is timed on its own and kept out of the per-call times.
 Usage:
     python benchmarks/graph_speed.py --model small-sd --repeats 3 --backends eager,inductor --branches 0,1
     python benchmarks/graph_speed.py          # sd15, 32x32 latents, batch 2: Inductor needs ~10 min on 2 cores
+    python benchmarks/graph_speed.py --forecast  # and the forecast graph of each branch beside its shallow graph
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dcfx.backends.inductor import DEFAULT_INDUCTOR_OPTIONS
 from dcfx.branches import count_flops
 from dcfx.models import spec_for
 from dcfx.passes import GraphPair, PassContext, capture, partition
+from dcfx.passes.forecast import add_forecast
 from dcfx.zoo import CONFIGS, build_unet
 
 GOAL = 0.10  # |ratio / r - 1| at most this
@@ -58,6 +60,7 @@ class Scenario:
     warmup: int = 2
     seed: int = 0
     threads: int | None = None  # torch.set_num_threads for the run; None: torch's default
+    forecast: bool = False  # also time the forecast graph (the shallow graph on f1 + c (f1 - f0))
 
     def __post_init__(self) -> None:
         if self.model not in CONFIGS:
@@ -78,7 +81,7 @@ class Scenario:
     @property
     def stem(self) -> str:
         """The file name (no suffix) of this scenario's results."""
-        return f"{self.model}_latent{self.size}_batch{self.batch}"
+        return f"{self.model}_latent{self.size}_batch{self.batch}" + ("_forecast" if self.forecast else "")
 
 
 @dataclass(frozen=True)
@@ -184,11 +187,24 @@ def measure(scenario: Scenario) -> list[dict[str, Any]]:
     tensors, branches = prepare(scenario)
     first = scenario.branches[0]
     graphs: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]] = {}
+    coefficient = torch.tensor(0.5)
     for backend in scenario.backends:
-        compiled = {b: get_backend(backend)(br.pair.full, br.pair.shallow, tensors) for b, br in branches.items()}
+        compiled = {
+            b: get_backend(backend)(
+                br.pair.full,
+                br.pair.shallow,
+                tensors,
+                **({"forecast": add_forecast(br.pair.shallow)} if scenario.forecast else {}),
+            )
+            for b, br in branches.items()
+        }
         graphs[f"{backend} full"] = (compiled[first].full, tensors)
         for b, br in branches.items():
             graphs[f"{backend} shallow b{b}"] = (compiled[b].shallow, (*tensors, br.feature))
+            if scenario.forecast:
+                previous = br.feature * 0.9  # another feature: the forecast moves the input
+                inputs = (*tensors, br.feature, previous, coefficient)
+                graphs[f"{backend} forecast b{b}"] = (compiled[b].forecast, inputs)
     log(f"full graph from branch {first}, shallow graphs of branches {list(branches)}, backends {scenario.backends}")
     timings, outputs = time_graphs(graphs, scenario)
     eager_full = timings.get("eager full")
@@ -221,6 +237,12 @@ def measure(scenario: Scenario) -> list[dict[str, Any]]:
                     "shallow_max_abs_err": (outputs[f"{backend} shallow b{b}"] - br.sample).abs().max().item(),
                 }
             )
+            if scenario.forecast:
+                forecast = timings[f"{backend} forecast b{b}"]
+                rows[-1]["forecast_median_s"] = forecast.median_s
+                rows[-1]["forecast_over_shallow"] = forecast.median_s / shallow.median_s
+                rows[-1]["forecast_times_s"] = list(forecast.times_s)
+                rows[-1]["forecast_compile_s"] = forecast.first_call_s
             log(f"{backend} shallow b{b}: median {shallow.median_s:.4f} s, ratio {ratio:.3f}, r {br.flop_share:.3f}")
     return rows
 
@@ -288,6 +310,19 @@ def markdown(scenario: Scenario, rows: list[dict[str, Any]]) -> str:
         "Inductor's on-disk caches make a repeated run compile much faster than a cold one.",
         f"Goal: |ratio/r - 1| <= {GOAL:.2f}.",
     ]
+    if scenario.forecast:
+        lines += [
+            "",
+            "The forecast graph (the shallow graph reading f1 + c (f1 - f0), c = 0.5), timed in the same rounds:",
+            "",
+            "| backend | branch | shallow median s | forecast median s | forecast / shallow |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| {row['backend']} | {row['branch']} | {row['shallow_median_s']:.4f} "
+                f"| {row['forecast_median_s']:.4f} | {row['forecast_over_shallow']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -345,6 +380,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, Path]:
     p.add_argument("--warmup", type=int, default=default.warmup)
     p.add_argument("--seed", type=int, default=default.seed)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's choice)")
+    p.add_argument("--forecast", action="store_true", help="also time each branch's forecast graph")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/graph_speed"))
     args = p.parse_args(argv)
     scenario = Scenario(
@@ -357,6 +393,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, Path]:
         warmup=args.warmup,
         seed=args.seed,
         threads=args.threads,
+        forecast=args.forecast,
     )
     return scenario, args.out
 

@@ -133,3 +133,18 @@ def test_soak_smoke(tmp_path):
     assert verdict["rebuilds"] >= 3  # three sizes through two slots: at least one pair was evicted
     assert verdict["checked"] >= 2  # outputs compared with a fresh runtime (the run stops at a mismatch)
     assert all(r["rss_mb"] > 0 for r in result["rows"]) and (tmp_path / "soak.png").stat().st_size > 0
+
+
+def test_graph_speed_times_the_forecast_graph(tmp_path):
+    run_script(
+        "graph_speed.py",
+        *("--model", "small-sd", "--size", "16", "--backends", "eager", "--branches", "0,2"),
+        *("--repeats", "2", "--warmup", "0", "--threads", "1", "--forecast", "--out", str(tmp_path)),
+    )
+    result = json.loads((tmp_path / "small-sd_latent16_batch2_forecast.json").read_text())
+    rows = result["rows"]
+    assert [r["branch"] for r in rows] == [0, 2] and result["scenario"]["forecast"] is True
+    for row in rows:
+        assert len(row["forecast_times_s"]) == 2 and row["forecast_median_s"] > 0
+        assert row["forecast_over_shallow"] == row["forecast_median_s"] / row["shallow_median_s"]
+    assert "| forecast / shallow |" in (tmp_path / "small-sd_latent16_batch2_forecast.md").read_text()
