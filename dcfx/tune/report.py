@@ -223,7 +223,7 @@ def plot_pareto(result: TuneResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     cached = [m for m in result.measurements if m.caches]
     present = {m.forecast for m in cached}
     modes = [f for f in available_forecasts() if f in present] + sorted(present - set(available_forecasts()))
@@ -290,7 +290,7 @@ def plot_pareto(result: TuneResult, path: Path) -> None:
     ax.set_ylabel("PSNR against no cache (dB)")
     ax.set_title(f"dcfx tune: {w['model']}, {w['scheduler']}, reference {w['steps']} steps")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the keys grew with the modes
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
