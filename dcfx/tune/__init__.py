@@ -196,8 +196,9 @@ def tune(
         log: Where progress lines and the summary go (default: stderr).
         progress: Show a progress bar.
 
-    While candidates are timed, the graphs of every measured branch stay built (one pair per
-    branch, sharing the model's weights; Inductor's freezing copies them into each pair).
+    While candidates are timed, the graphs of every measured branch and forecast mode stay built
+    (one pair per branch and mode, sharing the model's weights; Inductor's freezing copies them
+    into each pair): switching forecasting on or off rebuilds a runtime's graphs.
 
     Raises:
         ValueError: bad goal (none or several), scheduler, model, branch, interval, schedule,
