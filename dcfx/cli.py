@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--forecasts",
         default="none,linear",
         help="forecast modes, each a candidate with every branch x interval x schedule "
-        f"(registered: {', '.join(available_forecasts())}; none is the paper's reuse)",
+        f"(default: none,linear; registered: {', '.join(available_forecasts())}; none is the paper's reuse)",
     )
     p.add_argument(
         "--step-counts",
