@@ -12,6 +12,7 @@ from torch import nn
 
 from dcfx import zoo
 from dcfx.branches import branches, format_branches
+from dcfx.forecast import available_forecasts
 from dcfx.models import spec_for
 
 MODEL_HELP = f"{zoo.BUNDLED} (bundled, trained), a built-in config ({', '.join(zoo.CONFIGS)}), or a diffusers folder"
@@ -97,6 +98,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         branches=_ints(args.branches) if args.branches else None,
         intervals=_ints(args.intervals),
         schedules=tuple(args.schedules.split(",")),
+        forecasts=tuple(args.forecasts.split(",")),
+        step_counts=_ints(args.step_counts) if args.step_counts else None,
         min_speedup=args.min_speedup,
         repeats=args.repeats,
         max_rounds=args.max_rounds,
@@ -292,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="measure configurations on this machine: Pareto frontier, best for a goal")
     p.add_argument("--model", default="digits", help=MODEL_HELP)
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm", "euler"])
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="steps of the no-cache reference (quality and speedup)")
     p.add_argument("--batch", type=int, default=10, help="samples per generation (the latency is measured at it)")
     p.add_argument("--size", type=int, help="latent height and width (default: the model's sample_size)")
     p.add_argument("--backend", default="eager")
@@ -304,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branches", help="branch ids, e.g. 0,1,2 or 0-3 (default: all)")
     p.add_argument("--intervals", default="2-10", help="values of N, e.g. 2-10 or 2,3,5")
     p.add_argument("--schedules", default="uniform,non-uniform")
+    p.add_argument(
+        "--forecasts",
+        default="none,linear",
+        help="forecast modes, each a candidate with every branch x interval x schedule "
+        f"(default: none,linear; registered: {', '.join(available_forecasts())}; none is the paper's reuse)",
+    )
+    p.add_argument(
+        "--step-counts",
+        help="step counts to sample with, e.g. 50,40,30 or 25-50, each at most --steps (default: --steps only); "
+        "at fewer steps no cache is a candidate too, and quality is always against no cache at --steps",
+    )
     p.add_argument("--min-speedup", type=float, default=1.1, help="prune candidates whose FLOP-ideal speedup is lower")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per candidate, at least")
     p.add_argument("--max-rounds", type=int, default=10, help="timed generations per candidate, at most")

@@ -1,8 +1,11 @@
 """``dcfx.tune``: the fastest DeepCache configuration that keeps quality, measured on this machine.
 
-DeepCache has four knobs (branch, interval, schedule shape, caching window) whose best values
-depend on the model, the sampler, the step count, the backend and the hardware. ``tune``
-measures them instead of guessing:
+DeepCache has its knobs (branch, interval, schedule shape, forecast mode) whose best values
+depend on the model, the sampler, the step count, the backend and the hardware, and a user's
+real question is the fastest configuration that keeps quality, where sampling with fewer steps
+is a competitor. ``tune`` measures them instead of guessing: the candidates are branch x
+interval x schedule x forecast mode at each searched step count, and no cache at each step
+count fewer than the reference's.
 
 1. The no-cache generation of K calibration seeds at the requested shape: the reference
    images; the baseline latency.
@@ -12,8 +15,9 @@ measures them instead of guessing:
    cannot meet a latency or speedup goal even with a generous margin are pruned before
    anything runs.
 3. Each remaining candidate runs the K seeds once: its quality (PSNR of its images against the
-   no-cache ones, mean in dB). For a quality goal, candidates run fastest predicted first and
-   the search stops once nothing left can beat the best found.
+   no-cache ones at the reference step count, whatever its own, mean in dB). For a quality
+   goal, candidates run fastest predicted first and the search stops once nothing left can
+   beat the best found.
 4. The measured candidates are timed together in interleaved rounds (``measure``) until each
    one's median latency is known within a tolerance: its latency and that spread. Results are
    cached on disk, keyed by the model, the weights, the workload and this machine.
@@ -48,7 +52,15 @@ from dcfx.backends import get_backend
 from dcfx.branches import branches as list_branches
 from dcfx.config import DeepCacheConfig
 from dcfx.models import spec_for
-from dcfx.tune.cost import MARGIN, SEARCHABLE_SCHEDULES, Candidate, candidates, check_schedules
+from dcfx.tune.cost import (
+    MARGIN,
+    SEARCHABLE_SCHEDULES,
+    Candidate,
+    candidates,
+    check_forecasts,
+    check_schedules,
+    check_step_counts,
+)
 from dcfx.tune.goal import GOALS, Goal, choose, pareto
 from dcfx.tune.measure import (
     PSNR_CAP,
@@ -130,6 +142,8 @@ def tune(
     branches: Sequence[int] | None = None,
     intervals: Sequence[int] = tuple(range(2, 11)),
     schedules: Sequence[str] = SEARCHABLE_SCHEDULES,
+    forecasts: Sequence[str] = ("none", "linear"),
+    step_counts: Sequence[int] | None = None,
     center: int | None = None,
     power: float = 1.4,
     min_speedup: float = 1.1,
@@ -148,7 +162,8 @@ def tune(
         model: "digits" (the bundled model), a built-in config name, a diffusers folder, or a
             ``Workload``.
         scheduler: "ddim", "dpm" or "euler".
-        steps: Denoising steps per generation.
+        steps: Denoising steps of the no-cache reference: the quality of every candidate is its
+            PSNR against the reference's images, and speedups are over its latency.
         batch: Samples per generation (the batch the latency is measured at).
         size: Latent height and width (default: the model's ``sample_size``).
         backend: A registered backend ("eager", "inductor").
@@ -160,7 +175,13 @@ def tune(
         branches: Branch ids to consider (default: every branch of the model).
         intervals: Values of N to consider.
         schedules: "uniform" and/or "non-uniform".
-        center: The non-uniform schedule's centre (default: 30% of the steps, as the paper's 15 of 50).
+        forecasts: Forecast modes (``dcfx.forecast.available_forecasts()``: "none", the paper's
+            reuse, and "linear"); each branch x interval x schedule is a candidate in each.
+        step_counts: Step counts k to sample with, each in [2, ``steps``] (default: ``steps``
+            only). At each k fewer than ``steps`` the candidates are no cache at k steps and
+            every cached configuration at k steps.
+        center: The non-uniform schedule's centre at ``steps`` (default: 30% of the steps, as the
+            paper's 15 of 50); scaled to each step count.
         power: The non-uniform schedule's power.
         min_speedup: Candidates whose FLOP-ideal speedup is below this are pruned.
         repeats: Timed generations per candidate at least (interleaved rounds; the latency is their median).
@@ -175,12 +196,13 @@ def tune(
         log: Where progress lines and the summary go (default: stderr).
         progress: Show a progress bar.
 
-    While candidates are timed, the graphs of every measured branch stay built (one pair per
-    branch, sharing the model's weights; Inductor's freezing copies them into each pair).
+    While candidates are timed, the graphs of every measured branch and forecast mode stay built
+    (one pair per branch and mode, sharing the model's weights; Inductor's freezing copies them
+    into each pair): switching forecasting on or off rebuilds a runtime's graphs.
 
     Raises:
         ValueError: bad goal (none or several), scheduler, model, branch, interval, schedule,
-            sizes or rounds.
+            forecast mode, step count, sizes or rounds.
     """
     start = time.perf_counter()
     goal = _goal(latency, speedup, quality)
@@ -193,6 +215,8 @@ def tune(
     if seeds % batch:
         raise ValueError(f"seeds ({seeds}) must be a multiple of batch ({batch}): every generation runs a full batch")
     check_schedules(schedules)
+    forecasts = check_forecasts(forecasts)
+    step_counts = (steps,) if step_counts is None else check_step_counts(step_counts, steps)
     bad_n = [n for n in intervals if isinstance(n, bool) or not isinstance(n, int) or n < 2]
     if bad_n or not intervals:
         raise ValueError(f"intervals must be ints >= 2 (1 is no cache), got {list(intervals)}")
@@ -237,7 +261,9 @@ def tune(
     runner = Runner(work, seeds, batch, size, steps, backend)
     try:
         baseline_s, full_s = _baseline_and_unit(runner, store, min(shares), rounds, log)
-        pool, infeasible = candidates(shares, steps, intervals, schedules, full_s, center, power)
+        pool, infeasible = candidates(
+            shares, steps, intervals, schedules, full_s, center, power, forecasts, step_counts
+        )
         counts = dict.fromkeys(("pruned", "measured", "cached", "rounds", "unsettled"), 0)
         counts = {"candidates": len(pool) + infeasible, "no_schedule": infeasible, **counts}
         # Pruning saves measuring: what an earlier run measured still joins the frontier.
@@ -269,6 +295,7 @@ def tune(
         out=out_dir,
         machine=workload["machine"],
         rounds=rounds,
+        space={"forecasts": list(forecasts), "step_counts": list(step_counts)},
     )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,6 +369,7 @@ def _hopeless(c: Candidate, goal: Goal | None, baseline_s: float, min_speedup: f
 def _measurement(cand: Candidate, entry: dict[str, Any], cached: bool) -> Measurement:
     return Measurement(
         config=cand.config.to_dict(),
+        steps=cand.steps,
         full_steps=cand.full_steps,
         flop_share=cand.flop_share,
         predicted_s=cand.predicted_s,
@@ -385,7 +413,7 @@ def _quality_pass(
         elif best is not None and cand.predicted_s * (1 - MARGIN) > best.latency_s:
             counts["pruned"] += 1  # cannot beat the fastest that meets the floor
         else:
-            outs, times = runner.outputs(cand.config)
+            outs, times = runner.outputs(cand.config, cand.steps)
             fresh[cand.key] = _Fresh(cand, fidelity(outs, runner.reference()), statistics.median(times))
             rough = {"latency_s": fresh[cand.key].first_pass_s, "times_s": times, "psnr_db": fresh[cand.key].psnr_db}
             first_pass.append(_measurement(cand, rough, cached=False))
@@ -420,7 +448,7 @@ def _time_candidates(
     (seen here: a baseline timed under heavy load, then candidates timed after it eased, made
     80x of a 4x speedup).
     """
-    runs = {key: runner.cached_run(f.candidate.config) for key, f in fresh.items()}
+    runs = {key: runner.cached_run(f.candidate.config, f.candidate.steps) for key, f in fresh.items()}
     bar = _progress(progress, rounds.max_rounds, "dcfx tune: timing rounds")
     timings = time_interleaved(
         {**runs, BASELINE: runner.plain_run},
@@ -454,33 +482,36 @@ def check_choice(
 ) -> dict[str, Any]:
     """Returns a fresh run of the chosen configuration (from config.json when written) against the tuner's numbers.
 
-    The fresh runtime and the plain U-Net are timed in interleaved rounds, so the check's
-    speedup compares latencies timed side by side.
+    The fresh runtime samples with the chosen step count; its quality is against the plain
+    U-Net at ``steps`` (the reference), and the two are timed in interleaved rounds, so the
+    check's speedup compares latencies timed side by side.
     """
     config: Any = out_dir / "config.json" if out_dir is not None else DeepCacheConfig.from_dict(chosen.config)
-    log(f"dcfx tune: checking the choice {chosen.config} with a fresh runtime ...")
+    log(f"dcfx tune: checking the choice {chosen.config} at {chosen.steps} steps with a fresh runtime ...")
     unet = work.unet
     plain_scheduler = work.scheduler()
     reference = [generate(unet, plain_scheduler, n, c, steps) for n, c in batches]
     fast = compile_unet(unet, config, backend=backend, scheduler=work.scheduler())
-    outs = [generate(fast, fast.scheduler, n, c, steps) for n, c in batches]  # builds and warms up, untimed
+    outs = [generate(fast, fast.scheduler, n, c, chosen.steps) for n, c in batches]  # builds and warms up, untimed
 
-    def run(model: Any, scheduler: Any) -> Prepare:
+    def run(model: Any, scheduler: Any, n_steps: int) -> Prepare:
         def prepare(r: int) -> Callable[[], object]:
             noise, cond = batches[r % len(batches)]
-            return functools.partial(generate, model, scheduler, noise, cond, steps)
+            return functools.partial(generate, model, scheduler, noise, cond, n_steps)
 
         return prepare
 
     # More runs than a candidate gets: the check is one configuration, and a shared host drifts.
     least = max(5, rounds.min_rounds + 2)
     check_rounds = Rounds(least, max(least, rounds.max_rounds), rounds.tolerance)
-    timings = time_interleaved({"check": run(fast, fast.scheduler), BASELINE: run(unet, plain_scheduler)}, check_rounds)
+    runs = {"check": run(fast, fast.scheduler, chosen.steps), BASELINE: run(unet, plain_scheduler, steps)}
+    timings = time_interleaved(runs, check_rounds)
     fast.clear_graphs()
     quality_db = fidelity(outs, reference)
     latency, baseline_s = timings["check"].median_s, timings[BASELINE].median_s
     return {
         "config_file": str(config) if isinstance(config, Path) else None,
+        "steps": chosen.steps,
         "latency_s": latency,
         "spread": finite_spread(timings["check"].times_s),
         "times_s": list(timings["check"].times_s),

@@ -186,13 +186,16 @@ def fidelity(outs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) ->
 
 @dataclass
 class Measurement:
-    """A measured configuration: its config, the prediction and what was measured.
+    """A measured configuration: its config and step count, the prediction and what was measured.
 
-    ``spread`` is the latency's spread (``median_spread``), None when unknown (one timed run,
-    or a cache written before spreads were kept).
+    ``config`` is a ``DeepCacheConfig.to_dict()`` (interval 1: no cache); ``steps`` the step
+    count it samples with, which may be fewer than the reference's. ``spread`` is the
+    latency's spread (``median_spread``), None when unknown (one timed run, or a cache written
+    before spreads were kept).
     """
 
     config: dict[str, Any]
+    steps: int
     full_steps: int
     flop_share: float
     predicted_s: float
@@ -201,6 +204,16 @@ class Measurement:
     psnr_db: float
     cached: bool = False
     spread: float | None = None
+
+    @property
+    def forecast(self) -> str:
+        """The forecast mode shallow steps read ("none": the paper's reuse, also for no cache)."""
+        return str(self.config.get("forecast", "none"))
+
+    @property
+    def caches(self) -> bool:
+        """Whether any step is shallow (False: no cache, every one of ``steps`` full)."""
+        return int(self.config["interval"]) > 1
 
     def speedup(self, baseline_s: float) -> float:
         """The measured speedup over the no-cache baseline."""

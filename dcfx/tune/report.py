@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dcfx.forecast import available_forecasts
 from dcfx.tune.cost import SEARCHABLE_SCHEDULES
 from dcfx.tune.goal import Goal
 from dcfx.tune.measure import Measurement, Rounds
@@ -21,7 +22,10 @@ NO_PLOT = 'matplotlib is not installed: no pareto.png this time (pip install "dc
 
 @dataclass
 class TuneResult:
-    """What ``tune`` found: every measurement, the Pareto frontier, the choice and its check."""
+    """What ``tune`` found: every measurement, the Pareto frontier, the choice and its check.
+
+    ``space`` is what was searched beyond the workload: the forecast modes and the step counts.
+    """
 
     workload: dict[str, Any]
     goal: Goal | None
@@ -37,6 +41,7 @@ class TuneResult:
     out: Path | None = None
     machine: dict[str, Any] = field(default_factory=dict)
     rounds: Rounds = field(default_factory=Rounds)
+    space: dict[str, Any] = field(default_factory=dict)
     written: list[str] = field(default_factory=list)
 
 
@@ -50,7 +55,11 @@ def plotting_available() -> bool:
 
 
 def write_config(result: TuneResult, path: Path) -> None:
-    """Writes the chosen configuration as a DeepCacheConfig JSON (``dcfx.compile(config=path)`` reads it)."""
+    """Writes the chosen configuration as a DeepCacheConfig JSON (``dcfx.compile(config=path)`` reads it).
+
+    ``tune.steps`` is the step count the choice was measured at: the pipeline must sample with
+    it (``num_inference_steps``) for the measured latency and quality to hold.
+    """
     chosen = result.chosen
     if chosen is None:
         raise ValueError("no configuration was chosen: there is no config.json to write")
@@ -59,6 +68,8 @@ def write_config(result: TuneResult, path: Path) -> None:
         "tune": {
             "goal": dataclasses.asdict(result.goal) if result.goal else None,
             "workload": result.workload,
+            "steps": chosen.steps,
+            "reference_steps": result.workload["steps"],
             "latency_s": chosen.latency_s,
             "latency_spread": chosen.spread,
             "psnr_db": chosen.psnr_db,
@@ -75,22 +86,33 @@ def format_spread(spread: float | None) -> str:
 
 def label(m: Measurement) -> str:
     """Returns a short name of a measured configuration (plot annotations)."""
+    if not m.caches:
+        return f"no cache, {m.steps} steps"
     c = m.config
-    return f"b{c['branch']} N={c['interval']} {c['schedule']}"
+    return f"b{c['branch']} N={c['interval']} {c['schedule']} {m.forecast}, {m.steps} steps"
+
+
+def describe_choice(m: Measurement) -> str:
+    """Returns a measured configuration in words: its config, or no cache, and its step count."""
+    return f"{m.config if m.caches else 'no cache'} at {m.steps} steps"
 
 
 def frontier_table(result: TuneResult) -> str:
-    """Returns the Pareto frontier as a markdown table; ± is the latency's spread."""
+    """Returns the Pareto frontier as a markdown table; ± is the latency's spread.
+
+    No cache at fewer steps has no branch, schedule or forecast ("-"), N = 1 and r = 1.
+    """
     lines = [
-        "| branch | N | schedule | r | predicted s | latency s | ± | speedup | PSNR dB | chosen |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|:---:|",
+        "| branch | N | schedule | forecast | steps | r | predicted s | latency s | ± | speedup | PSNR dB | chosen |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for m in result.frontier:
         c = m.config
+        cached = (c["branch"], c["schedule"], m.forecast) if m.caches else ("-", "no cache", "-")
         lines.append(
-            f"| {c['branch']} | {c['interval']} | {c['schedule']} | {m.flop_share:.3f} | {m.predicted_s:.3f} "
-            f"| {m.latency_s:.3f} | {format_spread(m.spread)} | {m.speedup(result.baseline_s):.2f}x "
-            f"| {m.psnr_db:.1f} | {'**yes**' if m is result.chosen else ''} |"
+            f"| {cached[0]} | {c['interval']} | {cached[1]} | {cached[2]} | {m.steps} | {m.flop_share:.3f} "
+            f"| {m.predicted_s:.3f} | {m.latency_s:.3f} | {format_spread(m.spread)} "
+            f"| {m.speedup(result.baseline_s):.2f}x | {m.psnr_db:.1f} | {'**yes**' if m is result.chosen else ''} |"
         )
     return "\n".join(lines)
 
@@ -115,7 +137,9 @@ def summary(result: TuneResult) -> str:
         f"{w['size']}x{w['size']}, {w['backend']}, {w['seeds']} calibration seeds",
         f"no cache: {result.baseline_s:.3f} s ± {format_spread(result.baseline_spread)} per generation (plain "
         f"U-Net); dcfx at N=1 (every step full, the cost model's unit): {result.full_s:.3f} s",
-        f"candidates {n['candidates']} (no schedule at this step count: {n['no_schedule']}), pruned by the cost "
+        f"searched: forecast modes {_listed(result.space.get('forecasts'))}; step counts "
+        f"{_listed(result.space.get('step_counts'))} (quality always against no cache at {w['steps']} steps)",
+        f"candidates {n['candidates']} (no schedule at their step count: {n['no_schedule']}), pruned by the cost "
         f"model {n['pruned']}, measured {n['measured']}, from the cache {n['cached']}; {result.wall_s:.0f} s",
         timing_note(result),
         "Pareto frontier (latency against PSNR to no cache):",
@@ -128,9 +152,11 @@ def summary(result: TuneResult) -> str:
         else:
             c = result.chosen
             lines.append(
-                f"chosen: {c.config} -> {c.latency_s:.3f} s ± {format_spread(c.spread)} "
+                f"chosen: {describe_choice(c)} -> {c.latency_s:.3f} s ± {format_spread(c.spread)} "
                 f"({c.speedup(result.baseline_s):.2f}x), PSNR {c.psnr_db:.1f} dB"
             )
+            if c.steps != w["steps"]:
+                lines.append(f"sample with {c.steps} steps, not {w['steps']} (num_inference_steps={c.steps})")
     if result.check is not None:
         k = result.check
         lines.append(
@@ -140,6 +166,10 @@ def summary(result: TuneResult) -> str:
             f"against the FLOP cost model {k['prediction_error']:+.1%}"
         )
     return "\n".join(lines)
+
+
+def _listed(values: Any) -> str:
+    return ", ".join(str(v) for v in values) if values else "n/a"
 
 
 def write_outputs(result: TuneResult, out_dir: Path, plot: bool = True) -> list[str]:
@@ -153,14 +183,16 @@ def write_outputs(result: TuneResult, out_dir: Path, plot: bool = True) -> list[
         "machine": result.machine,
         "goal": dataclasses.asdict(result.goal) if result.goal else None,
         "rounds": dataclasses.asdict(result.rounds),
+        "space": result.space,
         "baseline_s": result.baseline_s,
         "baseline_spread": result.baseline_spread,
         "full_s": result.full_s,
         "counts": result.counts,
         "wall_s": result.wall_s,
         "measurements": [dataclasses.asdict(m) for m in result.measurements],
-        "frontier": [m.config for m in result.frontier],
+        "frontier": [{"config": m.config, "steps": m.steps} for m in result.frontier],
         "chosen": result.chosen.config if result.chosen else None,
+        "chosen_steps": result.chosen.steps if result.chosen else None,
         "check": result.check,
     }
     (out_dir / "results.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -180,27 +212,67 @@ def write_outputs(result: TuneResult, out_dir: Path, plot: bool = True) -> list[
 
 
 def plot_pareto(result: TuneResult, path: Path) -> None:
-    """Draws every measured configuration (latency ± spread against PSNR), the frontier and the choice."""
+    """Draws every measured configuration (latency ± spread against PSNR), the frontier and the choice.
+
+    Colour is the branch, the marker's shape the forecast mode (a square: no cache), its fill
+    the schedule (full: uniform, left half: non-uniform); a candidate at fewer steps than the
+    reference has a black edge and its step count written beside it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    present = {m.config["schedule"] for m in result.measurements}
+    fig, ax = plt.subplots(figsize=(10, 5))
+    cached = [m for m in result.measurements if m.caches]
+    present = {m.forecast for m in cached}
+    modes = [f for f in available_forecasts() if f in present] + sorted(present - set(available_forecasts()))
+    modes.sort(key=lambda f: f != "none")  # reuse first: the paper's
+    markers = dict(zip(modes, "o^Dv<>p", strict=False))
+    present = {m.config["schedule"] for m in cached}
     schedules = [s for s in SEARCHABLE_SCHEDULES if s in present] + sorted(present - set(SEARCHABLE_SCHEDULES))
-    markers = dict(zip(schedules, "osD^v<>p", strict=False))
+    fills = dict(zip(schedules, ("full", "left", "bottom", "right", "top"), strict=False))
     colours = plt.get_cmap("tab10")
-    branch_ids = sorted({m.config["branch"] for m in result.measurements})
+    branch_ids = sorted({m.config["branch"] for m in cached})
+    reference_steps = result.workload["steps"]
     for m in result.measurements:
-        colour = colours(branch_ids.index(m.config["branch"]) % 10)
-        marker = markers.get(m.config["schedule"], "x")
+        if m.caches:
+            colour = colours(branch_ids.index(m.config["branch"]) % 10)
+            marker, fill = markers.get(m.forecast, "x"), fills.get(m.config["schedule"], "none")
+        else:
+            colour, marker, fill = "black", "s", "full"
+        fewer = m.steps < reference_steps
         xerr = None if m.spread is None else m.latency_s * m.spread
-        ax.errorbar(m.latency_s, m.psnr_db, xerr=xerr, color=colour, marker=marker, ms=5, alpha=0.8, lw=0.8)
+        ax.errorbar(
+            m.latency_s,
+            m.psnr_db,
+            xerr=xerr,
+            color=colour,
+            marker=marker,
+            fillstyle=fill,
+            markerfacecoloralt="white",
+            markeredgecolor="black" if fewer else colour,
+            markeredgewidth=1.4 if fewer else 0.8,
+            ms=6,
+            alpha=0.8,
+            lw=0.8,
+        )
+        if fewer:
+            ax.annotate(str(m.steps), (m.latency_s, m.psnr_db), textcoords="offset points", xytext=(4, 3), fontsize=6)
     for i, b in enumerate(branch_ids):
         ax.scatter([], [], color=colours(i % 10), marker="o", s=28, label=f"branch {b}")
-    for schedule, marker in markers.items():
-        ax.scatter([], [], color="grey", marker=marker, s=28, label=schedule)
+
+    def key(**style: Any) -> None:  # a legend entry: a marker with no data
+        ax.plot([], [], ls="", ms=6, **style)
+
+    for mode, marker in markers.items():
+        key(color="grey", marker=marker, label=f"forecast {mode}")
+    for schedule, fill in fills.items():
+        key(color="grey", marker="o", fillstyle=fill, markerfacecoloralt="white", label=schedule)
+    if any(not m.caches for m in result.measurements):
+        key(color="black", marker="s", label="no cache, fewer steps")
+    if any(m.steps < reference_steps for m in result.measurements):
+        key(color="white", marker="o", mec="black", mew=1.4, label="fewer steps (count beside)")
     front = result.frontier
     ax.plot([m.latency_s for m in front], [m.psnr_db for m in front], "k-", lw=1, label="Pareto frontier")
     ax.axvline(result.baseline_s, color="grey", ls=":", lw=1, label=f"no cache ({result.baseline_s:.2f} s)")
@@ -216,9 +288,9 @@ def plot_pareto(result: TuneResult, path: Path) -> None:
     w = result.workload
     ax.set_xlabel(f"latency per generation (s, bars: ± spread of the median), {w['backend']}, batch {w['batch']}")
     ax.set_ylabel("PSNR against no cache (dB)")
-    ax.set_title(f"dcfx tune: {w['model']}, {w['scheduler']} {w['steps']} steps")
+    ax.set_title(f"dcfx tune: {w['model']}, {w['scheduler']}, reference {w['steps']} steps")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the keys grew with the modes
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

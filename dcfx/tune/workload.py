@@ -56,7 +56,13 @@ def scheduler_class(name: str) -> Any:
 
 
 class DigitsWorkload(Workload):
-    """The bundled digits model; calibration seed s draws digit s % 10 from noise seeded with s."""
+    """The bundled digits model; calibration seed s draws digit s % 10 from noise seeded with s.
+
+    Every sampler is built from the model's DDIM config with ``timestep_spacing="leading"``
+    (as DDIM's own config has, and as ``benchmarks/quality.py`` builds them): the default
+    ``linspace`` grid of DPM-Solver and Euler starts at t = 999, where this model's alpha_bar is
+    about 2e-9, and the samples saturate.
+    """
 
     def __init__(self, scheduler: str) -> None:
         from dcfx.digits import load_model
@@ -68,7 +74,7 @@ class DigitsWorkload(Workload):
         self.unet = self.model.unet
 
     def scheduler(self) -> Any:  # noqa: D102
-        return self._scheduler_cls.from_config(self.model.scheduler().config)
+        return self._scheduler_cls.from_config(self.model.scheduler().config, timestep_spacing="leading")
 
     def inputs(self, seeds: Sequence[int], size: int) -> Batch:  # noqa: D102
         from dcfx.digits import NUM_CLASSES
@@ -79,7 +85,10 @@ class DigitsWorkload(Workload):
             return noise, {"encoder_hidden_states": self.model.tokens(labels)}
 
     def describe(self) -> dict[str, Any]:  # noqa: D102
-        return {"model": BUNDLED, "scheduler": self._scheduler_name}
+        described = {"model": BUNDLED, "scheduler": self._scheduler_name}
+        if self._scheduler_name != "ddim":  # DDIM's config was "leading" already: its cached results stand
+            described["timestep_spacing"] = "leading"
+        return described
 
 
 class FolderWorkload(Workload):
@@ -150,10 +159,12 @@ def generate(
 
 
 class Runner:
-    """Runs a workload's calibration batches: plainly, or through one dcfx runtime per branch.
+    """Runs a workload's calibration batches: plainly, or through one dcfx runtime per branch and forecast mode.
 
     Each runtime is built (and compiled) and warmed up untimed on first use; it then serves
-    every schedule of its branch without new graphs (``reschedule``). ``close`` drops them.
+    every schedule and step count of its branch without new graphs (``reschedule``). Forecast
+    modes get runtimes of their own: switching forecasting on or off rebuilds a runtime's
+    graphs, which interleaved rounds would otherwise do at every switch. ``close`` drops them.
     """
 
     def __init__(self, work: Workload, seeds: int, batch: int, size: int, steps: int, backend: str) -> None:
@@ -167,7 +178,7 @@ class Runner:
         self._batches: list[Batch] | None = None
         self._reference: list[torch.Tensor] | None = None
         self._plain_scheduler = work.scheduler()
-        self._runtimes: dict[int, DeepCacheUNet] = {}
+        self._runtimes: dict[tuple[int, str], DeepCacheUNet] = {}
 
     @property
     def batches(self) -> list[Batch]:
@@ -183,19 +194,20 @@ class Runner:
         return self._reference
 
     def runtime(self, config: DeepCacheConfig) -> DeepCacheUNet:
-        """Returns the runtime of ``config``'s branch, switched to ``config``."""
-        fast = self._runtimes.get(config.branch)
+        """Returns the runtime of ``config``'s branch and forecast mode, switched to ``config``."""
+        slot = (config.branch, config.forecast)
+        fast = self._runtimes.get(slot)
         if fast is None:
             fast = dcfx_compile(self.work.unet, config, backend=self.backend, scheduler=self.work.scheduler())
-            self._runtimes[config.branch] = fast
+            self._runtimes[slot] = fast
             generate(fast, fast.scheduler, *self.batches[0], steps=self.steps)
         return fast.reschedule(config)
 
-    def outputs(self, config: DeepCacheConfig) -> tuple[list[torch.Tensor], list[float]]:
-        """Returns the outputs of every batch under ``config``, and how long each generation took."""
+    def outputs(self, config: DeepCacheConfig, steps: int | None = None) -> tuple[list[torch.Tensor], list[float]]:
+        """Returns the outputs of every batch under ``config`` at ``steps`` (default: the reference's), timed."""
         outs, times = [], []
         for b in self.batches:
-            run = self._cached(config, b)
+            run = self._cached(config, b, steps)
             start = time.perf_counter()
             outs.append(run())
             times.append(time.perf_counter() - start)
@@ -205,9 +217,11 @@ class Runner:
         """Returns round ``r``'s no-cache generation (batch r mod the number of batches), ready to time."""
         return self._plain(self.batches[r % len(self.batches)])
 
-    def cached_run(self, config: DeepCacheConfig) -> Callable[[int], Callable[[], torch.Tensor]]:
-        """Returns the preparation of round r's generation under ``config``, for ``time_interleaved``."""
-        return lambda r: self._cached(config, self.batches[r % len(self.batches)])
+    def cached_run(
+        self, config: DeepCacheConfig, steps: int | None = None
+    ) -> Callable[[int], Callable[[], torch.Tensor]]:
+        """Returns the preparation of round r's generation under ``config`` at ``steps``, for ``time_interleaved``."""
+        return lambda r: self._cached(config, self.batches[r % len(self.batches)], steps)
 
     def close(self) -> None:
         """Drops every runtime's graphs."""
@@ -218,6 +232,6 @@ class Runner:
     def _plain(self, b: Batch) -> Callable[[], torch.Tensor]:
         return functools.partial(generate, self.work.unet, self._plain_scheduler, *b, self.steps)
 
-    def _cached(self, config: DeepCacheConfig, b: Batch) -> Callable[[], torch.Tensor]:
+    def _cached(self, config: DeepCacheConfig, b: Batch, steps: int | None) -> Callable[[], torch.Tensor]:
         fast = self.runtime(config)
-        return functools.partial(generate, fast, fast.scheduler, *b, self.steps)
+        return functools.partial(generate, fast, fast.scheduler, *b, steps or self.steps)

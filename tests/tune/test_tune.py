@@ -16,14 +16,31 @@ from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx import cli
-from dcfx.tune import Goal, Measurement, Rounds, Workload, candidates, choose, measure, median_spread, pareto, tune
+from dcfx.forecast import available_forecasts
+from dcfx.tune import (
+    PSNR_CAP,
+    Goal,
+    Measurement,
+    Rounds,
+    Workload,
+    candidates,
+    choose,
+    fidelity,
+    generate,
+    load_workload,
+    measure,
+    median_spread,
+    pareto,
+    summary,
+    tune,
+)
 from dcfx.tune.report import NO_PLOT
 from tests.fixtures import tiny_unet
 
 
 def m(latency, quality, branch=0, interval=2):
     return Measurement(
-        {"branch": branch, "interval": interval, "schedule": "uniform"}, 1, 0.1, 1.0, latency, [], quality
+        {"branch": branch, "interval": interval, "schedule": "uniform"}, 10, 1, 0.1, 1.0, latency, [], quality
     )
 
 
@@ -68,6 +85,58 @@ def test_candidates_predict_from_flop_shares_and_skip_schedules_without_solution
     assert infeasible == 2  # non-uniform at N=2, centre 5 of 10 steps has no solution (both branches)
     assert by[(3, 5, "non-uniform")].config.steps == 10  # the step count rides along for load without a scheduler
     assert len(pool) == 6
+    assert {c.config.forecast for c in pool} == {"none"} and {c.steps for c in pool} == {10}  # the defaults
+
+
+def test_candidates_join_forecast_modes_and_step_counts():
+    shares = {0: 0.1, 3: 0.5}
+    pool, infeasible = candidates(
+        shares, 10, [2, 5], ["uniform"], 2.0, center=5, power=1.4, forecasts=("none", "linear"), step_counts=(10, 6)
+    )
+    by = {(c.steps, c.config.branch, c.config.interval, c.config.forecast): c for c in pool}
+    # Per step count: branch x interval x forecast, and no cache below the reference's 10 steps.
+    assert len(pool) == 2 * 2 * 2 + (2 * 2 * 2 + 1) and infeasible == 0
+    for k in (10, 6):
+        for b in shares:
+            for n in (2, 5):
+                reuse, forecast = by[(k, b, n, "none")], by[(k, b, n, "linear")]
+                # Same FLOPs, so the same prediction: only the measurement tells them apart.
+                assert forecast.predicted_s == reuse.predicted_s and forecast.full_steps == reuse.full_steps
+                assert forecast.key != reuse.key
+    plain = [c for c in pool if not c.caches]
+    assert [(c.steps, c.config.interval, c.full_steps, c.flop_share) for c in plain] == [(6, 1, 6, 1.0)]
+    assert plain[0].predicted_s == pytest.approx(2.0 * 6 / 10) and plain[0].ideal_speedup == pytest.approx(10 / 6)
+    # At 6 steps 1:5 has 2 full steps (0, 5); the ideal speedup is over the 10-step reference.
+    fewer = by[(6, 0, 5, "none")]
+    assert fewer.full_steps == 2 and fewer.predicted_s == pytest.approx(2.0 * (2 + 4 * 0.1) / 10)
+    assert fewer.ideal_speedup == pytest.approx(10 / (2 + 4 * 0.1))
+    # The step count joins the cache key only off the reference, so older caches stay valid.
+    assert json.loads(by[(10, 0, 2, "none")].key) == {"branch": 0, "interval": 2, "schedule": "uniform"}
+    assert json.loads(fewer.key)["sampling_steps"] == 6 and json.loads(plain[0].key) == {
+        "interval": 1,
+        "sampling_steps": 6,
+    }
+    assert len({c.key for c in pool}) == len(pool)
+    # The non-uniform centre (5 of 10) is scaled to each step count (3 of 6).
+    nonuniform, _ = candidates({0: 0.1}, 10, [3], ["non-uniform"], 2.0, center=5, power=1.4, step_counts=(6,))
+    assert [(c.config.center, c.config.steps) for c in nonuniform if c.caches] == [(3, 6)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"forecasts": ("quadratic",)},
+            r"forecasts must be among the registered modes linear, none; got \['quadratic'\]",
+        ),
+        ({"forecasts": ()}, r"forecasts must be among the registered modes linear, none; got \[\]"),
+        ({"step_counts": (10, 12)}, r"step_counts must be ints in \[2, steps=10\], got \[10, 12\]"),
+        ({"step_counts": (1,)}, r"step_counts must be ints in \[2, steps=10\], got \[1\]"),
+    ],
+)
+def test_candidates_refuse_unknown_forecasts_and_step_counts(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        candidates({0: 0.1}, 10, [2], ["uniform"], 2.0, center=5, power=1.4, **kwargs)
 
 
 class TinyWorkload(Workload):
@@ -195,10 +264,11 @@ def test_the_baseline_is_timed_beside_the_candidates_and_the_check(tiny_work, tm
     result = tune(
         tiny_work,
         **{"steps": 4, "batch": 1, "size": 8, "seeds": 1, "repeats": 2, "max_rounds": 3, "branches": (0,)},
-        **{"intervals": (2, 3), "schedules": ("uniform",), "min_speedup": 1.0, "quality": 1.0},
+        **{"intervals": (2, 3), "schedules": ("uniform",), "min_speedup": 1.0, "latency": 1e3},  # measures all
         **{"out": tmp_path, "progress": False, "log": lambda msg: None},
     )
-    keys = {json.dumps({"branch": 0, "interval": n, "schedule": "uniform"}, sort_keys=True) for n in (2, 3)}
+    configs = (dcfx.DeepCacheConfig(branch=0, interval=n, forecast=f) for n in (2, 3) for f in ("none", "linear"))
+    keys = {json.dumps(c.to_dict(), sort_keys=True) for c in configs}  # every forecast mode, in the same rounds
     # First the cost model's unit and a first baseline; then the candidates, with the baseline again; then the check.
     assert [set(c) for c in calls] == [{"baseline", "all-full"}, {"baseline", *keys}, {"baseline", "check"}]
     cached = json.loads((tmp_path / "cache.json").read_text())
@@ -225,7 +295,7 @@ def test_a_latency_goal_prunes_before_measuring(tiny_work, tmp_path):
         progress=False,
         log=lambda msg: None,
     )
-    assert result.counts["pruned"] == result.counts["candidates"] == 2
+    assert result.counts["pruned"] == result.counts["candidates"] == 4  # N 2, 3 x forecast none, linear
     assert result.counts["measured"] == 0 and result.chosen is None
     assert not (tmp_path / "config.json").exists() and (tmp_path / "report.md").exists()
 
@@ -242,6 +312,8 @@ def test_a_latency_goal_prunes_before_measuring(tiny_work, tmp_path):
         ({"seeds": 5, "batch": 2}, r"seeds \(5\) must be a multiple of batch \(2\)"),
         ({"backend": "tvm"}, "unknown backend 'tvm'"),
         ({"branches": (0, 9)}, r"branches \[9\] are not branches of this model; valid: 0\.\.3"),
+        ({"forecasts": ("none", "cubic")}, r"forecasts must be among the registered modes linear, none; got"),
+        ({"step_counts": (60,)}, r"step_counts must be ints in \[2, steps=50\], got \[60\]"),
     ],
 )
 def test_bad_arguments(tiny_work, tmp_path, kwargs, match):
@@ -257,12 +329,82 @@ def test_cli_on_a_diffusers_folder(tmp_path, capsys):
         [
             "tune",
             *("--model", str(folder), "--steps", "4", "--batch", "1", "--size", "8", "--seeds", "1"),
-            *("--branches", "0", "--intervals", "2-3", "--schedules", "uniform", "--repeats", "1"),
-            *("--speedup", "1.01", "--out", str(out)),
+            *("--branches", "0", "--intervals", "2", "--schedules", "uniform", "--repeats", "1"),
+            *("--forecasts", "linear", "--step-counts", "3-4", "--min-speedup", "1.0"),
+            *("--latency", "1000", "--out", str(out)),  # a goal that prunes nothing, whatever the host's load
         ]
     )
     printed = capsys.readouterr()
     assert "Pareto frontier" in printed.err and "report.md, pareto.png" in printed.out
     data = json.loads((out / "results.json").read_text())
     assert data["workload"]["model_class"] == "UNet2DConditionModel" and data["workload"]["steps"] == 4
-    assert code == (0 if data["chosen"] else 1)  # exit status 1 when nothing meets the goal
+    assert data["space"] == {"forecasts": ["linear"], "step_counts": [4, 3]}
+    rows = sorted((r["steps"], r["config"]["interval"], r["config"].get("forecast")) for r in data["measurements"])
+    assert rows == [(3, 1, None), (3, 2, "linear"), (4, 2, "linear")]  # no cache at 3 steps joins
+    assert code == 0 and data["chosen"] is not None and data["chosen_steps"] in (3, 4)
+
+
+@pytest.fixture(scope="module")
+def digits_work():
+    return load_workload("digits")
+
+
+def test_tune_on_digits_searches_forecast_modes_and_fewer_steps(digits_work, tmp_path):
+    options = {
+        **{"steps": 8, "batch": 2, "seeds": 2, "repeats": 1, "max_rounds": 2, "tolerance": 0.5, "min_speedup": 1.0},
+        **{"branches": (0,), "intervals": (2, 3), "schedules": ("uniform",), "step_counts": (8, 6), "latency": 1e3},
+        **{"out": tmp_path, "progress": False, "log": lambda msg: None},
+    }
+    result = tune(digits_work, **options)
+    by = {(p.steps, p.config["interval"], p.forecast): p for p in result.measurements}
+    cached = {(k, n, f) for k in (8, 6) for n in (2, 3) for f in ("none", "linear")}
+    assert set(by) == cached | {(6, 1, "none")} and len(result.measurements) == 9  # no cache at 6 steps too
+    assert result.space == {"forecasts": ["none", "linear"], "step_counts": [8, 6]}
+    for k, n, f in cached:
+        assert 0 < by[(k, n, f)].psnr_db < PSNR_CAP
+        if f == "linear":  # the forecast changes what shallow steps read, so the images
+            assert by[(k, n, f)].psnr_db != by[(k, n, "none")].psnr_db
+    # Quality is against no cache at the reference's 8 steps, whatever a candidate's own count.
+    unet, size = digits_work.unet, int(digits_work.unet.config.sample_size)
+    noise, cond = digits_work.inputs([0, 1], size)
+    reference = generate(unet, digits_work.scheduler(), noise, cond, 8)
+    six_steps = generate(unet, digits_work.scheduler(), noise, cond, 6)
+    assert by[(6, 1, "none")].psnr_db == pytest.approx(fidelity([six_steps], [reference]), abs=0.05)
+    assert by[(6, 1, "none")].psnr_db < 60  # six steps are not eight: far from the cap
+    # The choice (the best quality: the budget allows all) is a config that builds, with a registered
+    # forecast mode and its step count.
+    chosen = result.chosen
+    assert chosen is max(result.measurements, key=lambda p: p.psnr_db)
+    built = dcfx.DeepCacheConfig(**chosen.config)
+    assert built.forecast == chosen.forecast and built.forecast in available_forecasts()
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["deepcache"] == chosen.config and written["tune"]["steps"] == chosen.steps
+    assert written["tune"]["reference_steps"] == 8 and result.check["steps"] == chosen.steps
+    assert result.check["psnr_db"] == pytest.approx(chosen.psnr_db, abs=1e-4)  # eager: the same images
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert sorted((r["steps"], r["config"].get("forecast", "none")) for r in saved["measurements"]) == sorted(
+        (p.steps, p.forecast) for p in result.measurements
+    )
+    assert saved["chosen_steps"] == chosen.steps
+    report = (tmp_path / "report.md").read_text()
+    assert "| branch | N | schedule | forecast | steps |" in report
+    assert "| - | 1 | no cache | - | 6 |" in report
+    for (k, n, f), p in by.items():
+        if p.caches:
+            assert f"| 0 | {n} | uniform | {f} | {k} | {p.flop_share:.3f} |" in report
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+
+    # Again at 6 steps only, forecast only: everything comes from the cache, and the check samples 6 steps.
+    again = tune(digits_work, **{**options, "forecasts": ("linear",), "step_counts": (6,)})
+    assert again.counts["measured"] == 0 and again.counts["cached"] == 3
+    assert {(p.steps, p.config["interval"], p.forecast) for p in again.measurements} == {
+        (6, 2, "linear"),
+        (6, 3, "linear"),
+        (6, 1, "none"),
+    }
+    for p in again.measurements:
+        assert p.psnr_db == by[(p.steps, p.config["interval"], p.forecast)].psnr_db
+    assert again.chosen.steps == 6 and again.check["steps"] == 6
+    assert again.check["psnr_db"] == pytest.approx(again.chosen.psnr_db, abs=1e-4)
+    assert dcfx.DeepCacheConfig.load(tmp_path / "config.json").to_dict() == again.chosen.config
+    assert "sample with 6 steps, not 8 (num_inference_steps=6)" in summary(again)
