@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,10 +82,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Measures DeepCache configurations on this machine; prints the frontier and the choice for the goal."""
-    from dcfx.tune import tune
+    from dcfx.tune import TuneSettingsError, tune
 
     check_model(args.model)  # before the sweep's other checks load anything
-    result = tune(
+    try:
+        result = _tune(args, tune)
+    except TuneSettingsError as e:
+        print(f"dcfx tune: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}/{', '.join(result.written)}")
+    return 0 if result.goal is None or result.chosen is not None else 1
+
+
+def _tune(args: argparse.Namespace, tune: Any) -> Any:
+    return tune(
         args.model,
         scheduler=args.scheduler,
         steps=args.steps,
@@ -109,8 +120,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         log=lambda m: print(m, file=sys.stderr),
     )
-    print(f"wrote {args.out}/{', '.join(result.written)}")
-    return 0 if result.goal is None or result.chosen is not None else 1
 
 
 def _ints(text: str) -> tuple[int, ...]:

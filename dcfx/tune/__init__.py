@@ -111,6 +111,7 @@ __all__ = [
     "Rounds",
     "Timing",
     "TuneResult",
+    "TuneSettingsError",
     "Workload",
     "candidates",
     "check_choice",
@@ -125,6 +126,10 @@ __all__ = [
     "time_interleaved",
     "tune",
 ]
+
+
+class TuneSettingsError(ValueError):
+    """A ``tune`` setting that cannot be searched, found before anything is measured."""
 
 
 def tune(
@@ -201,42 +206,53 @@ def tune(
     into each pair): switching forecasting on or off rebuilds a runtime's graphs.
 
     Raises:
-        ValueError: bad goal (none or several), scheduler, model, branch, interval, schedule,
-            forecast mode, step count, sizes or rounds.
+        TuneSettingsError: (a ValueError) bad goal (none or several), scheduler, model, branch,
+            interval, schedule, forecast mode, step count, sizes or rounds; raised before
+            anything is measured.
     """
     start = time.perf_counter()
-    goal = _goal(latency, speedup, quality)
-    for name, value, low in (("steps", steps, 2), ("batch", batch, 1), ("seeds", seeds, 1), ("repeats", repeats, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if isinstance(max_rounds, int) and max_rounds < repeats:
-        raise ValueError(f"max_rounds ({max_rounds}) must be >= repeats ({repeats}), the least timed generations")
-    rounds = Rounds(min_rounds=repeats, max_rounds=max_rounds, tolerance=tolerance)
-    if seeds % batch:
-        raise ValueError(f"seeds ({seeds}) must be a multiple of batch ({batch}): every generation runs a full batch")
-    check_schedules(schedules)
-    forecasts = check_forecasts(forecasts)
-    step_counts = (steps,) if step_counts is None else check_step_counts(step_counts, steps)
-    bad_n = [n for n in intervals if isinstance(n, bool) or not isinstance(n, int) or n < 2]
-    if bad_n or not intervals:
-        raise ValueError(f"intervals must be ints >= 2 (1 is no cache), got {list(intervals)}")
-    get_backend(backend)
-    out_dir = Path(out) if out is not None else None
-    plot = out_dir is not None and plotting_available()
-    if out_dir is not None and not plot:
-        log(f"dcfx tune: {NO_PLOT}")
-    work = model if isinstance(model, Workload) else load_workload(model, scheduler)
-    unet = work.unet
-    size = size or int(unet.config.sample_size)
-    center = round(0.3 * steps) if center is None else center
+    try:  # every setting is checked before anything is measured
+        goal = _goal(latency, speedup, quality)
+        for name, value, low in (
+            ("steps", steps, 2),
+            ("batch", batch, 1),
+            ("seeds", seeds, 1),
+            ("repeats", repeats, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if isinstance(max_rounds, int) and max_rounds < repeats:
+            raise ValueError(f"max_rounds ({max_rounds}) must be >= repeats ({repeats}), the least timed generations")
+        rounds = Rounds(min_rounds=repeats, max_rounds=max_rounds, tolerance=tolerance)
+        if seeds % batch:
+            raise ValueError(
+                f"seeds ({seeds}) must be a multiple of batch ({batch}): every generation runs a full batch"
+            )
+        check_schedules(schedules)
+        forecasts = check_forecasts(forecasts)
+        step_counts = (steps,) if step_counts is None else check_step_counts(step_counts, steps)
+        bad_n = [n for n in intervals if isinstance(n, bool) or not isinstance(n, int) or n < 2]
+        if bad_n or not intervals:
+            raise ValueError(f"intervals must be ints >= 2 (1 is no cache), got {list(intervals)}")
+        get_backend(backend)
+        out_dir = Path(out) if out is not None else None
+        plot = out_dir is not None and plotting_available()
+        if out_dir is not None and not plot:
+            log(f"dcfx tune: {NO_PLOT}")
+        work = model if isinstance(model, Workload) else load_workload(model, scheduler)
+        unet = work.unet
+        size = size or int(unet.config.sample_size)
+        center = round(0.3 * steps) if center is None else center
 
-    spec = spec_for(unet)
-    infos = list_branches(unet, spec.sample_shape(unet, batch, size, size))
-    valid = [b.branch for b in infos]
-    chosen_branches = valid if branches is None else list(branches)
-    unknown = [b for b in chosen_branches if b not in valid]
-    if unknown:
-        raise ValueError(f"branches {unknown} are not branches of this model; valid: 0..{len(valid) - 1}")
+        spec = spec_for(unet)
+        infos = list_branches(unet, spec.sample_shape(unet, batch, size, size))
+        valid = [b.branch for b in infos]
+        chosen_branches = valid if branches is None else list(branches)
+        unknown = [b for b in chosen_branches if b not in valid]
+        if unknown:
+            raise ValueError(f"branches {unknown} are not branches of this model; valid: 0..{len(valid) - 1}")
+    except ValueError as e:
+        raise TuneSettingsError(str(e)) from e
     shares = {b.branch: b.flop_share for b in infos if b.branch in chosen_branches}
 
     cache_path = None

@@ -344,6 +344,20 @@ def test_cli_on_a_diffusers_folder(tmp_path, capsys):
     assert code == 0 and data["chosen"] is not None and data["chosen_steps"] in (3, 4)
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--forecasts", "quadratic", "forecasts must be among the registered modes linear, none; got ['quadratic']"),
+        ("--step-counts", "60", "step"),
+    ],
+)
+def test_cli_bad_settings_exit_cleanly_before_measuring(tmp_path, capsys, flag, value, message):
+    code = cli.main(["tune", "--steps", "50", "--latency", "1", flag, value, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("dcfx tune: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def digits_work():
     return load_workload("digits")
