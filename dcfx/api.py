@@ -141,7 +141,9 @@ def _build_for(
                 "inductor: mode= is a torch.compile setting; with dynamic= or cache_dir= the graphs are compiled "
                 "ahead of time (AOTInductor): pass Inductor settings as options= instead"
             )
-        return AheadOfTime(unet, cfg.branch, dims, cache_dir, dict(options.get("options") or {}))
+        aot = AheadOfTime(unet, cfg.branch, dims, cache_dir, dict(options.get("options") or {}))
+        aot.from_first_call = _from_first_call(spec, unet, dynamic)
+        return aot
     if cache_dir is not None:
         raise ValueError(
             f"cache_dir= keeps compiled graphs for the inductor backend; backend {backend!r} builds its graphs in "
@@ -150,8 +152,19 @@ def _build_for(
     if dims is not None:
         if backend != "eager":
             raise ValueError(f"dynamic= takes backend 'eager' or 'inductor', got {backend!r}")
-        return RangedCapture(unet, cfg.branch, backend, options, dims)
+        ranged = RangedCapture(unet, cfg.branch, backend, options, dims)
+        ranged.from_first_call = _from_first_call(spec, unet, dynamic)
+        return ranged
     return CaptureAndCompile(unet, cfg.branch, backend, options)
+
+
+def _from_first_call(spec: ModelSpec, unet: nn.Module, dynamic: bool | Mapping[str, Any] | None) -> tuple[str, ...]:
+    # A prompt length the ranges leave out is the first call's, static (as an export takes its
+    # example's): a model with 4 class tokens must not be held to CLIP's 77.
+    takes_context = spec.context_input in spec.signature(unet).parameters
+    if isinstance(dynamic, Mapping) and "tokens" not in dynamic and takes_context:
+        return ("tokens",)
+    return ()
 
 
 def _dynamic_dims(

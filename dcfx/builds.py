@@ -94,6 +94,21 @@ def check_sizes(
             )
 
 
+def settle_dims(
+    builder: RangedCapture | AheadOfTime, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]
+) -> None:
+    """Fixes the builder's dimensions taken from the first call (``from_first_call``) at its sizes."""
+    if not builder.from_first_call or builder.dims is None:
+        return
+    from dcfx.export.program import call_sizes
+
+    sizes = call_sizes(builder.unet, names, tensors)
+    for name in builder.from_first_call:
+        if name in sizes:
+            builder.dims[name] = DimRange(name, sizes[name], sizes[name], sizes[name])
+    builder.from_first_call = ()
+
+
 def _trace_tensors(
     model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dims: Mapping[str, DimRange]
 ) -> tuple[torch.Tensor, ...]:
@@ -117,9 +132,11 @@ class RangedCapture:
     backend: str
     options: dict[str, Any]
     dims: dict[str, DimRange]
+    from_first_call: tuple[str, ...] = ()  # dimensions static at the first call's sizes
 
     def bucket(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Hashable:
         """Returns what calls served by one pair share (their input names); refuses sizes out of range."""
+        settle_dims(self, names, tensors)
         check_sizes(self.unet, names, tensors, self.dims)
         return ("ranged", names)
 
@@ -129,6 +146,7 @@ class RangedCapture:
         """Returns the pair serving every call inside the ranges, ready to run."""
         from dcfx.export.program import dynamic_axes
 
+        settle_dims(self, names, tensors)
         check_sizes(self.unet, names, tensors, self.dims)
         with compile_lock:
             for attempt in range(2):
@@ -172,11 +190,13 @@ class AheadOfTime:
     dims: dict[str, DimRange] | None
     cache_dir: Path | None
     inductor_configs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    from_first_call: tuple[str, ...] = ()  # dimensions static at the first call's sizes
 
     def bucket(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Hashable | None:
         """Returns what calls served by one pair share; refuses sizes out of range (None: static)."""
         if self.dims is None:
             return None
+        settle_dims(self, names, tensors)
         check_sizes(self.unet, names, tensors, self.dims)
         return ("aoti", names)
 
@@ -194,6 +214,7 @@ class AheadOfTime:
         from dcfx.models import unflatten
 
         if self.dims is not None:
+            settle_dims(self, names, tensors)
             check_sizes(self.unet, names, tensors, self.dims)
             dims = self.dims
             traced = _trace_tensors(self.unet, names, tensors, dims)

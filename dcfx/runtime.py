@@ -166,9 +166,11 @@ class Generation:
         "_slot",
         "buffers",
         "cache",
+        "cache_key",
         "cache_pair",
         "plan",
         "previous",
+        "previous_key",
         "previous_pair",
         "s0",
         "s1",
@@ -180,8 +182,10 @@ class Generation:
         self.plan: schedule.StepPlan | None = None
         self.cache: torch.Tensor | None = None  # the buffer holding the cached feature, when valid
         self.cache_pair: CompiledPair | None = None  # the graph pair that made it
+        self.cache_key: Any = None  # the input signature it was made for (a ranged pair serves many)
         self.previous: torch.Tensor | None = None  # forecasting: the full step's feature before that one
         self.previous_pair: CompiledPair | None = None
+        self.previous_key: Any = None
         self.s0 = self.s1 = 0.0  # forecasting: the positions of previous and cache
         self.buffers: list[torch.Tensor | None] = [None, None]
         self._slot = 0  # the buffer the next full step writes
@@ -508,7 +512,9 @@ class DeepCacheUNet(nn.Module):
             state.plan, state.cache_pair = saved[1], saved[2]
             raise
         self._used[id(pair)] = next(self._ticks)
-        full = state.cache_pair is not pair or state.plan.is_full(index)
+        # Full where the cache was made by other graphs or for other inputs (one ranged pair
+        # serves many sizes: its cache fits only calls of the size that made it).
+        full = state.cache_pair is not pair or state.plan.is_full(index) or state.cache_key != key
         position = 0.0
         if self._forecasting:
             # The step's place on the sampler's time axis: its timestep (a forecast from the
@@ -519,9 +525,9 @@ class DeepCacheUNet(nn.Module):
         try:
             if torch.is_grad_enabled():
                 with torch.no_grad():
-                    sample = self._run(state, full, pair, tensors, position)
+                    sample = self._run(state, full, pair, key, tensors, position)
             else:
-                sample = self._run(state, full, pair, tensors, position)
+                sample = self._run(state, full, pair, key, tensors, position)
         except BaseException:
             # Whatever failed (a graph, out of memory, an interrupt), no cache of this
             # generation is trusted again: the next call starts a new one.
@@ -532,20 +538,29 @@ class DeepCacheUNet(nn.Module):
         return self._spec.output(sample, return_dict)
 
     def _run(
-        self, state: Generation, full: bool, pair: CompiledPair, tensors: tuple[torch.Tensor, ...], position: float
+        self,
+        state: Generation,
+        full: bool,
+        pair: CompiledPair,
+        key: Signature,
+        tensors: tuple[torch.Tensor, ...],
+        position: float,
     ) -> torch.Tensor:
         if full:
-            if self._forecasting and state.cache_pair is pair and position != state.s1:
+            same_inputs = state.cache_pair is pair and state.cache_key == key
+            if self._forecasting and same_inputs and position != state.s1:
                 # The newest anchor becomes the previous one; the new feature goes to the other buffer.
                 state.previous, state.previous_pair, state.s0 = state.cache, pair, state.s1
+                state.previous_key = key
                 state._slot ^= 1
-            elif state.cache_pair is not pair:
-                state.previous_pair = None  # a full step at the newest anchor's position replaces it
+            elif not same_inputs:
+                state.previous_pair = None  # anchors are of one input signature
+            # (else: a full step at the newest anchor's position replaces it)
             state.cache_pair = None  # a full step that fails half way leaves no valid cache
             sample, state.cache = pair.run_full(tensors, state.buffer_for)
-            state.cache_pair, state.s1 = pair, position
+            state.cache_pair, state.cache_key, state.s1 = pair, key, position
             return sample
-        if self._forecasting and state.previous_pair is pair:
+        if self._forecasting and state.previous_pair is pair and state.previous_key == key:
             coefficient = self._forecast.coefficient(position, state.s0, state.s1)
             if coefficient is not None:
                 device = state.cache.device
