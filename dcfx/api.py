@@ -90,7 +90,8 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
         dynamic: One graph pair for every size in ranges instead of one per input shape:
             ``True`` (batch 1-16, heights and widths from half to twice the model's size,
             prompts of 2-308 tokens) or ``{"batch": (min, max), "height": ..., "width": ...,
-            "tokens": ...}`` as ``dcfx.export``'s ``shapes`` (an int is static). Eager runs
+            "tokens": ...}`` as ``dcfx.export``'s ``shapes`` (an int is static; a prompt length
+            left out is the first call's, static). Eager runs
             one symbolic capture; Inductor compiles ahead of time (AOTInductor). A call
             outside the ranges is refused with a ValueError naming the dimension.
         cache_dir: Inductor only: keep the graphs compiled ahead of time (AOTInductor
