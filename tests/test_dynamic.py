@@ -43,8 +43,8 @@ def test_one_eager_pair_serves_every_size_in_range(unet):
 def test_ranges_without_tokens_take_the_first_calls_prompt_length(unet):
     ranged = dcfx.compile(unet, branch=0, interval=2, dynamic={"batch": (1, 3), "height": (8, 16)})
     ranged(**call_at(unet, 2, 16, 16, 4), timestep=900)  # 4 tokens, not CLIP's 77
-    ranged(**call_at(unet, 1, 8, 16, 4), timestep=700)
-    assert ranged.graph_builds == 1
+    ranged(**call_at(unet, 1, 8, 16, 4), timestep=700)  # the generation changed size: a full step
+    assert ranged.graph_builds == 1 and ranged.stats == {"full": 2, "shallow": 0}
     with pytest.raises(ValueError, match=r"tokens is 5, outside this runtime's range exactly 4"):
         ranged(**call_at(unet, 1, 8, 16, 5), timestep=900)
 
