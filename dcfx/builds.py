@@ -47,7 +47,12 @@ def _warm_up(pair: CompiledPair, tensors: tuple[torch.Tensor, ...], forecast: bo
         _, feature = pair.full(*tensors)
         pair.shallow(*tensors, feature)
         if forecast:
-            pair.run_forecast(tensors, feature, feature, torch.zeros((), device=feature.device))
+            # Two distinct tensors, as the runtime's two feature buffers are: torch.compile
+            # guards on the aliasing of its inputs, and a warm-up on one tensor twice would
+            # leave the first forecast step to compile the graph again (outside the lock,
+            # without the build's Inductor settings).
+            previous = feature.clone()
+            pair.run_forecast(tensors, feature, previous, torch.zeros((), device=feature.device))
 
 
 @dataclasses.dataclass
