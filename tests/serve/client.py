@@ -34,6 +34,21 @@ def post(url: str, body: dict[str, Any], timeout: float = 300.0) -> tuple[int, d
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
+def post_until_taken(
+    url: str, body: dict[str, Any], attempts: int = 20, wait_s: float = 0.5
+) -> tuple[int, dict[str, str], bytes]:
+    """POSTs ``body`` as a client should: a 503 "busy" (a replica's queue was full) is tried again
+    after a pause, as its message says; any other answer, or the last attempt's, is returned."""
+    import time
+
+    for _ in range(attempts - 1):
+        status, headers, content = post(url, body)
+        if status != 503 or b"busy:" not in content:
+            return status, headers, content
+        time.sleep(wait_s)
+    return post(url, body)
+
+
 def get(url: str, timeout: float = 60.0) -> tuple[int, Any]:
     """GETs ``url``; returns the status and the JSON body."""
     try:
