@@ -135,3 +135,38 @@ def test_on_round_reports_progress():
 def test_bad_rounds(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Rounds(**kwargs)
+
+
+def test_a_cost_model_unit_far_from_the_plain_generation_is_timed_again(monkeypatch):
+    import importlib
+
+    from dcfx.tune.measure import ResultCache
+
+    tune_module = importlib.import_module("dcfx.tune")  # the package; dcfx.tune is the function
+
+    class FakeRunner:
+        batches, batch, steps = [None, None], 10, 50
+
+        def reference(self):
+            pass
+
+        def plain_run(self, r):
+            return lambda: None
+
+        def cached_run(self, config):
+            assert config.interval == 1
+            return lambda r: lambda: None
+
+    answers = [
+        {tune_module.BASELINE: Timing((1.2, 1.2, 1.2)), "all-full": Timing((7.6, 7.6, 7.6))},  # a busy host
+        {tune_module.BASELINE: Timing((1.2, 1.2, 1.2)), "all-full": Timing((1.1, 1.1, 1.1))},
+    ]
+    calls = []
+    monkeypatch.setattr(
+        tune_module, "time_interleaved", lambda pending, rounds, **kw: calls.append(kw) or answers.pop(0)
+    )
+    lines: list[str] = []
+    store = tune_module._Store(ResultCache(None), "w")
+    baseline, unit = tune_module._baseline_and_unit(FakeRunner(), store, 0, Rounds(min_rounds=3), lines.append)
+    assert (baseline, unit) == (1.2, 1.1) and len(calls) == 2
+    assert any("timing both again" in line for line in lines) and not any("warning" in line for line in lines)
