@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from dcfx.scalars import scalar
+
 SCALE_INPUT = "cross_attention_kwargs.scale"
 
 
@@ -27,21 +29,7 @@ def scale_tensor(scale: object, device: torch.device) -> torch.Tensor:
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"cross_attention_kwargs['scale'] must be a real number (the LoRA scale), got {scale!r}")
-    return _scale_tensor(float(scale), device)
-
-
-_SCALES: dict[tuple[float, torch.device], torch.Tensor] = {}
-
-
-def _scale_tensor(scale: float, device: torch.device) -> torch.Tensor:
-    # One tensor per value and device, made once: a copy to the GPU on every step would sync.
-    key = (scale, device)
-    tensor = _SCALES.get(key)
-    if tensor is None:
-        if len(_SCALES) >= 64:
-            _SCALES.clear()
-        tensor = _SCALES[key] = torch.tensor(scale, dtype=torch.float64, device=device)
-    return tensor
+    return scalar(float(scale), torch.float64, device)
 
 
 def _tuner_layers(model: nn.Module) -> Iterator[nn.Module]:

@@ -24,6 +24,7 @@ from dcfx import schedule
 from dcfx.backends import CompiledPair, compile_lock
 from dcfx.config import DeepCacheConfig
 from dcfx.models import ModelSpec
+from dcfx.scalars import scalar
 from dcfx.watch import Changes, ModelWatch
 
 logger = logging.getLogger(__name__)
@@ -564,7 +565,9 @@ class DeepCacheUNet(nn.Module):
             coefficient = self._forecast.coefficient(position, state.s0, state.s1)
             if coefficient is not None:
                 device = state.cache.device
-                return pair.run_forecast(tensors, state.cache, state.previous, _coefficient(coefficient, device))
+                return pair.run_forecast(
+                    tensors, state.cache, state.previous, scalar(coefficient, torch.float32, device)
+                )
         return pair.run_shallow(tensors, state.cache)
 
     def _weights_key(self) -> tuple[torch.dtype, torch.device] | None:
@@ -673,29 +676,6 @@ class DeepCacheUNet(nn.Module):
         for k in [k for k, p in self._pairs.items() if id(p) in bucketed][: max(0, len(self._pairs) - MAX_SIGNATURES)]:
             del self._pairs[k]  # found again through its bucket
         return evicted
-
-
-_COEFFICIENTS: dict[tuple[float, torch.device], torch.Tensor] = {}
-_PINNED: dict[tuple[float, torch.device], torch.Tensor] = {}  # host sources of copies that may be in flight
-
-
-def _coefficient(value: float, device: torch.device) -> torch.Tensor:
-    # One 0-d tensor per value and device, made once. On CUDA it is copied from pinned host
-    # memory without blocking: a plain copy to the GPU would synchronise the step.
-    key = (value, device)
-    tensor = _COEFFICIENTS.get(key)
-    if tensor is None:
-        if len(_COEFFICIENTS) >= 4096:
-            _COEFFICIENTS.clear()
-            _PINNED.clear()
-        host = torch.tensor(value, dtype=torch.float32)
-        if device.type == "cuda":
-            host = _PINNED[key] = host.pin_memory()
-            tensor = host.to(device, non_blocking=True)
-        else:
-            tensor = host.to(device)
-        _COEFFICIENTS[key] = tensor
-    return tensor
 
 
 def _rebuild_failed(changes: Changes, error: Exception) -> Exception:

@@ -173,10 +173,16 @@ class ExportedPair(CompiledPair):
         return sample, feature
 
     def run_shallow(self, inputs: tuple[torch.Tensor, ...], feature: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        (spec,) = self.manifest.graphs["shallow"].outputs
+        return self._run_sample("shallow", inputs, (feature,))
+
+    def _run_sample(
+        self, graph: str, inputs: tuple[torch.Tensor, ...], features: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        # The features are the runtime's buffers (written by run_full, contiguous): bound in place.
+        (spec,) = self.manifest.graphs[graph].outputs
         inputs = _contiguous(inputs)
         sample = self._empty(spec, self.sizes(inputs))
-        self._run("shallow", (*inputs, feature), (sample,))
+        self._run(graph, (*inputs, *features), (sample,))
         return sample
 
     def run_forecast(  # noqa: D102
@@ -188,12 +194,7 @@ class ExportedPair(CompiledPair):
     ) -> torch.Tensor:
         if self.forecast is None:
             raise RuntimeError("the forecast graph of this export is not open (ExportedPair.open_forecast)")
-        # Both features are the runtime's buffers (written by run_full, contiguous): bound in place.
-        (spec,) = self.manifest.graphs[FORECAST].outputs
-        inputs = _contiguous(inputs)
-        sample = self._empty(spec, self.sizes(inputs))
-        self._run(FORECAST, (*inputs, feature, previous, coefficient), (sample,))
-        return sample
+        return self._run_sample(FORECAST, inputs, (feature, previous, coefficient))
 
     def _call_full(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = _contiguous(inputs)

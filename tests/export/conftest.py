@@ -28,6 +28,13 @@ def sd_example(batch: int = 2, size: int = 16, seed: int = 0) -> dict:
     }
 
 
+def forecast_case(batch: int = 2, height: int = 16, width: int = 16, seed: int = 7) -> tuple[torch.Tensor, dict]:
+    """Returns the initial latents and the conditioning of a forecast sampling loop."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, height, width, generator=g)
+    return x, {"encoder_hidden_states": torch.randn(batch, 7, 8, generator=g)}
+
+
 def sample_loop(unet, scheduler, call, x, steps=10):
     """Denoises ``x`` with ``unet`` (a dcfx runtime) and ``scheduler``; returns the final latents."""
     scheduler.set_timesteps(steps)

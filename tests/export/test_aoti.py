@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx.export.manifest import ArtifactError, read_manifest
-from tests.export.conftest import SD_BRANCH, export_sd, sample_loop, sd_unet
+from tests.export.conftest import SD_BRANCH, export_sd, forecast_case, sample_loop, sd_unet
 from tests.export.fresh import run_fresh
 
 pytestmark = pytest.mark.slow  # three C++ compiles per export (about 2 min here)
@@ -39,12 +39,6 @@ def test_packages_and_manifest(aoti_sd):
     assert manifest.files["shallow.pt2"]["bytes"] < manifest.files["full.pt2"]["bytes"]
     assert manifest.files["forecast.pt2"]["bytes"] < manifest.files["full.pt2"]["bytes"]
     assert max(manifest.checks[f"{g}_max_abs_diff"] for g in ("full", "shallow", "forecast")) < ATOL
-
-
-def forecast_case(seed=7):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    return x, {"encoder_hidden_states": torch.randn(2, 7, 8, generator=g)}
 
 
 def test_forecast_sampling_loop_equals_eager_runtime(aoti_sd):

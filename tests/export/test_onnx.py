@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx.export.manifest import read_manifest
-from tests.export.conftest import SD_BRANCH, SD_SHAPES, sample_loop, sd_example, sd_unet
+from tests.export.conftest import SD_BRANCH, SD_SHAPES, forecast_case, sample_loop, sd_example, sd_unet
 from tests.export.fresh import run_fresh
 from tests.fixtures import (
     UNET_FACTORIES,
@@ -75,9 +75,7 @@ def test_pipeline_schedule_equals_eager_runtime(onnx_sd):
 
 @pytest.mark.parametrize(("batch", "height", "width"), [(2, 16, 16), (1, 24, 8)])
 def test_forecast_sampling_loop_equals_eager_runtime(onnx_sd, batch, height, width):
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(batch, 4, height, width, generator=g)
-    call = {"encoder_hidden_states": torch.randn(batch, 7, 8, generator=g)}
+    x, call = forecast_case(batch, height, width)
     scheduler = DDIMScheduler()
     eager = dcfx.compile(sd_unet(), branch=SD_BRANCH, interval=3, forecast="linear", scheduler=scheduler)
     want = sample_loop(eager, scheduler, call, x)

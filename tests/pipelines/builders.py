@@ -46,6 +46,19 @@ _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 _NO_SAFETY = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
+def run_with_helper(pipe, run: Callable, branch: int, interval: int) -> torch.Tensor:
+    """Returns ``run(pipe)`` with the reference DeepCacheSDHelper enabled on ``pipe`` (then disabled)."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    try:
+        return run(pipe)
+    finally:
+        helper.disable()
+
+
 def _seeded(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 

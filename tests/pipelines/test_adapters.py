@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from DeepCache import DeepCacheSDHelper
 
 import dcfx
 from dcfx.models import spec_for
@@ -36,6 +35,7 @@ from tests.pipelines.builders import (
     run_ip_adapter,
     run_t2i_adapter,
     run_txt2img,
+    run_with_helper,
     tiny_image_encoder,
     tiny_t2i_adapter,
 )
@@ -48,13 +48,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def with_helper(pipe, run: Callable, branch: int, interval: int = 3) -> torch.Tensor:
-    helper = DeepCacheSDHelper(pipe=pipe)
-    helper.set_params(cache_interval=interval, cache_branch_id=branch)
-    helper.enable()
-    try:
-        return run(pipe)
-    finally:
-        helper.disable()
+    return run_with_helper(pipe, run, branch, interval)
 
 
 def exact_then_cached(make: Callable, run: Callable, branch: int) -> None:

@@ -15,12 +15,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from DeepCache import DeepCacheSDHelper
 from diffusers.models.attention_processor import AttnProcessor
 from peft import LoraConfig
 
 import dcfx
 from tests.fixtures import make_sd_pipeline, run_sd
+from tests.pipelines.builders import run_with_helper
 
 STEPS = 6
 Step = Callable[[object], None]
@@ -108,13 +108,7 @@ def with_helper(setup: Step, change: Step, interval: int) -> torch.Tensor:
     pipe = make_sd_pipeline()
     setup(pipe)
     change(pipe)
-    helper = DeepCacheSDHelper(pipe=pipe)
-    helper.set_params(cache_interval=interval, cache_branch_id=0)
-    helper.enable()
-    try:
-        return run(pipe)
-    finally:
-        helper.disable()
+    return run_with_helper(pipe, run, 0, interval)
 
 
 def follow(workflow: str, backend: str, caplog) -> None:

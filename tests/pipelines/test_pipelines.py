@@ -16,22 +16,14 @@ import math
 import pytest
 import torch
 import torch._dynamo
-from DeepCache import DeepCacheSDHelper
 from torch.utils._pytree import tree_map
 
 import dcfx
-from tests.pipelines.builders import CASES
+from tests.pipelines.builders import CASES, run_with_helper
 
 
 def reference(make, run, branch: int, interval: int) -> torch.Tensor:
-    pipe = make()
-    helper = DeepCacheSDHelper(pipe=pipe)
-    helper.set_params(cache_interval=interval, cache_branch_id=branch)
-    helper.enable()
-    try:
-        return run(pipe)
-    finally:
-        helper.disable()
+    return run_with_helper(make(), run, branch, interval)
 
 
 def with_dcfx(make, run, **config) -> tuple[torch.Tensor, dict[str, int]]:
