@@ -69,6 +69,7 @@ class Scenario:
     steps: int = 50
     branch: int = 0
     interval: int = 5
+    forecast: str = "none"  # what shallow steps read: "none" (reuse) or "linear"
     max_batch: int = 16
     threads: int = 1
     seed: int = 0
@@ -180,6 +181,7 @@ def engine_summary(stats: dict[str, Any]) -> dict[str, Any]:
         "ticks": stats["ticks"],
         "full_calls": stats["full_calls"],
         "shallow_calls": stats["shallow_calls"],
+        "forecast_calls": stats["forecast_calls"],
         "mean_full_rows": mean_rows(stats["full_rows"]),
         "mean_shallow_rows": mean_rows(stats["shallow_rows"]),
         "padded_rows": stats["padded_rows"],
@@ -210,7 +212,7 @@ def build(scenario: Scenario, log: Callable[[str], None]) -> tuple[Any, DigitsSe
     """Returns the runtime with the graph pairs of every batch size built (not timed), and the model."""
     model = load_model()
     serve_model = DigitsServeModel(model)
-    runtime = dcfx.compile(model.unet, branch=scenario.branch, interval=scenario.interval)
+    runtime = dcfx.compile(model.unet, branch=scenario.branch, interval=scenario.interval, forecast=scenario.forecast)
     log("building the graph pairs of every batch size (not timed) ...")
     Engine(runtime, serve_model, EngineConfig(max_batch=scenario.max_batch)).warmup(request_for(0, scenario.steps))
     return runtime, serve_model
@@ -273,6 +275,7 @@ def run_ray(
         max_queue=100_000,
         branch=scenario.branch,
         interval=scenario.interval,
+        forecast=scenario.forecast,
         threads=scenario.threads,
     )
     with socket.socket() as s:
@@ -396,7 +399,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "# Serving load: step batching with DeepCache phase alignment",
         "",
         f"Bundled digits model, one digit per request, {s['steps']} DDIM steps, branch {s['branch']}, "
-        f"1:{s['interval']} (no-cache: every step full), max_batch {s['max_batch']}, calls padded to powers of two, "
+        f"1:{s['interval']}, forecast {s.get('forecast', 'none')} (no-cache: every step full), max_batch {s['max_batch']}, calls padded to powers of two, "
         f"eager, {s['threads']} torch thread(s). Poisson arrivals; latency from arrival to the last step; throughput "
         f"= departure rate; the first {s['warmup_requests']} requests of each run not counted. Each rate ran "
         f"{s['repeats']} times per variant, the variants in a shuffled order each time on the same arrivals "
@@ -499,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup-requests", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--interval", type=int, default=5)
+    parser.add_argument("--forecast", default="none", help="what shallow steps read: none (reuse) or linear")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (engine and Ray replica)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -518,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup_requests=args.warmup_requests,
         steps=args.steps,
         interval=args.interval,
+        forecast=args.forecast,
         max_batch=args.max_batch,
         threads=args.threads,
         variants=variants,

@@ -161,7 +161,11 @@ def run(scenario: Scenario, log=print) -> dict[str, Any]:
                 raise AssertionError(f"generation {gen}: differs from a fresh runtime by {(out - want).abs().max()}")
             counts["checked"] += 1
             del ref
-        sizes = {"pairs": len(fast._pairs), "buffers": int(fast._state().buffer is not None), "plans": len(fast._plans)}
+        sizes = {
+            "pairs": len(fast._pairs),
+            "buffers": int(fast._state().buffer is not None),
+            "plans": len(fast.planner._plans),
+        }
         bounds = {"pairs": runtime_module.MAX_GRAPH_PAIRS, "buffers": runtime_module.MAX_GRAPH_PAIRS}
         bounds["plans"] = runtime_module.MAX_STEP_PLANS
         over = {k: v for k, v in sizes.items() if v > bounds[k]}

@@ -15,6 +15,7 @@ from dcfx.backends import check_options, get_backend
 from dcfx.builds import AheadOfTime, CaptureAndCompile, RangedCapture, cache_dir_from
 from dcfx.config import DeepCacheConfig
 from dcfx.export.shapes import DimRange, parse_dims
+from dcfx.hooks import check_capturable
 from dcfx.models import ModelSpec, spec_for
 from dcfx.runtime import DeepCacheUNet
 
@@ -112,6 +113,7 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
     spec = model_spec(unet)
     cfg, kwargs = split_config_fields(config, kwargs)
     check_branch(unet, spec, cfg)
+    check_capturable(unet)
     if cfg.schedule_spec.needs_step_count() and scheduler is None:
         raise ValueError(
             f"the {cfg.schedule} schedule needs the step count: pass scheduler=pipe.scheduler "

@@ -214,6 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         branch=args.branch,
         interval=args.interval,
+        forecast=args.forecast,
         backend=args.backend,
         threads=args.threads,
         retries=args.retries,
@@ -245,6 +246,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests per replica; more get a 503")
     p.add_argument("--branch", type=int, default=0)
     p.add_argument("--interval", type=int, default=5)
+    p.add_argument(
+        "--forecast",
+        default="none",
+        choices=available_forecasts(),
+        help="what shallow steps read: none (the paper's reuse) or linear (a forecast from the last two full steps)",
+    )
     p.add_argument("--backend", default="eager", help="a registered backend: eager or inductor")
     p.add_argument("--threads", type=int, help="torch threads per replica (default: cores / replicas)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")

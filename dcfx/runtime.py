@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcfx import schedule
 from dcfx.backends import CompiledPair, compile_lock
 from dcfx.config import DeepCacheConfig
+from dcfx.hooks import check_capturable
 from dcfx.models import ModelSpec
+from dcfx.planner import Decision, GenerationPlan, Planner
 from dcfx.scalars import scalar
 from dcfx.watch import Changes, ModelWatch
 
@@ -34,8 +35,6 @@ logger = logging.getLogger(__name__)
 MAX_GRAPH_PAIRS = 8
 # At most this many input signatures point at the pairs of ranged builds (dynamic shapes).
 MAX_SIGNATURES = 256
-# At most this many non-uniform step plans (one per generation length) are kept.
-MAX_STEP_PLANS = 32
 
 Signature = tuple[
     tuple[str, ...],
@@ -149,45 +148,24 @@ class StepTracker:
 
 
 class Generation:
-    """One generation's state: where it is in its steps, and its cache.
+    """One generation's state: where it is in its steps, its plan, and its cache buffers.
 
     A runtime gives each thread its own (``DeepCacheUNet.generation()`` gives a block of code
     one of its own): two generations never share a cache. The cache lives in a buffer that
     the generation keeps while the feature's layout stays the same, so its address is fixed
     from one generation to the next (what CUDA graphs and engine bindings need).
 
-    With forecasting it keeps the features of its last two full steps at distinct positions
-    (``previous`` at ``s0``, ``cache`` at ``s1``) in two buffers that trade roles on each
-    full step: no copy, two fixed addresses.
+    Which step is full and what a shallow step reads is the plan's to say
+    (``dcfx.planner.GenerationPlan``, whose anchors hold these buffers). With forecasting the
+    generation keeps the features of its last two full steps at distinct positions in two
+    buffers that trade roles on each full step: no copy, two fixed addresses.
     """
 
-    __slots__ = (
-        "_busy",
-        "_epoch",
-        "_slot",
-        "buffers",
-        "cache",
-        "cache_key",
-        "cache_pair",
-        "plan",
-        "previous",
-        "previous_key",
-        "previous_pair",
-        "s0",
-        "s1",
-        "tracker",
-    )
+    __slots__ = ("_busy", "_epoch", "_slot", "buffers", "plan", "tracker")
 
     def __init__(self, scheduler: Any, epoch: int) -> None:
         self.tracker = StepTracker(scheduler)
-        self.plan: schedule.StepPlan | None = None
-        self.cache: torch.Tensor | None = None  # the buffer holding the cached feature, when valid
-        self.cache_pair: CompiledPair | None = None  # the graph pair that made it
-        self.cache_key: Any = None  # the input signature it was made for (a ranged pair serves many)
-        self.previous: torch.Tensor | None = None  # forecasting: the full step's feature before that one
-        self.previous_pair: CompiledPair | None = None
-        self.previous_key: Any = None
-        self.s0 = self.s1 = 0.0  # forecasting: the positions of previous and cache
+        self.plan: GenerationPlan | None = None
         self.buffers: list[torch.Tensor | None] = [None, None]
         self._slot = 0  # the buffer the next full step writes
         self._busy = threading.Lock()
@@ -198,10 +176,21 @@ class Generation:
         """The buffer of the latest cache feature (None before any full step)."""
         return self.buffers[self._slot]
 
+    @property
+    def cache(self) -> torch.Tensor | None:
+        """The buffer holding the newest valid cache feature (None when there is none)."""
+        return None if self.plan is None or self.plan.newest is None else self.plan.newest.payload
+
+    @property
+    def previous(self) -> torch.Tensor | None:
+        """Forecasting: the buffer holding the full step's feature before the newest (None when there is none)."""
+        return None if self.plan is None or self.plan.previous is None else self.plan.previous.payload
+
     def reset(self) -> None:
         """Starts a new generation: forgets the step count and invalidates the cache."""
         self.tracker.reset()
-        self.cache_pair = self.previous_pair = None
+        if self.plan is not None:
+            self.plan.drop()
 
     def buffer_for(
         self, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -278,14 +267,13 @@ class DeepCacheUNet(nn.Module):
             "_buckets": {},  # a ranged build's bucket -> the pair serving every call in it
             "_used": {},  # id(pair) -> tick of its last use (least recently used dropped first)
             "_ticks": itertools.count(),
-            "_plans": {},  # generation length -> StepPlan
+            "_planner": Planner(self.deepcache_config),  # each generation's steps (dcfx.planner)
             "_binders": {},  # (number of positional arguments, keywords) -> CallBinder
-            "_lock": threading.Lock(),  # guards _pairs/_used/_plans changes and stats; never held while a graph runs
+            "_lock": threading.Lock(),  # guards _pairs/_used changes and stats; never held while a graph runs
             "_check_lock": threading.Lock(),  # one model-change check at a time (a change is handled once)
             "_local": threading.local(),  # each thread's Generation
             "_current": contextvars.ContextVar("dcfx_generation", default=None),  # generation() blocks
             "_epoch": 0,  # moves on reschedule() and clear_graphs(): every generation starts anew
-            "_forecast": self.deepcache_config.forecast_spec,  # what shallow steps read (dcfx.forecast)
             "_forecasting": self.deepcache_config.forecast_spec.forecasts,
             "_watch": ModelWatch(self.model),  # what the graphs baked in (see _check_model)
             "_dropped_for": None,  # the model change that dropped the graphs, until they are rebuilt
@@ -331,6 +319,15 @@ class DeepCacheUNet(nn.Module):
             setattr(model, name, value)
         else:
             super().__setattr__(name, value)
+
+    @property
+    def planner(self) -> Planner:
+        """Plans this runtime's generations (its config's schedule and forecast mode); ``reschedule`` replaces it.
+
+        The serving engine takes each of its generations' plans from here, so a served
+        generation steps as an offline one through this runtime does.
+        """
+        return self._planner
 
     def generation(self, scheduler: Any = None) -> contextlib.AbstractContextManager[Generation]:
         """Returns a context in which this runtime's calls run a generation of their own.
@@ -398,9 +395,8 @@ class DeepCacheUNet(nn.Module):
         forecast_changed = config.forecast_spec.forecasts != self._forecasting
         with self._lock:
             self.deepcache_config = config
-            self._plans.clear()
+            self.__dict__["_planner"] = Planner(config)
             self.__dict__["_epoch"] += 1
-            self.__dict__["_forecast"] = config.forecast_spec
             self.__dict__["_forecasting"] = config.forecast_spec.forecasts
         if forecast_changed:
             self._drop_pairs()  # the forecast graph is built with the pair, when forecasting
@@ -496,13 +492,12 @@ class DeepCacheUNet(nn.Module):
         if state._epoch != self._epoch:
             state.reset()
             state._epoch = self._epoch
-        saved = (state.tracker.save(), state.plan, state.cache_pair)
+        saved = (state.tracker.save(), state.plan)
         try:
             index, num_steps, new = state.tracker.advance(timestep, value)
             if new:
-                state.cache_pair = None
                 self._check_model()
-                state.plan = self._step_plan(num_steps)
+                state.plan = self._planner.start(num_steps)
             pair = self._pairs.get(key)
             if pair is None:
                 pair = self._new_pair(key, names, tensors)
@@ -510,12 +505,9 @@ class DeepCacheUNet(nn.Module):
             # A refused call (bad input, a build that failed) ran no graph and changes
             # nothing: the generation in progress goes on.
             state.tracker.restore(saved[0])
-            state.plan, state.cache_pair = saved[1], saved[2]
+            state.plan = saved[1]
             raise
         self._used[id(pair)] = next(self._ticks)
-        # Full where the cache was made by other graphs or for other inputs (one ranged pair
-        # serves many sizes: its cache fits only calls of the size that made it).
-        full = state.cache_pair is not pair or state.plan.is_full(index) or state.cache_key != key
         position = 0.0
         if self._forecasting:
             # The step's place on the sampler's time axis: its timestep (a forecast from the
@@ -523,52 +515,46 @@ class DeepCacheUNet(nn.Module):
             position = state.tracker.position(index)
             if position is None:
                 position = value if value is not None else float(timestep[0])
+        # A cache made by other graphs or for other inputs is stale (one ranged pair serves
+        # many sizes: its cache fits only calls of the size that made it).
+        source = (pair, key)
+        decision = state.plan.decide(index, position, source)
         try:
             if torch.is_grad_enabled():
                 with torch.no_grad():
-                    sample = self._run(state, full, pair, key, tensors, position)
+                    sample = self._run(state, decision, pair, source, tensors, position)
             else:
-                sample = self._run(state, full, pair, key, tensors, position)
+                sample = self._run(state, decision, pair, source, tensors, position)
         except BaseException:
             # Whatever failed (a graph, out of memory, an interrupt), no cache of this
             # generation is trusted again: the next call starts a new one.
             state.reset()
             raise
         with self._lock:
-            self.stats["full" if full else "shallow"] += 1
+            self.stats["full" if decision.full else "shallow"] += 1
         return self._spec.output(sample, return_dict)
 
     def _run(
         self,
         state: Generation,
-        full: bool,
+        decision: Decision,
         pair: CompiledPair,
-        key: Signature,
+        source: tuple[CompiledPair, Signature],
         tensors: tuple[torch.Tensor, ...],
         position: float,
     ) -> torch.Tensor:
-        if full:
-            same_inputs = state.cache_pair is pair and state.cache_key == key
-            if self._forecasting and same_inputs and position != state.s1:
-                # The newest anchor becomes the previous one; the new feature goes to the other buffer.
-                state.previous, state.previous_pair, state.s0 = state.cache, pair, state.s1
-                state.previous_key = key
-                state._slot ^= 1
-            elif not same_inputs:
-                state.previous_pair = None  # anchors are of one input signature
-            # (else: a full step at the newest anchor's position replaces it)
-            state.cache_pair = None  # a full step that fails half way leaves no valid cache
-            sample, state.cache = pair.run_full(tensors, state.buffer_for)
-            state.cache_pair, state.cache_key, state.s1 = pair, key, position
+        plan = state.plan
+        if decision.full:
+            if decision.rotate:
+                state._slot ^= 1  # the newest feature stays, as the previous one; the new one goes to the other buffer
+            sample, cache = pair.run_full(tensors, state.buffer_for)
+            plan.record_full(decision, position, source, cache)
             return sample
-        if self._forecasting and state.previous_pair is pair and state.previous_key == key:
-            coefficient = self._forecast.coefficient(position, state.s0, state.s1)
-            if coefficient is not None:
-                device = state.cache.device
-                return pair.run_forecast(
-                    tensors, state.cache, state.previous, scalar(coefficient, torch.float32, device)
-                )
-        return pair.run_shallow(tensors, state.cache)
+        cache = plan.newest.payload
+        if decision.coefficient is not None:
+            coefficient = scalar(decision.coefficient, torch.float32, cache.device)
+            return pair.run_forecast(tensors, cache, plan.previous.payload, coefficient)
+        return pair.run_shallow(tensors, cache)
 
     def _weights_key(self) -> tuple[torch.dtype, torch.device] | None:
         probe = self._probe
@@ -595,33 +581,6 @@ class DeepCacheUNet(nn.Module):
             self._drop_pairs()
             self.__dict__["_dropped_for"] = changes
 
-    def _step_plan(self, num_steps: int | None) -> schedule.StepPlan:
-        # Only a schedule that depends on the step count (non-uniform) needs one plan per count, made once.
-        if not self.deepcache_config.schedule_spec.per_step_count:
-            num_steps = None
-        plan = self._plans.get(num_steps)
-        if plan is None:
-            plan = self._make_plan(num_steps)
-            with self._lock:
-                if len(self._plans) >= MAX_STEP_PLANS:
-                    self._plans.pop(next(iter(self._plans)))
-                self._plans[num_steps] = plan
-        return plan
-
-    def _make_plan(self, num_steps: int | None) -> schedule.StepPlan:
-        cfg = self.deepcache_config
-        try:
-            return schedule.plan(cfg, num_steps)
-        except ValueError as e:
-            if not cfg.schedule_spec.per_step_count or num_steps is None:
-                raise
-            # A generation shorter than the configured one (img2img, a reset mid-way) can leave
-            # the centre outside it or the search without a solution: it runs uniform, said once.
-            logger.warning(
-                "dcfx: %s. This %d-step generation runs the uniform 1:%d schedule", e, num_steps, cfg.interval
-            )
-            return schedule.plan(DeepCacheConfig(branch=cfg.branch, interval=cfg.interval), num_steps)
-
     def _new_pair(self, key: Signature, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
         # Builds take turns (torch.export and Inductor keep process-wide state while they
         # trace); the steps of built graphs in other threads go on meanwhile.
@@ -629,8 +588,9 @@ class DeepCacheUNet(nn.Module):
             pair = self._pairs.get(key)  # built by another thread while this one waited
             if pair is not None:
                 return pair
-            self._spec.check_inputs(self.model, names, tensors)
             self._check_model()  # a change since this generation began must not leave other graphs stale
+            check_capturable(self.model)  # offloading hooks are named before a device check would misread them
+            self._spec.check_inputs(self.model, names, tensors)
             # A build over ranges (dynamic shapes) serves every call of a bucket with one pair.
             bucket = getattr(self._build, "bucket", None)
             bucket_key = None if bucket is None else bucket(names, tensors)

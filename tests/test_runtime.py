@@ -6,6 +6,7 @@ from diffusers import DDIMScheduler
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 import dcfx
+from dcfx import planner as planner_module
 from dcfx import runtime as runtime_module
 from tests.fixtures import example_call, tiny_sdxl, tiny_unet
 
@@ -202,7 +203,7 @@ def test_a_timestep_outside_the_scheduler_is_an_error(unet):
 
 
 def test_step_plans_are_bounded(unet, monkeypatch):
-    monkeypatch.setattr(runtime_module, "MAX_STEP_PLANS", 2)
+    monkeypatch.setattr(planner_module, "MAX_STEP_PLANS", 2)
     scheduler = DDIMScheduler()
     fast = dcfx.compile(unet, interval=2, schedule="non-uniform", center=1, scheduler=scheduler)
     rec = Recorder(fast)
@@ -210,8 +211,8 @@ def test_step_plans_are_bounded(unet, monkeypatch):
         rec.calls.clear()
         denoise(fast, scheduler, steps=steps)
         assert rec.full_steps() == dcfx.schedule.non_uniform_full_steps(steps, 2, 1, 1.4)[0]
-        assert len(fast._plans) <= 2
-    assert list(fast._plans) == [10, 6]  # least recently used dropped first
+        assert len(fast.planner._plans) <= 2
+    assert list(fast.planner._plans) == [10, 6]  # least recently used dropped first
 
 
 def test_graphs_for_gives_the_pair_a_step_runs_without_taking_a_step(unet):

@@ -19,7 +19,7 @@ from dcfx.registry import Registry
 # Inductor's configuration, caches, the fake-tensor machinery): graph builds, meaning
 # captures and each compiling first call of a backend's graph, take turns under this lock.
 # Steps of built graphs never take it. Captures work on a clone of the module tree
-# (dcfx.passes.capture.structural_clone), so a build in one thread leaves the modules
+# (dcfx.passes.clone.structural_clone), so a build in one thread leaves the modules
 # that other threads' steps and checks read untouched.
 compile_lock = threading.RLock()
 

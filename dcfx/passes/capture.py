@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -12,9 +11,11 @@ from unittest import mock
 import torch
 from torch import fx, nn
 
+from dcfx.hooks import cast_at_call, check_capturable
 from dcfx.models import ModelSpec, spec_for, unflatten
 from dcfx.passes.aliases import drop_alias_conversions
 from dcfx.passes.cleanup import mutates
+from dcfx.passes.clone import structural_clone
 
 
 class FlatUNet(nn.Module):
@@ -39,32 +40,6 @@ class FlatUNet(nn.Module):
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         """Returns the U-Net's output sample for the flat inputs."""
         return self.spec.call(self.unet, unflatten(self.names, tensors))
-
-
-def structural_clone(module: nn.Module) -> nn.Module:
-    """Returns a copy of ``module``'s tree whose modules are new objects holding the same tensors.
-
-    Captures run on a clone: ``torch.export`` swaps the parameters in the traced modules'
-    dicts for fake tensors until it is done, and the capture sets eval mode and, for a LoRA
-    scale, the adapters' ``scaling``; on a clone, none of that touches the modules that
-    other threads read meanwhile (their steps, their model-change checks). The parameters and
-    buffers are the same objects, so the graphs share the model's weights.
-    """
-    clones: dict[int, nn.Module] = {}
-
-    def clone(m: nn.Module) -> nn.Module:
-        if id(m) in clones:
-            return clones[id(m)]
-        new = copy.copy(m)
-        clones[id(m)] = new
-        state = new.__dict__
-        for key, value in state.items():
-            if isinstance(value, (dict, list, set)):
-                state[key] = copy.copy(value)  # a container the forward (or the capture) may write to
-        state["_modules"] = {k: None if v is None else clone(v) for k, v in m._modules.items()}
-        return new
-
-    return clone(module)
 
 
 @contextlib.contextmanager
@@ -102,8 +77,11 @@ def capture(
     ``torch.export`` dimension specs (``{"sample": {0: Dim("batch")}}``). ``spec`` says how
     to call the model (default: ``spec_for(unet)``).
     """
+    check_capturable(unet)
     # Graphs are inference graphs (dropout off) whatever mode the user's model is in.
-    wrapper = FlatUNet(structural_clone(unet).eval(), names, spec)
+    clone = structural_clone(unet).eval()
+    cast_at_call(clone)
+    wrapper = FlatUNet(clone, names, spec)
     shapes = None
     if dynamic_shapes is not None:
         shapes = (tuple(dynamic_shapes.get(n) for n in names),)
@@ -115,6 +93,7 @@ def capture(
             # tensor does not depend on the write in the graph. Functionalized (no
             # decompositions), the writes become explicit ops such as slice_scatter.
             program = program.run_decompositions({})
+    check_trace_stayed_inside(program, unet)
     gm = program.module()
     for node in list(gm.graph.nodes):
         # Recent torch inserts a call to an input-guard submodule; the runtime checks inputs itself.
@@ -131,3 +110,36 @@ def capture(
         (result,) = result
     graph.output(result)
     return drop_alias_conversions(fx.GraphModule(gm, graph, class_name="CapturedUNet"))
+
+
+def check_trace_stayed_inside(program: torch.export.ExportedProgram, unet: nn.Module) -> None:
+    """Raises ValueError when the trace read the U-Net's weights through modules outside the captured copy.
+
+    The copy's weights are the graph's parameters; a weight the trace reached through an
+    original module (a forward or hook that refers to it where ``dcfx.passes.clone`` cannot
+    follow, such as a global) comes out as a constant that shares the weight's storage.
+    """
+    owners: dict[int, str] = {}
+    for name, tensor in [*unet.named_parameters(), *unet.named_buffers()]:
+        ptr = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else 0
+        if ptr:
+            owners.setdefault(ptr, name)
+    reached = sorted(
+        {
+            owners[ptr]
+            for value in program.constants.values()
+            if isinstance(value, torch.Tensor) and (ptr := value.untyped_storage().data_ptr()) in owners
+        }
+    )
+    if not reached:
+        return
+    forwards = [path or "(the U-Net)" for path, m in unet.named_modules() if "forward" in m.__dict__]
+    shown = ", ".join(reached[:4]) + (f" and {len(reached) - 4} more" if len(reached) > 4 else "")
+    raise ValueError(
+        f"capture: the U-Net's forward read the weights {shown} through a module object outside the captured "
+        "copy of its tree: a forward or hook set on a module refers to the module in a way dcfx cannot follow "
+        "(a global, an object it cannot copy). Modules with a forward of their own: "
+        f"{', '.join(forwards[:6]) or 'none'}. Refer to the module through the wrapper's arguments "
+        "(functools.partial(fn, module), a closure, a bound method), or delete the instance forward "
+        "(del module.forward) to run the class's, then compile again"
+    )

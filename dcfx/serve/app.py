@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import dcfx
+from dcfx.config import DeepCacheConfig
 from dcfx.serve.engine import Engine, EngineConfig
 from dcfx.serve.models import DigitsServeModel, load_serve_model
 from dcfx.serve.request import EngineStopped, GenerationRequest, QueueFull
@@ -68,6 +69,8 @@ class ServeOptions:
         max_queue: Requests waiting per replica at most; more are refused with a 503.
         branch: DeepCache branch.
         interval: N of the uniform 1:N schedule.
+        forecast: What shallow steps read (``dcfx.available_forecasts()``): "none" (the paper's
+            reuse) or "linear" (a forecast from the last two full steps).
         backend: dcfx backend ("eager" or "inductor").
         threads: torch threads per replica (default: the machine's cores / replicas).
         retries: Times a request is sent again when its replica died.
@@ -84,6 +87,7 @@ class ServeOptions:
     max_queue: int = 64
     branch: int = 0
     interval: int = 5
+    forecast: str = "none"
     backend: str = "eager"
     threads: int | None = None
     retries: int = 2
@@ -100,6 +104,11 @@ class ServeOptions:
                 f"retries must be >= 0 and request_timeout_s > 0, got {self.retries}, {self.request_timeout_s}"
             )
         self.engine_config()  # fails here, in the caller, for bad batching settings
+        self.deepcache_config()  # and for a bad DeepCache setting
+
+    def deepcache_config(self) -> DeepCacheConfig:
+        """Returns the DeepCache settings of each replica's runtime."""
+        return DeepCacheConfig(branch=self.branch, interval=self.interval, forecast=self.forecast)
 
     def engine_config(self) -> EngineConfig:
         """Returns the engine settings of each replica."""
@@ -133,7 +142,7 @@ class Generator:
         threads = options.threads or max(1, (os.cpu_count() or 1) // options.replicas)
         torch.set_num_threads(threads)  # this replica's process only
         model = load_serve_model(options.model)
-        runtime = dcfx.compile(model.unet, branch=options.branch, interval=options.interval, backend=options.backend)
+        runtime = dcfx.compile(model.unet, options.deepcache_config(), backend=options.backend)
         self.engine = Engine(runtime, model, options.engine_config())
         if options.warmup and isinstance(model, DigitsServeModel):
             self.engine.warmup(GenerationRequest(labels=(0,), steps=1))

@@ -51,9 +51,10 @@ from typing import Any, Literal
 
 import torch
 
-from dcfx import schedule
 from dcfx.backends import CompiledPair
+from dcfx.planner import Decision, GenerationPlan
 from dcfx.runtime import MAX_GRAPH_PAIRS, DeepCacheUNet
+from dcfx.scalars import scalar
 from dcfx.serve.models import PreparedRequest, ServeModel
 from dcfx.serve.request import EngineStopped, GenerationRequest, GenerationResult, QueueFull
 
@@ -64,6 +65,7 @@ _COUNTERS = (
     "ticks",
     "full_calls",
     "shallow_calls",
+    "forecast_calls",
     "padded_rows",
     "cache_copies",
     "submitted",
@@ -148,7 +150,7 @@ class _Generation:
         request: GenerationRequest,
         prepared: PreparedRequest,
         scheduler: Any,
-        plan: schedule.StepPlan,
+        plan: GenerationPlan,
         key: tuple[Any, ...],
         future: Future[GenerationResult],
         tick: int,
@@ -160,13 +162,12 @@ class _Generation:
         self.scheduler = scheduler
         scheduler.set_timesteps(request.steps)
         self.timesteps = list(scheduler.timesteps)  # 0-d tensors, as a pipeline's loop passes them
+        self.positions = [float(t) for t in self.timesteps]  # the steps on the sampler's time axis
         self.x = prepared.noise * scheduler.init_noise_sigma
         self.plan = plan
         self.key = key
         self.future = future
         self.step = 0
-        self.group: _CacheGroup | None = None
-        self.row = 0  # first row of its cache rows in group.buffer
         self.full_steps = 0
         self.shallow_steps = 0
         self.arrived_tick = tick
@@ -177,12 +178,15 @@ class _Generation:
     def steps(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def position(self) -> float:
+        """This step's place on the sampler's time axis (its timestep), as the runtime reads it."""
+        return self.positions[self.step]
+
     def next_full(self) -> int | None:
         """Returns the steps until this generation's next full step (None: it has none left)."""
-        for s in range(self.step, self.steps):
-            if self.plan.is_full(s):
-                return s - self.step
-        return None
+        step = self.plan.next_full(self.step, self.steps)
+        return None if step is None else step - self.step
 
     def model_input(self) -> torch.Tensor:
         """Returns its U-Net rows of this step: (rows, C, H, W)."""
@@ -199,15 +203,24 @@ class _Generation:
 
 
 Slot = tuple["_Generation | None", int]  # a generation (None: padding) and its number of rows
+Rows = tuple["_CacheGroup", int]  # a generation's cache rows: the group (full call) and its first row there
+
+
+def _release(payloads: Iterable[Rows]) -> None:
+    """Lets go of cache rows a generation's plan no longer holds (their buffer goes back when none does)."""
+    for group, _ in payloads:
+        group.leave()
 
 
 class _CacheGroup:
-    """The cache rows one full call wrote: which generation sits in which rows of which buffer."""
+    """The cache rows one full call wrote: which generation sits in which rows of which buffer.
 
-    def __init__(self, layout: list[Slot], padded: int, epoch: int, pool: _BufferPool) -> None:
+    ``live`` counts the generation anchors (``dcfx.planner``) that hold rows of it.
+    """
+
+    def __init__(self, layout: list[Slot], padded: int, pool: _BufferPool) -> None:
         self.layout = layout
         self.padded = padded
-        self.epoch = epoch
         self.pool = pool
         self.buffer: torch.Tensor | None = None  # the call's rows of a pooled buffer
         self._pooled: tuple[tuple[Any, ...], torch.Tensor] | None = None
@@ -263,7 +276,7 @@ class _Cohort:
         self.key = key
         self.running: list[_Generation] = []
         self.pool = _BufferPool(capacity)
-        self.scratch: torch.Tensor | None = None  # gathered cache rows of a multi-phase shallow call
+        self.scratch: dict[str, torch.Tensor] = {}  # anchor -> gathered cache rows of a shallow call
         self.pairs: dict[int, CompiledPair] = {}  # batch size -> the pair last used for it
 
     @property
@@ -298,12 +311,11 @@ class Engine:
         self.config = config or EngineConfig()
         self._pending: collections.deque[_Generation] = collections.deque()
         self._cohorts: dict[tuple[Any, ...], _Cohort] = {}
-        self._plans: dict[int, schedule.StepPlan] = {}
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._ticking = threading.Lock()
         self._tick = 0
-        self._epoch = 0  # moves when the runtime rebuilt graphs: older cache rows are not used
+        self._epoch = 0  # moves when the runtime rebuilt graphs: the source of valid cache rows (dcfx.planner)
         self._closing = False
         self._thread: threading.Thread | None = None
         self._signatures: set[tuple[Any, ...]] = set()
@@ -333,7 +345,7 @@ class Engine:
             raise ValueError(
                 f"the request needs {prepared.rows} U-Net rows per step, more than max_batch {self.config.max_batch}"
             )
-        plan = self._plan(request.steps)
+        plan = self.runtime.planner.start(request.steps)  # the runtime's planner: its schedule and forecast now
         key = _cohort_key(request, prepared)
         future: Future[GenerationResult] = Future()
         scheduler = self.model.scheduler(request.scheduler)
@@ -354,13 +366,6 @@ class Engine:
             self._lock.notify_all()
         return future
 
-    def _plan(self, steps: int) -> schedule.StepPlan:
-        plan = self._plans.get(steps)
-        if plan is None:
-            cfg = self.runtime.deepcache_config
-            plan = self._plans[steps] = schedule.plan(cfg, steps if cfg.schedule == "non-uniform" else None)
-        return plan
-
     def run(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
         """Returns the results of ``requests``, submitted together and run to completion here."""
         futures = [self.submit(r) for r in requests]
@@ -372,7 +377,8 @@ class Engine:
         prepared = self.model.prepare(request)
         scheduler = self.model.scheduler(request.scheduler)
         key = _cohort_key(request, prepared)
-        gen = _Generation(-1, request, prepared, scheduler, self._plan(request.steps), key, Future(), self._tick)
+        plan = self.runtime.planner.start(request.steps)
+        gen = _Generation(-1, request, prepared, scheduler, plan, key, Future(), self._tick)
         cohort = _Cohort(key, self.config.max_batch)
         with torch.no_grad():
             for size in batch_sizes or self.config.batch_sizes:
@@ -464,8 +470,7 @@ class Engine:
             self._pending.clear()
             for cohort in self._cohorts.values():
                 for gen in cohort.running:
-                    if gen.group is not None:
-                        gen.group.leave()
+                    _release(gen.plan.drop())
                 cohort.running.clear()
         for gen in gens:
             if not gen.future.done():
@@ -524,16 +529,32 @@ class Engine:
             self._finish(cohort, gen)
 
     def _plan_calls(self, cohort: _Cohort) -> list[tuple[list[_Generation], Callable[[], None]]]:
-        """Returns this tick's calls of ``cohort`` (at most a full and a shallow one), inputs made, graphs built."""
+        """Returns this tick's calls of ``cohort``, inputs made, graphs built.
+
+        Each generation's plan decides its step (``dcfx.planner``, the runtime's rules): the full
+        steps run as one call, the shallow steps as one call per forecast coefficient (one in
+        all while the cohort is in phase and the timesteps evenly spaced). A generation whose
+        step reads the newest feature as it is rides in a forecast call with that feature as
+        its previous one too: ``f + c (f - f)`` is ``f``.
+        """
         for _ in range(4):
             epoch = self._epoch
-            full = [g for g in cohort.running if self._is_full(g)]
-            shallow = [g for g in cohort.running if not self._is_full(g)]
+            full: list[tuple[_Generation, Decision]] = []
+            reads: dict[float | None, list[tuple[_Generation, Decision]]] = {}
+            for gen in cohort.running:
+                decision = gen.plan.decide(gen.step, gen.position, epoch)
+                if decision.full:
+                    full.append((gen, decision))
+                else:
+                    reads.setdefault(decision.coefficient, []).append((gen, decision))
+            if None in reads and len(reads) > 1:
+                plain = reads.pop(None)
+                reads[next(iter(reads))] += plain
             calls = []
             if full:
-                calls.append((full, self._prepare_full(cohort, full)))
-            if shallow:
-                calls.append((shallow, self._prepare_shallow(cohort, shallow)))
+                calls.append(([g for g, _ in full], self._prepare_full(cohort, full)))
+            for coefficient, shallow in reads.items():
+                calls.append(([g for g, _ in shallow], self._prepare_shallow(cohort, shallow, coefficient)))
             if self._epoch == epoch:
                 return calls  # no graphs were rebuilt while resolving them: every cache row is current
         raise RuntimeError(
@@ -541,20 +562,17 @@ class Engine:
             f"(MAX_GRAPH_PAIRS = {MAX_GRAPH_PAIRS}); use fewer batch_sizes or sizes"
         )
 
-    def _is_full(self, gen: _Generation) -> bool:
-        return gen.group is None or gen.group.epoch != self._epoch or gen.plan.is_full(gen.step)
-
-    def _prepare_full(self, cohort: _Cohort, gens: list[_Generation]) -> Callable[[], None]:
+    def _prepare_full(self, cohort: _Cohort, full: list[tuple[_Generation, Decision]]) -> Callable[[], None]:
+        gens = [g for g, _ in full]
         layout: list[Slot] = [(g, g.rows) for g in gens]
         padded = self.config.padded(sum(g.rows for g in gens))
         pair, inputs = self._graphs(cohort, self._inputs(layout, padded, gens[0]), padded)
 
         def run() -> None:
-            for gen in gens:
-                if gen.group is not None:
-                    gen.group.leave()  # a full step reads no cache: its old rows may be reused now
-                    gen.group = None
-            group = _CacheGroup(layout, padded, self._epoch, cohort.pool)
+            epoch = self._epoch
+            for gen, decision in full:
+                _release(gen.plan.begin_full(decision, epoch))  # rows no step reads any more may be reused now
+            group = _CacheGroup(layout, padded, cohort.pool)
             try:
                 out, _ = pair.run_full(inputs, group.buffer_for)
             except BaseException:
@@ -564,37 +582,46 @@ class Engine:
             self._record("full", layout, padded)
             offset = 0
             for gen, rows in layout:
-                gen.group, gen.row = group, offset
+                gen.plan.end_full(gen.position, epoch, (group, offset))
                 gen.full_steps += 1
                 gen.advance(out[offset : offset + rows])
                 offset += rows
 
         return run
 
-    def _prepare_shallow(self, cohort: _Cohort, gens: list[_Generation]) -> Callable[[], None]:
-        groups = {id(g.group): g.group for g in gens}
+    def _prepare_shallow(
+        self, cohort: _Cohort, shallow: list[tuple[_Generation, Decision]], coefficient: float | None
+    ) -> Callable[[], None]:
+        gens = [g for g, _ in shallow]
+        groups = {id(g.plan.newest.payload[0]): g.plan.newest.payload[0] for g in gens}
         members = {id(g) for g in gens}
+        group: _CacheGroup | None = None
         if len(groups) == 1:
             # One phase: the call takes its full call's layout and reads that buffer in place;
             # rows of generations not in this call (finished, or at a full step) are padding.
             group = next(iter(groups.values()))
             layout: list[Slot] = [(g if g is not None and id(g) in members else None, n) for g, n in group.layout]
             padded = group.padded
-            cache = None
         else:
             layout = [(g, g.rows) for g in gens]
             padded = self.config.padded(sum(g.rows for g in gens))
-            group = None
         pair, inputs = self._graphs(cohort, self._inputs(layout, padded, gens[0]), padded)
+        forecasts = {id(g) for g, d in shallow if d.coefficient is not None}
+
+        def newest(gen: _Generation) -> Rows:
+            return gen.plan.newest.payload
+
+        def previous(gen: _Generation) -> Rows:
+            return gen.plan.previous.payload if id(gen) in forecasts else gen.plan.newest.payload
 
         def run() -> None:
-            nonlocal cache
-            if group is not None:
-                cache = group.buffer
+            cache = self._anchor_rows(cohort, layout, padded, newest, "newest")
+            if coefficient is None:
+                out = pair.run_shallow(inputs, cache)
             else:
-                cache = self._gather(cohort, gens, padded)
-            out = pair.run_shallow(inputs, cache)
-            self._record("shallow", layout, padded)
+                before = self._anchor_rows(cohort, layout, padded, previous, "previous")
+                out = pair.run_forecast(inputs, cache, before, scalar(coefficient, torch.float32, cache.device))
+            self._record("shallow", layout, padded, forecast=coefficient is not None)
             offset = 0
             for gen, rows in layout:
                 if gen is not None:
@@ -604,19 +631,28 @@ class Engine:
 
         return run
 
-    def _gather(self, cohort: _Cohort, gens: list[_Generation], padded: int) -> torch.Tensor:
-        """Copies the cache rows of generations from several full calls into one buffer."""
-        first = gens[0].group.buffer
-        scratch = cohort.scratch
+    def _anchor_rows(
+        self, cohort: _Cohort, layout: list[Slot], padded: int, rows_of: Callable[[_Generation], Rows], name: str
+    ) -> torch.Tensor:
+        """Returns the feature rows ``rows_of`` each generation of ``layout`` reads, at its place in it.
+
+        In place when one full call wrote them all in this layout (a cohort in one phase);
+        else copied together into the cohort's scratch buffer ``name``.
+        """
+        placed = [(gen, offset) for (gen, _), offset in zip(layout, _offsets(layout), strict=True) if gen is not None]
+        group, _ = rows_of(placed[0][0])
+        if group.padded == padded and all(rows_of(g) == (group, offset) for g, offset in placed):
+            return group.buffer
+        first = group.buffer
+        scratch = cohort.scratch.get(name)
         if scratch is None or scratch.shape[1:] != first.shape[1:] or scratch.stride() != first.stride():
             scratch = torch.empty_strided(
                 (self.config.max_batch, *first.shape[1:]), first.stride(), dtype=first.dtype, device=first.device
             )
-            cohort.scratch = scratch.zero_()  # padding rows read it: finite values, never stale memory
-        offset = 0
-        for gen in gens:
-            scratch[offset : offset + gen.rows].copy_(gen.group.buffer[gen.row : gen.row + gen.rows])
-            offset += gen.rows
+            cohort.scratch[name] = scratch = scratch.zero_()  # padding rows read it: finite, never stale memory
+        for gen, offset in placed:
+            source, row = rows_of(gen)
+            scratch[offset : offset + gen.rows].copy_(source.buffer[row : row + gen.rows])
         self._counts["cache_copies"] += 1
         return scratch[:padded]
 
@@ -665,16 +701,17 @@ class Engine:
             )
         return pair, flat
 
-    def _record(self, kind: str, layout: list[Slot], padded: int) -> None:
+    def _record(self, kind: str, layout: list[Slot], padded: int, forecast: bool = False) -> None:
         live = sum(n for g, n in layout if g is not None)
         with self._lock:
             self._counts[f"{kind}_calls"] += 1
+            self._counts["forecast_calls"] += forecast
             self._counts["padded_rows"] += padded - live
             self._rows[kind][live] += 1
 
     def _finish(self, cohort: _Cohort, gen: _Generation) -> None:
         cohort.running.remove(gen)
-        gen.group.leave()
+        _release(gen.plan.drop())
         result = GenerationResult(
             request_id=gen.id,
             latents=self.model.finish(gen.x),
@@ -693,8 +730,7 @@ class Engine:
     def _drop(self, cohort: _Cohort, gens: list[_Generation], error: BaseException) -> None:
         for gen in gens:
             cohort.running.remove(gen)
-            if gen.group is not None:
-                gen.group.leave()
+            _release(gen.plan.drop())
             with self._lock:
                 self._counts["failed"] += 1
             gen.future.set_exception(error)
@@ -717,6 +753,7 @@ class Engine:
                 "ticks": counts.get("ticks", 0),
                 "full_calls": counts.get("full_calls", 0),
                 "shallow_calls": counts.get("shallow_calls", 0),
+                "forecast_calls": counts.get("forecast_calls", 0),
                 "full_rows": dict(sorted(self._rows["full"].items())),
                 "shallow_rows": dict(sorted(self._rows["shallow"].items())),
                 "padded_rows": counts.get("padded_rows", 0),
@@ -729,6 +766,15 @@ class Engine:
                 "admitted_aligned": counts.get("admitted_aligned", 0),
                 "admitted_at_once": counts.get("admitted_at_once", 0),
             }
+
+
+def _offsets(layout: list[Slot]) -> list[int]:
+    """Returns the first row of each slot of ``layout``."""
+    offsets, row = [], 0
+    for _, rows in layout:
+        offsets.append(row)
+        row += rows
+    return offsets
 
 
 def _cohort_key(request: GenerationRequest, prepared: PreparedRequest) -> tuple[Any, ...]:

@@ -18,7 +18,8 @@ from typing import Any
 
 from dcfx.config import DeepCacheConfig
 from dcfx.forecast import available_forecasts
-from dcfx.schedule import full_step_indices, get_schedule
+from dcfx.planner import Planner
+from dcfx.schedule import get_schedule
 
 # The schedules tune searches: those set by the interval alone, or by the interval and the
 # settings ``tune`` takes for them (``center``, ``power``). Explicit and window schedules need
@@ -161,7 +162,7 @@ def candidates(
                 for interval in intervals:
                     try:
                         plain = candidate_config(branch, interval, schedule, k, settings)
-                        full = len(full_step_indices(plain, k))
+                        full = len(Planner(plain).full_steps(k))
                     except ValueError:
                         infeasible += len(forecasts)
                         continue

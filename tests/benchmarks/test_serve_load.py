@@ -11,6 +11,7 @@ ROOT = Path(__file__).parents[2]
 def test_serve_load_smoke(tmp_path):
     args = ["--rates", "20", "--min-requests", "5", "--max-requests", "5", "--warmup-requests", "1"]
     args += ["--steps", "10", "--max-batch", "2", "--variants", "one-at-a-time,dcfx", "--ray-rate", "0"]
+    args += ["--forecast", "linear"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), *args, "--out", str(tmp_path)],
         capture_output=True,
@@ -24,9 +25,12 @@ def test_serve_load_smoke(tmp_path):
     one, ours = rows["one-at-a-time"], rows["dcfx"]
     assert one["runs"] == ours["runs"] == 2 and one["counted"] == ours["counted"] == 2 * 4  # two runs pooled
     assert one["full_calls"] == 5 * 2 and one["shallow_calls"] == 5 * 8  # per run: steps 0 and 5 of 10 full, 1:5
+    # Forecasting: every shallow step after the second full step (steps 6-9) reads a forecast.
+    assert one["forecast_calls"] == 5 * 4 and 0 < ours["forecast_calls"] <= ours["shallow_calls"]
     assert one["mean_shallow_rows"] == 1.0 and ours["mean_shallow_rows"] > 1.0  # at 20/s dcfx's requests share calls
     for row in rows.values():
         assert 0 < row["p50_s"] <= row["p99_s"] <= row["max_s"] and row["throughput"] > 0
         assert len(row["load_avg_1m"]) == 2 and 0 < row["core_share"] <= 1.5
     assert "| 20 | dcfx |" in (tmp_path / "serve_load.md").read_text()
+    assert "forecast linear" in (tmp_path / "serve_load.md").read_text()
     assert (tmp_path / "serve_load.png").stat().st_size > 0

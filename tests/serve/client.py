@@ -61,10 +61,10 @@ def get(url: str, timeout: float = 60.0) -> tuple[int, Any]:
 class Offline:
     """The same requests run here, alone, with the server's engine settings: what it must answer."""
 
-    def __init__(self, interval: int, config: EngineConfig) -> None:
+    def __init__(self, interval: int, config: EngineConfig, forecast: str = "none") -> None:
         model = load_model()
         self.model = DigitsServeModel(model)
-        self.runtime = dcfx.compile(model.unet, branch=0, interval=interval)
+        self.runtime = dcfx.compile(model.unet, branch=0, interval=interval, forecast=forecast)
         self.config = config
 
     def latents(self, body: dict[str, Any], threads: int = 1) -> torch.Tensor:
