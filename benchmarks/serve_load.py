@@ -399,7 +399,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "# Serving load: step batching with DeepCache phase alignment",
         "",
         f"Bundled digits model, one digit per request, {s['steps']} DDIM steps, branch {s['branch']}, "
-        f"1:{s['interval']}, forecast {s.get('forecast', 'none')} (no-cache: every step full), max_batch {s['max_batch']}, calls padded to powers of two, "
+        f"1:{s['interval']}, forecast {s.get('forecast', 'none')} (no-cache: every step full), "
+        f"max_batch {s['max_batch']}, calls padded to powers of two, "
         f"eager, {s['threads']} torch thread(s). Poisson arrivals; latency from arrival to the last step; throughput "
         f"= departure rate; the first {s['warmup_requests']} requests of each run not counted. Each rate ran "
         f"{s['repeats']} times per variant, the variants in a shuffled order each time on the same arrivals "
