@@ -18,6 +18,7 @@ from dcfx.export.shapes import DimRange, parse_dims
 from dcfx.hooks import check_capturable
 from dcfx.models import ModelSpec, spec_for
 from dcfx.runtime import DeepCacheUNet
+from dcfx.steps import PipelineScheduler
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(DeepCacheConfig))
 
@@ -192,11 +193,37 @@ def _dynamic_dims(
 
 
 def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
-    """Returns ``pipe`` with its U-Net compiled by dcfx and bound to its scheduler."""
-    if isinstance(pipe.unet, DeepCacheUNet):
+    """Returns ``pipe`` with its U-Net compiled by dcfx and bound to its scheduler.
+
+    The runtime reads ``pipe.scheduler`` as it is at each call: a scheduler replaced
+    afterwards (``pipe.scheduler = EulerDiscreteScheduler.from_config(...)``) is followed.
+    When ``pipe.unet`` is already a runtime bound to another pipeline (two pipelines made
+    from one set of components, such as an SDXL base and its refiner) and the settings are
+    the same (or none are given), ``pipe`` is bound to that runtime too: one set of graphs,
+    and each pipeline's calls counted by its own scheduler.
+    """
+    runtime = pipe.unet
+    if isinstance(runtime, DeepCacheUNet):
+        follows = runtime.scheduler if isinstance(runtime.scheduler, PipelineScheduler) else None
+        if follows is not None and not follows.binds(pipe) and _same_settings(runtime, config, kwargs):
+            # A runtime another pipeline shares (an SDXL refiner made from the base's components):
+            # bound to this pipeline too, its graphs serve both.
+            follows.add(pipe)
+            return pipe
         disable(pipe)
-    pipe.unet = compile(pipe.unet, config, scheduler=pipe.scheduler, **kwargs)
+    pipe.unet = compile(pipe.unet, config, scheduler=PipelineScheduler(pipe), **kwargs)
     return pipe
+
+
+def _same_settings(runtime: DeepCacheUNet, config: Any, kwargs: dict[str, Any]) -> bool:
+    """Returns whether ``enable``'s arguments ask for what ``runtime`` already is (no config: yes)."""
+    if config is None and not kwargs:
+        return True
+    try:
+        cfg, rest = split_config_fields(config, kwargs)
+    except (TypeError, ValueError):
+        return False
+    return not rest and cfg == runtime.deepcache_config
 
 
 def disable(pipe: Any) -> Any:

@@ -42,10 +42,21 @@ _KEEP_IN_MEMORY = (
 
 
 def check_capturable(model: nn.Module) -> None:
-    """Raises ValueError when a hook on ``model``'s tree moves weights at call time or keeps state across calls.
+    """Raises ValueError when ``model`` cannot be captured as it runs: weights not in place, or hooks that move them.
 
     Every other hook is traced as the model runs it (see the module docstring).
     """
+    check_hooks(model)
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise ValueError(
+            f"the U-Net's weight {meta} is on the 'meta' device (not loaded: an offloading hook, or a model made "
+            "with init_empty_weights / low_cpu_mem_usage and never filled); load the weights, then compile"
+        )
+
+
+def check_hooks(model: nn.Module) -> None:
+    """Raises ValueError when a hook on ``model``'s tree moves weights at call time or keeps state across calls."""
     for path, module in model.named_modules(remove_duplicate=True):
         where = path or type(model).__name__
         for hook in _accelerate_hooks(module):
@@ -80,12 +91,6 @@ def check_capturable(model: nn.Module) -> None:
                     f"{where}: layerwise casting together with the diffusers hooks {others} on one module is not "
                     "supported; dcfx traces layerwise casting alone"
                 )
-    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
-    if meta is not None:
-        raise ValueError(
-            f"the U-Net's weight {meta} is on the 'meta' device (not loaded: an offloading hook, or a model made "
-            "with init_empty_weights / low_cpu_mem_usage and never filled); load the weights, then compile"
-        )
 
 
 def cast_at_call(clone: nn.Module) -> None:

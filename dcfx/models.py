@@ -126,8 +126,8 @@ class ModelSpec:
         """Raises for a call ``model`` cannot take, before any graph is built for it.
 
         Checks the sample's layout, channels, dtype and device against the
-        model's, that every other input is on the sample's device with the sample's batch, and
-        the shape of the cross-attention states. Heights and widths need not be multiples of
+        model's, that every other input is on the sample's device with the sample's batch (or
+        a batch of 1, which the model may broadcast), and the shape of the cross-attention states. Heights and widths need not be multiples of
         the model's downsampling factor: diffusers U-Nets take any size, and so does dcfx.
 
         Raises:
@@ -156,10 +156,12 @@ class ModelSpec:
                 raise ValueError(
                     f"{other} is on {tensor.device}, the {name} on {sample.device}: inputs must share a device"
                 )
-            if tensor.ndim >= 1 and tensor.shape[0] != batch:
+            # A batch of 1 may be broadcast by the model (IP-Adapter masks are): accepted as the
+            # model accepts it, the capture traces what the model does with it.
+            if tensor.ndim >= 1 and tensor.shape[0] not in (batch, 1):
                 raise ValueError(
                     f"{other} has batch size {tensor.shape[0]} (shape {tuple(tensor.shape)}), the {name} {batch} "
-                    f"(shape {tuple(sample.shape)}): every input needs the {name}'s batch size"
+                    f"(shape {tuple(sample.shape)}): every input needs the {name}'s batch size (or 1, to broadcast)"
                 )
         if self.context_input in names:
             states = tensors[names.index(self.context_input)]

@@ -172,11 +172,9 @@ class Planner:
     def start(self, num_steps: int | None) -> GenerationPlan:
         """Returns the plan of a new generation of ``num_steps`` steps (None: unknown).
 
-        A generation shorter than a non-uniform schedule allows (img2img, a reset part-way)
-        runs the uniform 1:N schedule, said once per length.
-
-        Raises:
-            ValueError: the schedule needs the step count and has none.
+        A generation a non-uniform schedule has no solution for (shorter than it allows:
+        img2img, a reset part-way; or of unknown length) runs the uniform 1:N schedule, said
+        once per length.
         """
         return GenerationPlan(self._steps(num_steps), self.forecast)
 
@@ -213,9 +211,10 @@ class Planner:
         try:
             return schedule.plan(cfg, num_steps)
         except ValueError as e:
-            if not cfg.schedule_spec.per_step_count or num_steps is None:
+            if not cfg.schedule_spec.per_step_count:
                 raise
-            logger.warning(
-                "dcfx: %s. This %d-step generation runs the uniform 1:%d schedule", e, num_steps, cfg.interval
-            )
+            # A generation shorter than the schedule allows, or of a length no scheduler told
+            # (calls counted by timestep): refusing would stop a pipeline half-way.
+            length = "of unknown length" if num_steps is None else f"{num_steps}-step"
+            logger.warning("dcfx: %s. This %s generation runs the uniform 1:%d schedule", e, length, cfg.interval)
             return schedule.plan(DeepCacheConfig(branch=cfg.branch, interval=cfg.interval), num_steps)

@@ -22,10 +22,11 @@ from torch import nn
 
 from dcfx.backends import CompiledPair, compile_lock
 from dcfx.config import DeepCacheConfig
-from dcfx.hooks import check_capturable
+from dcfx.hooks import check_hooks
 from dcfx.models import ModelSpec
 from dcfx.planner import Decision, GenerationPlan, Planner
 from dcfx.scalars import scalar
+from dcfx.steps import StepTracker
 from dcfx.watch import Changes, ModelWatch
 
 logger = logging.getLogger(__name__)
@@ -44,107 +45,6 @@ Signature = tuple[
 # build(names, tensors) -> the pair for that input signature; build(..., forecast=True) -> with
 # the forecast graph.
 BuildFn = Callable[..., CompiledPair]
-
-
-# Where a U-Net call falls: its step index in the generation, the generation's length (None
-# when unknown), and whether it starts a new generation.
-Step = tuple[int, int | None, bool]
-
-
-class StepTracker:
-    """Counts the U-Net calls of each generation and notices when a new one starts.
-
-    With a scheduler, a generation starts when ``scheduler.timesteps`` is a new tensor
-    (``set_timesteps`` ran, as every pipeline call does), when the calls run past its end, or
-    when the timestep goes back to an earlier entry. The first call of a generation finds its
-    position in ``scheduler.timesteps`` (img2img starts late); later calls advance by one
-    entry, so a call costs no host-device sync. Step i is the i-th call from that start, and
-    the generation has ``len(timesteps) - start`` steps.
-
-    Samplers that call the U-Net several times per step (Heun, DPM2, PNDM's Runge-Kutta
-    start) list one timestep entry per call, repeats included: every call is a step.
-
-    Without a scheduler, a generation starts when the timestep does not descend; this reads
-    the timestep on the host on every call. A repeated timestep then starts over (a warning
-    says to pass the scheduler).
-    """
-
-    def __init__(self, scheduler: Any = None) -> None:
-        self.scheduler = scheduler
-        self._warned_repeat = False
-        self.reset()
-
-    def reset(self) -> None:
-        """Forgets the current generation; the next call starts a new one."""
-        self._timesteps: torch.Tensor | None = None
-        self._values: list[float] = []
-        self._start = 0
-        self._index = -1
-        self._last_t: float | None = None
-
-    def save(self) -> tuple[Any, ...]:
-        """Returns the position, for ``restore`` (a refused call must not move it)."""
-        return self._timesteps, self._values, self._start, self._index, self._last_t
-
-    def restore(self, saved: tuple[Any, ...]) -> None:
-        """Goes back to a position ``save`` returned."""
-        self._timesteps, self._values, self._start, self._index, self._last_t = saved
-
-    def advance(self, timestep: torch.Tensor, value: float | None = None) -> Step:
-        """Returns the step of a call with ``timestep`` (shape (batch,)) and records it.
-
-        ``value`` is the timestep's value when the caller could read it without a device sync.
-        """
-        if self.scheduler is None:
-            return self._advance_by_value(timestep, value)
-        timesteps = self.scheduler.timesteps
-        if timesteps is None:
-            raise ValueError("scheduler.timesteps is None: call scheduler.set_timesteps() before the U-Net")
-        index = self._index + 1
-        fresh = timesteps is not self._timesteps or self._start + index >= len(self._values)
-        if not fresh:
-            # A check that costs nothing on the CPU: the timestep must be the expected entry.
-            if value is None and timestep.device.type == "cpu":
-                value = float(timestep[0])
-            fresh = value is not None and value != self._values[self._start + index]
-        if fresh:
-            self._start, self._values = self._locate(timesteps, timestep)
-            self._timesteps = timesteps
-            index = 0
-        self._index = index
-        return index, len(self._values) - self._start, fresh
-
-    def position(self, step: int) -> float | None:
-        """Returns the timestep of step ``step`` of the generation in progress (None without a scheduler)."""
-        i = self._start + step
-        return self._values[i] if self.scheduler is not None and i < len(self._values) else None
-
-    def _locate(self, timesteps: torch.Tensor, timestep: torch.Tensor) -> tuple[int, list[float]]:
-        values = [float(v) for v in timesteps.tolist()]
-        t = float(timestep[0])
-        begin = getattr(self.scheduler, "begin_index", None) or 0
-        for i in range(begin, len(values)):
-            if values[i] == t:
-                return i, values
-        raise ValueError(
-            f"timestep {t} is not in scheduler.timesteps {values[:8]}...: pass the pipeline's "
-            f"scheduler to dcfx.compile(scheduler=...), or none to count steps by call"
-        )
-
-    def _advance_by_value(self, timestep: torch.Tensor, value: float | None) -> Step:
-        t = float(timestep[0]) if value is None else value
-        fresh = self._last_t is None or t >= self._last_t
-        if t == self._last_t and not self._warned_repeat:
-            self._warned_repeat = True
-            logger.warning(
-                "dcfx: timestep %s repeated; without a scheduler this starts a new generation (a full "
-                "step). For samplers that repeat timesteps (Heun, DPM2, PNDM) pass scheduler= to "
-                "dcfx.compile (or use dcfx.enable(pipe, ...)) so that every U-Net call counts as a step",
-                t,
-            )
-        self._index = 0 if fresh else self._index + 1
-        self._last_t = t
-        return self._index, None, fresh
 
 
 class Generation:
@@ -255,7 +155,26 @@ class DeepCacheUNet(nn.Module):
         self.scheduler = scheduler
         self._spec = spec
         self._build = build
+        # What diffusers reads to record and save a pipeline's component (see __class__).
+        self.__dict__["__module__"] = model.__class__.__module__
         self.__dict__.update(self._clean_state())
+
+    # A drop-in passes the checks pipelines and users make: isinstance(pipe.unet,
+    # UNet2DConditionModel) holds (isinstance falls back on __class__), and diffusers'
+    # save_pretrained finds the model's class, records it as the component's and calls its
+    # save method, which reaches the wrapped model (__getattr__): the pipeline saves the model
+    # itself, loadable without dcfx. type(runtime) stays DeepCacheUNet.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        model = self.__dict__.get("_modules", {}).get("model")
+        return DeepCacheUNet if model is None else model.__class__
+
+    def _get_name(self) -> str:
+        return "DeepCacheUNet"
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # Pickling reads __class__; a copy is a DeepCacheUNet (which starts clean: __getstate__).
+        return _new_runtime, (type(self),), self.__getstate__()
 
     def _clean_state(self) -> dict[str, Any]:
         """The state of a runtime that has run nothing: no graphs or generations, zero stats.
@@ -589,7 +508,7 @@ class DeepCacheUNet(nn.Module):
             if pair is not None:
                 return pair
             self._check_model()  # a change since this generation began must not leave other graphs stale
-            check_capturable(self.model)  # offloading hooks are named before a device check would misread them
+            check_hooks(self.model)  # offloading hooks are named before a device check would misread them
             self._spec.check_inputs(self.model, names, tensors)
             # A build over ranges (dynamic shapes) serves every call of a bucket with one pair.
             bucket = getattr(self._build, "bucket", None)
@@ -636,6 +555,11 @@ class DeepCacheUNet(nn.Module):
         for k in [k for k, p in self._pairs.items() if id(p) in bucketed][: max(0, len(self._pairs) - MAX_SIGNATURES)]:
             del self._pairs[k]  # found again through its bucket
         return evicted
+
+
+def _new_runtime(cls: type[DeepCacheUNet]) -> DeepCacheUNet:
+    """Returns an empty runtime for unpickling to fill (``__setstate__``)."""
+    return cls.__new__(cls)
 
 
 def _rebuild_failed(changes: Changes, error: Exception) -> Exception:

@@ -9,6 +9,7 @@ on as if the call had not been made. Exports and loads: tests/export/test_bad_ex
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 
@@ -172,9 +173,9 @@ CALL_CASES = [
     ),
     (
         "encoder_hidden_states of another batch",
-        _call(lambda b: {"encoder_hidden_states": b["encoder_hidden_states"][:1]}),
+        _call(lambda b: {"encoder_hidden_states": torch.cat([b["encoder_hidden_states"]] * 2)[:3]}),
         ValueError,
-        r"encoder_hidden_states has batch size 1 \(shape \(1, 7, 8\)\), the sample 2",
+        r"encoder_hidden_states has batch size 3 \(shape \(3, 7, 8\)\), the sample 2",
     ),
     (
         "encoder_hidden_states of another width",
@@ -259,17 +260,30 @@ def test_a_bad_call_is_refused_and_changes_nothing(generation, name, make, error
     assert fast.stats == {"full": 1, "shallow": 1}
 
 
-def test_a_timestep_outside_the_scheduler_is_refused(unet):
+def test_a_timestep_outside_the_scheduler_is_counted_by_call_and_said(unet, caplog):
+    # Another scheduler drives the call (a second pipeline sharing this U-Net): the runtime
+    # cannot place it in its scheduler's timesteps, so it counts such calls by timestep, as a
+    # runtime without a scheduler does, and says so once; the model's output, never an error.
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(10)
     fast = dcfx.compile(unet, scheduler=scheduler, interval=3)
+    rec = Recorder(fast)
     call = example_call(unet)
-    first = fast(**dict(call, timestep=scheduler.timesteps[0])).sample
-    with pytest.raises(ValueError, match=r"timestep 123.5 is not in scheduler\.timesteps \[900.0, 800.0"):
-        fast(**dict(call, timestep=123.5))
-    fast(**dict(call, timestep=scheduler.timesteps[1]))
-    assert fast.stats == {"full": 1, "shallow": 1}
-    assert torch.isfinite(first).all()
+    fast(**dict(call, timestep=scheduler.timesteps[0]))
+    with caplog.at_level(logging.WARNING, logger="dcfx.steps"):
+        outside = fast(**dict(call, timestep=123.5)).sample
+        fast(**dict(call, timestep=100.0))  # descends: the same generation, step 1 (shallow)
+    assert "timestep 123.5 is not in the runtime's scheduler.timesteps [900.0, 800.0" in caplog.text
+    assert caplog.text.count("not in the runtime's scheduler") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(outside, unet(**dict(call, timestep=123.5)).sample, atol=0, rtol=0)  # a full step
+    assert fast.stats == {"full": 2, "shallow": 1}
+    # Once the scheduler sets its timesteps again, its calls are placed by them.
+    scheduler.set_timesteps(10)
+    rec.calls.clear()
+    for t in scheduler.timesteps:
+        fast(**dict(call, timestep=t))
+    assert rec.full_steps() == [0, 3, 6, 9]
 
 
 def test_a_generation_the_non_uniform_schedule_cannot_plan_runs_uniform_and_says_so(unet, caplog):

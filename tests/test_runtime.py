@@ -193,15 +193,6 @@ def test_graph_cache_is_bounded(unet, monkeypatch):
     assert fast._state().buffer.shape[-1] == 24  # one buffer per generation: the latest layout's
 
 
-def test_a_timestep_outside_the_scheduler_is_an_error(unet):
-    scheduler = DDIMScheduler()
-    scheduler.set_timesteps(10)
-    fast = dcfx.compile(unet, scheduler=scheduler)
-    call = example_call(unet)
-    with pytest.raises(ValueError, match=r"not in scheduler\.timesteps"):
-        fast(call["sample"], 123.5, call["encoder_hidden_states"])
-
-
 def test_step_plans_are_bounded(unet, monkeypatch):
     monkeypatch.setattr(planner_module, "MAX_STEP_PLANS", 2)
     scheduler = DDIMScheduler()

@@ -83,6 +83,31 @@ class ExportedModel(nn.Module):
         """Refuses: an exported U-Net runs through ``dcfx.load``'s runtime only."""
         raise RuntimeError("an exported U-Net has no eager forward; call the module dcfx.load returned")
 
+    # To diffusers it is a model (ModelMixin, where diffusers is installed): a pipeline that
+    # holds it and is saved calls save_pretrained, which refuses, rather than dropping the
+    # U-Net from the saved pipeline with a warning.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        try:
+            from diffusers import ModelMixin
+        except ImportError:
+            return ExportedModel
+        return ModelMixin
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        """Refuses: an export holds compiled graphs, not weights diffusers can load."""
+        raise TypeError(
+            "this U-Net was loaded from a dcfx export (dcfx.load): it holds compiled graphs, not a model diffusers "
+            "can save or load. Save the pipeline with its original U-Net (pipe.unet = the diffusers model) and keep "
+            "the export directory beside it"
+        )
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "a U-Net loaded from an export cannot be pickled or deep-copied: its graphs live in runtime sessions; "
+            "pickle the directory path and dcfx.load it again"
+        )
+
 
 class ExportedPair(CompiledPair):
     """The base of every format's loaded pair: input checks and output sizes from the manifest.

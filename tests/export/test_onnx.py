@@ -103,12 +103,15 @@ def test_load_changes_the_schedule_not_the_branch(onnx_sd):
         dcfx.load(onnx_sd, cuda_graph=True)
 
 
-def test_loaded_runtime_has_no_original_to_restore(onnx_sd):
+def test_loaded_runtime_has_no_original_to_restore_or_save(onnx_sd, tmp_path):
     pipe = make_sd_pipeline(sd_unet())
     pipe.unet = dcfx.load(onnx_sd, scheduler=pipe.scheduler)
     assert pipe.unet.config.cross_attention_dim == 8 and pipe.unet.dtype == torch.float32
     with pytest.raises(TypeError, match="no original U-Net to restore"):
         dcfx.disable(pipe)
+    # Saving the pipeline refuses, rather than writing it without its U-Net.
+    with pytest.raises(TypeError, match=r"loaded from a dcfx export \(dcfx.load\).*its original U-Net"):
+        pipe.save_pretrained(tmp_path / "pipe")
 
 
 def test_example_outside_the_shapes_is_refused(tmp_path):
