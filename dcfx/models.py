@@ -125,10 +125,11 @@ class ModelSpec:
     def check_inputs(self, model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
         """Raises for a call ``model`` cannot take, before any graph is built for it.
 
-        Checks the sample's layout, channels, dtype and device against the
-        model's, that every other input is on the sample's device with the sample's batch (or
-        a batch of 1, which the model may broadcast), and the shape of the cross-attention states. Heights and widths need not be multiples of
-        the model's downsampling factor: diffusers U-Nets take any size, and so does dcfx.
+        Checks the sample's layout, channels, dtype and device against the model's, that
+        every other input is on the sample's device with the sample's batch (or a batch of 1,
+        which the model may broadcast), and the shape of the cross-attention states. Heights
+        and widths need not be multiples of the model's downsampling factor: diffusers U-Nets
+        take any size, and so does dcfx.
 
         Raises:
             TypeError: a sample that is not floating point, or not in the weights' dtype.
