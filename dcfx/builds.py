@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcfx.backends import CompiledPair, compile_lock, get_backend
+from dcfx.backends import CompiledPair, compile_lock, get_backend, warm_up
 from dcfx.export.shapes import DimRange
 from dcfx.passes import build_graph_pair
 from dcfx.passes.forecast import add_forecast
@@ -38,21 +38,6 @@ logger = logging.getLogger(__name__)
 
 # Bump when what a cached package holds changes meaning. 2: the forecast graph's package too.
 CACHE_VERSION = 2
-
-
-def _warm_up(pair: CompiledPair, tensors: tuple[torch.Tensor, ...], forecast: bool) -> None:
-    # Every graph runs once inside the build: a backend that compiles on the first call
-    # (Inductor) compiles now, under compile_lock, not in a step that other builds wait for.
-    with torch.no_grad():
-        _, feature = pair.full(*tensors)
-        pair.shallow(*tensors, feature)
-        if forecast:
-            # Two distinct tensors, as the runtime's two feature buffers are: torch.compile
-            # guards on the aliasing of its inputs, and a warm-up on one tensor twice would
-            # leave the first forecast step to compile the graph again (outside the lock,
-            # without the build's Inductor settings).
-            previous = feature.clone()
-            pair.run_forecast(tensors, feature, previous, torch.zeros((), device=feature.device))
 
 
 @dataclasses.dataclass
@@ -78,9 +63,7 @@ class CaptureAndCompile:
         with compile_lock:
             graphs = build_graph_pair(self.unet, self.branch, names, tensors)
             extra = {"forecast": add_forecast(graphs.shallow)} if forecast else {}
-            pair = get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **extra, **self.options)
-            _warm_up(pair, tensors, forecast)
-            return pair
+            return get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **extra, **self.options)
 
 
 def check_sizes(
@@ -172,9 +155,7 @@ class RangedCapture:
                     self.dims = narrowed
             check_sizes(self.unet, names, tensors, self.dims)
             extra = {"forecast": add_forecast(graphs.shallow)} if forecast else {}
-            pair = get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **extra, **self.options)
-            _warm_up(pair, tensors, forecast)
-            return pair
+            return get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **extra, **self.options)
 
 
 @dataclasses.dataclass
@@ -259,7 +240,7 @@ class AheadOfTime:
             pair.check(names, tensors)
             if forecast:
                 pair.open_forecast()
-            _warm_up(pair, tensors, forecast)
+            warm_up(pair, tensors)  # the packages' kernels load now, under compile_lock
             return pair
 
     def _key(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shapes: Mapping[str, Any]) -> str:

@@ -13,6 +13,7 @@ from torch import nn
 
 from dcfx import zoo
 from dcfx.branches import branches, format_branches
+from dcfx.digits import DEMO_PER_CLASS
 from dcfx.forecast import available_forecasts
 from dcfx.models import spec_for
 
@@ -279,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch", type=int, default=0)
     p.add_argument("--interval", type=int, default=5, choices=range(1, 51), metavar="N")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--per-class", type=int, default=4, help="digits generated per class (10 classes)")
+    p.add_argument("--per-class", type=int, default=DEMO_PER_CLASS, help="digits generated per class (10 classes)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     p.add_argument("--repeats", type=int, default=3, help="timed generations each way (the median is reported)")
     p.add_argument("--backend", default="eager", help="a registered backend: eager or inductor")
@@ -294,7 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a DeepCacheConfig JSON file (instead of --branch/--interval)")
     p.add_argument("--branch", type=int, default=0)
     p.add_argument("--interval", type=int, default=3)
-    for dim in ("batch", "height", "width"):
+    p.add_argument(
+        "--batch",
+        type=_range,
+        help="batch size: N, MIN:MAX or MIN:OPT:MAX; default: 1:2:4 (1:40:63 for the digits model: its demo's "
+        "40 digits; a larger batch, such as 80 rows with guidance, runs in chunks within the range)",
+    )
+    for dim in ("height", "width"):
         p.add_argument(f"--{dim}", type=_range, help=f"{dim} (latent): N, MIN:MAX or MIN:OPT:MAX")
     p.add_argument(
         "--tokens",

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 import dcfx
 from dcfx.branches import ideal_speedup_of_counts
-from dcfx.digits import IMAGE_SIZE, NUM_CLASSES, generate, load_classifier, load_model
+from dcfx.digits import DEMO_PER_CLASS, IMAGE_SIZE, NUM_CLASSES, generate, load_classifier, load_model
 from dcfx.quality import accuracy, psnr
 
 
@@ -93,7 +93,7 @@ def run_demo(
     branch: int = 0,
     interval: int = 5,
     steps: int = 50,
-    per_class: int = 4,
+    per_class: int = DEMO_PER_CLASS,
     guidance: float = 1.0,
     repeats: int = 3,
     backend: str = "eager",

@@ -36,6 +36,12 @@ IMAGE_SIZE = 16
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES
 TOKENS = 4
+# The batch range of its exports (min, opt, max), tuned for the demo's 40 digits (4 per class).
+# Guidance doubles the rows to 80: a loaded export runs a batch above its range in chunks, and
+# 63 is the largest batch one graph of a diffusers U-Net serves (Upsample2D branches at 64).
+DEMO_PER_CLASS = 4
+DEMO_DIGITS = DEMO_PER_CLASS * NUM_CLASSES
+BATCH_RANGE = (1, DEMO_DIGITS, 63)
 TOKEN_DIM = 64
 
 UNET_CONFIG: dict[str, Any] = {

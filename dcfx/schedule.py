@@ -93,14 +93,13 @@ def non_uniform_full_steps(steps: int, interval: int, center: int, power: float)
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """The full/shallow decision for every step of one generation of ``num_steps`` steps.
+    """The full/shallow decision for every step of one generation.
 
     ``rule`` is a schedule whose full steps do not depend on the step count: the schedule
-    itself, or what a non-uniform schedule resolved to for this count.
+    itself, or what a non-uniform schedule resolved to for the generation's count.
     """
 
     rule: Schedule
-    num_steps: int | None
 
     def is_full(self, step: int) -> bool:
         """Returns whether the schedule makes ``step`` a full step."""
@@ -144,7 +143,7 @@ class Schedule(abc.ABC):
         Raises:
             ValueError: the schedule needs the step count and has none, or has no solution for it.
         """
-        return StepPlan(self, num_steps)
+        return StepPlan(self)
 
     @abc.abstractmethod
     def is_full(self, step: int) -> bool:
@@ -265,7 +264,7 @@ class NonUniform(Schedule):
         assert self.center is not None and self.power is not None  # filled in by __post_init__
         check_center(self.center, steps)
         full, _ = non_uniform_full_steps(steps, self.interval, self.center, self.power)
-        return StepPlan(Explicit(self.interval, tuple(full)), steps)
+        return StepPlan(Explicit(self.interval, tuple(full)))
 
     def is_full(self, step: int) -> bool:
         """Returns whether ``step`` is full in a generation of ``steps`` steps (ValueError without them)."""

@@ -170,11 +170,6 @@ class ModelWatch:
         self.model = model
         self._recorded: list[tuple[str, nn.Module, dict[str, Any]]] | None = None
 
-    @property
-    def recorded(self) -> bool:
-        """Whether a state has been recorded (and not forgotten) since."""
-        return self._recorded is not None
-
     def record(self) -> None:
         """Takes the model's state now as the one its graphs hold (tens of ms on SD1.5)."""
         self._recorded = [(path, m, _freeze_dict(m)) for path, m in self.model.named_modules()]

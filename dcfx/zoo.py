@@ -66,18 +66,19 @@ def build_unet(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     return UNet2DConditionModel(**CONFIGS[name]).to(dtype).eval()
 
 
-def typical_shapes(model: str | os.PathLike[str]) -> dict[str, int]:
+def typical_shapes(model: str | os.PathLike[str]) -> dict[str, Any]:
     """Returns the call sizes a model's own generation uses where they differ from a U-Net's typical call.
 
-    The built-in example call of an export has a 77-token prompt (CLIP); the digits model and
-    folders written like it (``class_tokens.safetensors`` beside the U-Net) read
-    ``dcfx.digits.TOKENS`` class tokens, so their exports take that prompt length.
+    The built-in example call of an export has a 77-token prompt (CLIP) and batches of 1 to 4;
+    the digits model and folders written like it (``class_tokens.safetensors`` beside the
+    U-Net) read ``dcfx.digits.TOKENS`` class tokens and generate many digits at once (the
+    demo's 40, doubled by guidance), so their exports take that prompt length and those batches.
     """
     name = os.fspath(model)
     if name == BUNDLED or (os.path.isdir(name) and (Path(name) / "class_tokens.safetensors").is_file()):
-        from dcfx.digits import TOKENS
+        from dcfx.digits import BATCH_RANGE, TOKENS
 
-        return {"tokens": TOKENS}
+        return {"tokens": TOKENS, "batch": BATCH_RANGE}
     return {}
 
 

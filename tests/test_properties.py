@@ -8,10 +8,10 @@
 - Random branches, intervals, step counts and seeds: equality with DeepCacheSDHelper where its
   branch numbering applies (three layers per up block).
 
-CI runs derandomized (the same examples every run), so a landing never depends on luck; run
-locally, each run draws new examples. Graph builds take seconds, so the U-Net properties run
-few examples; the schedule properties run hundreds. DCFX_HYPOTHESIS_SCALE=10 runs ten times as
-many examples of each.
+CI runs derandomized (the same examples every run; ``.ci/run`` sets ``CI``), so a landing
+never depends on luck; run locally, each run draws new examples (``CI=1`` derandomizes them
+too). Graph builds take seconds, so the U-Net properties run few examples; the schedule
+properties run hundreds. DCFX_HYPOTHESIS_SCALE=10 runs ten times as many examples of each.
 """
 
 from __future__ import annotations

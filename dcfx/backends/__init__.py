@@ -1,7 +1,9 @@
 """In-process backends: how a graph pair becomes two callables. A registry keyed by name.
 
 A backend is ``fn(full, shallow, example_inputs, **options) -> CompiledPair``; it knows
-nothing of schedules or of the runtime that calls it.
+nothing of schedules or of the runtime that calls it. The pair it returns is ready to run: a
+backend that compiles does so in that call, on ``example_inputs`` (a call of the signature
+the pair serves), while the build holds ``compile_lock`` (``warm_up`` runs every graph once).
 """
 
 from __future__ import annotations
@@ -72,6 +74,20 @@ class CompiledPair:
         if self.forecast is None:
             raise RuntimeError("this graph pair was built without the forecast graph")
         return self.forecast(*inputs, feature, previous, coefficient)
+
+
+def warm_up(pair: CompiledPair, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    """Runs every graph of ``pair`` once on ``example_inputs``: what compiles on a first call compiles now."""
+    with torch.no_grad():
+        _, feature = pair.full(*example_inputs)
+        pair.shallow(*example_inputs, feature)
+        if pair.forecast is not None:
+            # Two distinct tensors, as the runtime's two feature buffers are: torch.compile
+            # guards on the aliasing of its inputs, and a warm-up on one tensor twice would
+            # leave the first forecast step to compile the graph again (outside the lock,
+            # without the build's Inductor settings).
+            previous = feature.clone()
+            pair.run_forecast(example_inputs, feature, previous, torch.zeros((), device=feature.device))
 
 
 class Backend(Protocol):

@@ -18,7 +18,7 @@ def eager(
     forecast: torch.nn.Module | None = None,
     **options: Any,
 ) -> CompiledPair:
-    """Returns the graphs themselves; takes no options."""
+    """Returns the graphs themselves, ready as they are (``example_inputs`` not needed); takes no options."""
     graphs = [g for g in (full, shallow, forecast) if g is not None]
     return CompiledPair(
         full=full,

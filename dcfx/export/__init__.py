@@ -298,7 +298,7 @@ def _manifest(
         **spec.describe(unet),
         "config": config,
         "config_sha256": config_sha256(config),
-        "branch_layer": programs.graphs.kept_layers[-1] if programs.graphs.kept_layers else None,
+        "branch_layer": spec.up_layers(unet)[cfg.branch].path,  # the up layer whose input is cached
         "shallow_layers": programs.graphs.kept_layers,
         "attributes": {path: v for path in _ATTRIBUTES if (v := _attribute(unet, path)) is not None},
     }

@@ -116,6 +116,11 @@ class ExportedPair(CompiledPair):
     file (its constructor opens the first two; ``open_forecast`` the third, when the runtime
     forecasts), and ``_run(graph, inputs, outputs)``: run an opened graph on ``inputs``,
     writing into the preallocated ``outputs`` (IO binding).
+
+    A call of a larger batch than the export's range runs in chunks within it (rows are
+    independent in a U-Net), each writing its rows of the outputs in place: a batch range is
+    the size engines are built for, not a limit on calls. (diffusers U-Nets branch at a batch
+    of 64, in ``Upsample2D``: one graph cannot cover batches on both sides of it.)
     """
 
     def __init__(self, manifest: Manifest, device: torch.device) -> None:
@@ -179,7 +184,47 @@ class ExportedPair(CompiledPair):
                 raise ValueError(
                     f"input {name!r} is on {tensor.device}; this export runs on {self.device} (dcfx.load(device=...))"
                 )
-        bind_inputs(specs, tensors, self.manifest.dims)
+        chunks = self._chunks(tensors)
+        bind_inputs(specs, self._slice("full", tensors, chunks[0]) if chunks else tensors, self.manifest.dims)
+
+    def _chunks(self, inputs: Sequence[torch.Tensor]) -> list[slice] | None:
+        """Returns the row ranges a call of a batch above the export's range runs in (None: it runs whole).
+
+        Raises:
+            ValueError: the batch cannot be split into chunks the range holds.
+        """
+        where, dim = self._locate.get("batch"), self.manifest.dims.get("batch")
+        if where is None or dim is None:
+            return None
+        batch = inputs[where[0]].shape[where[1]]
+        if batch <= dim.max:
+            return None
+        count = -(-batch // dim.max)
+        sizes = [batch // count + (i < batch % count) for i in range(count)]
+        if sizes[-1] < dim.min:
+            raise ValueError(
+                f"a batch of {batch} does not split into chunks of the exported range {dim.describe()}; "
+                f"export again with shapes={{'batch': (min, max)}} covering it"
+            )
+        starts = [sum(sizes[:i]) for i in range(count)]
+        return [slice(start, start + size) for start, size in zip(starts, sizes, strict=True)]
+
+    def _slice(
+        self, graph: str, tensors: Sequence[torch.Tensor], rows: slice, outputs: bool = False
+    ) -> list[torch.Tensor]:
+        """Returns ``rows`` of each of ``graph``'s inputs (or outputs) that has the batch dimension first."""
+        entry = self.manifest.graphs[graph]
+        specs = entry.outputs if outputs else entry.inputs
+        return [t[rows] if spec.shape[:1] == ("batch",) else t for spec, t in zip(specs, tensors, strict=True)]
+
+    def _run_rows(self, graph: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+        """Runs ``graph`` on ``inputs`` into ``outputs``, in chunks of rows where the batch exceeds the range."""
+        chunks = self._chunks(inputs)
+        if chunks is None:
+            self._run(graph, inputs, outputs)
+            return
+        for rows in chunks:
+            self._run(graph, self._slice(graph, inputs, rows), self._slice(graph, outputs, rows, outputs=True))
 
     def sizes(self, inputs: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...]:
         """Returns the named dimensions' values in a call (sorted (name, value) pairs)."""
@@ -194,7 +239,7 @@ class ExportedPair(CompiledPair):
         sample = self._empty(sample_spec, values)
         shape = torch.Size(_size(feature_spec, values))
         feature = buffer_for(shape, _contiguous_strides(shape), feature_spec.torch_dtype, self.device)
-        self._run("full", inputs, (sample, feature))
+        self._run_rows("full", inputs, (sample, feature))
         return sample, feature
 
     def run_shallow(self, inputs: tuple[torch.Tensor, ...], feature: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -207,7 +252,7 @@ class ExportedPair(CompiledPair):
         (spec,) = self.manifest.graphs[graph].outputs
         inputs = _contiguous(inputs)
         sample = self._empty(spec, self.sizes(inputs))
-        self._run(graph, (*inputs, *features), (sample,))
+        self._run_rows(graph, (*inputs, *features), (sample,))
         return sample
 
     def run_forecast(  # noqa: D102
@@ -226,7 +271,7 @@ class ExportedPair(CompiledPair):
         sample_spec, feature_spec = self.manifest.graphs["full"].outputs
         values = self.sizes(inputs)
         outputs = (self._empty(sample_spec, values), self._empty(feature_spec, values))
-        self._run("full", inputs, outputs)
+        self._run_rows("full", inputs, outputs)
         return outputs
 
     def _call_shallow(self, *inputs: torch.Tensor) -> torch.Tensor:

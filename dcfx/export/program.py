@@ -56,7 +56,6 @@ class ProgramPair:
     graphs: GraphPair
     forecast_graph: fx.GraphModule
     example: tuple[torch.Tensor, ...]
-    symbols: dict[str, str]
 
     @property
     def shallow_inputs(self) -> list[TensorSpec]:
@@ -81,11 +80,6 @@ class ProgramPair:
             "shallow": (self.shallow, self.shallow_inputs, self.shallow_outputs),
             "forecast": (self.forecast, self.forecast_inputs, self.forecast_outputs),
         }
-
-
-def downsampling_factor(model: nn.Module) -> int:
-    """Returns how much the U-Net shrinks the sample: 2 ** (number of downsampling blocks)."""
-    return spec_for(model).downsampling_factor(model)
 
 
 def trace_size(dim: DimRange) -> int:
@@ -179,7 +173,6 @@ def export_programs(
         graphs=graphs,
         forecast_graph=forecast_graph,
         example=tensors,
-        symbols=symbols,
     )
 
 

@@ -19,7 +19,7 @@ import shlex
 import shutil
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,6 @@ class EngineBuild:
     profile: dict[str, tuple[Shape, Shape, Shape]]
     workspace: int = DEFAULT_WORKSPACE
     timing_cache: str = TIMING_CACHE
-    flags: tuple[str, ...] = field(default=())
 
     def trtexec(self) -> str:
         """Returns the equivalent ``trtexec`` command line."""

@@ -34,11 +34,9 @@ class GraphPair:
 
     full: fx.GraphModule
     shallow: fx.GraphModule
-    input_names: tuple[str, ...]
     feature_shape: tuple[Any, ...]
     feature_dtype: torch.dtype
     kept_layers: list[str]
-    full_layers: list[str]
 
 
 def partition(captured: fx.GraphModule, ctx: PassContext) -> GraphPair:
@@ -50,11 +48,9 @@ def partition(captured: fx.GraphModule, ctx: PassContext) -> GraphPair:
     return GraphPair(
         full=full,
         shallow=shallow,
-        input_names=ctx.input_names,
         feature_shape=tuple(feature.shape),
         feature_dtype=feature.dtype,
         kept_layers=kept_layers(shallow, ctx.module_prefix, ctx.spec.layer_depth),
-        full_layers=kept_layers(full, ctx.module_prefix, ctx.spec.layer_depth),
     )
 
 

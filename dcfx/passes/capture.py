@@ -85,7 +85,12 @@ def capture(
     shapes = None
     if dynamic_shapes is not None:
         shapes = (tuple(dynamic_shapes.get(n) for n in names),)
-    with torch.no_grad(), _backend_flags_kept():
+    # A capture over ranges lets torch.export switch those backends off, as it means to: with
+    # mkldnn on, a convolution's fake kernel picks its backend by the batch size (>= 16 or
+    # not) and the guard would split a range that crosses 16. Steps in other threads during
+    # such a capture (an export, a ranged build) may then take other kernels (~1e-6).
+    kept = _backend_flags_kept() if dynamic_shapes is None else contextlib.nullcontext()
+    with torch.no_grad(), kept:
         program = torch.export.export(wrapper, tensors, dynamic_shapes=shapes, strict=False)
         if any(mutates(node) for node in program.graph.nodes):
             # In-place writes to intermediates (FreeU scales half of the channels with

@@ -84,15 +84,15 @@ def test_load_takes_another_schedule_with_its_own_fields(onnx_sd):
     ("change", "error", "match"),
     [
         (
-            {"sample": torch.randn(5, 4, 16, 16), "encoder_hidden_states": torch.randn(5, 7, 8)},
+            {"encoder_hidden_states": torch.randn(2, 30, 8)},
             ValueError,
-            r"dim 0 \(batch\) is 5, outside the exported range 1..4",
+            r"dim 1 \(tokens\) is 30, outside the exported range 3..21",
         ),
         ({"sample": torch.randn(2, 4, 40, 16)}, ValueError, r"\(height\) is 40"),
         ({"sample": torch.randn(2, 4, 16, 16).double()}, TypeError, "sample has dtype torch.float64"),
         ({"cross_attention_kwargs": {"scale": 0.5}}, TypeError, r"this export takes no LoRA scale"),
     ],
-    ids=["batch", "height", "dtype", "lora-scale"],
+    ids=["tokens", "height", "dtype", "lora-scale"],
 )
 def test_a_loaded_export_refuses_calls_outside_its_profile_and_goes_on(onnx_sd, change, error, match):
     loaded = dcfx.load(onnx_sd, interval=3)

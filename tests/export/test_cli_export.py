@@ -39,3 +39,30 @@ def test_inspect_reports_a_tampered_export(onnx_sd, tmp_path, capsys):
 def test_bad_range_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit):
         main(["export", str(tmp_path / "x"), "--batch", "1:2:3:4"])
+
+
+def test_the_digits_export_covers_the_models_own_generation(tmp_path):
+    from dcfx.digits import DEMO_DIGITS, NUM_CLASSES, generate, load_model
+
+    model = load_model()
+    out = tmp_path / "digits"
+    assert main(["export", str(out), "--model", "digits", "--format", "onnx", "--interval", "3"]) == 0
+    loaded = dcfx.load(out)
+    assert loaded.deepcache_config.interval == 3
+    labels = torch.arange(NUM_CLASSES)
+    eager = dcfx.compile(model.unet, branch=0, interval=3)
+    # The ten digits guided (20 rows), and the demo's 40 guided: 80 rows, run in chunks of 40.
+    for digits in (labels, labels.repeat(DEMO_DIGITS // NUM_CLASSES)):
+        got = generate(loaded, model.tokens, model.scheduler(), digits, steps=6, guidance=2.0)
+        want = generate(eager, model.tokens, model.scheduler(), digits, steps=6, guidance=2.0)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # Another range on the command line, for any model; a batch below it is refused by name.
+    small = tmp_path / "small"
+    assert main(["export", str(small), "--model", "digits", "--format", "onnx", "--batch", "2:8"]) == 0
+    loaded = dcfx.load(small)
+    got = generate(loaded, model.tokens, model.scheduler(), labels, steps=3)  # 10 rows: chunks of 5
+    torch.testing.assert_close(
+        got, generate(eager, model.tokens, model.scheduler(), labels, steps=3), atol=1e-4, rtol=0
+    )
+    with pytest.raises(ValueError, match=r"dim 0 \(batch\) is 1, outside the exported range 2..8"):
+        generate(loaded, model.tokens, model.scheduler(), labels[:1], steps=2)
