@@ -39,6 +39,7 @@ from graph_speed import machine_info, write_results
 from tqdm import tqdm
 
 import dcfx
+from dcfx import planner as planner_module
 from dcfx import runtime as runtime_module
 from dcfx.digits import NUM_CLASSES, load_model
 from dcfx.schedule import full_step_indices
@@ -167,7 +168,7 @@ def run(scenario: Scenario, log=print) -> dict[str, Any]:
             "plans": len(fast.planner._plans),
         }
         bounds = {"pairs": runtime_module.MAX_GRAPH_PAIRS, "buffers": runtime_module.MAX_GRAPH_PAIRS}
-        bounds["plans"] = runtime_module.MAX_STEP_PLANS
+        bounds["plans"] = planner_module.MAX_STEP_PLANS
         over = {k: v for k, v in sizes.items() if v > bounds[k]}
         if over:
             raise AssertionError(f"generation {gen}: caches over their bounds {over} (bounds {bounds})")

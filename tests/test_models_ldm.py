@@ -9,6 +9,7 @@ checks that caching changed the output, so the equality is not vacuous.
 
 from __future__ import annotations
 
+import types
 from types import SimpleNamespace
 
 import pytest
@@ -184,6 +185,20 @@ def test_the_runtime_is_a_drop_in_returning_a_tensor():
     assert type(out) is torch.Tensor
     torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
     assert runtime.num_classes == 10 and runtime.model_channels == 32  # the model's attributes
+
+
+def test_forwards_left_on_the_instances_are_captured_as_the_model_runs():
+    # What DeepCacheSDHelper-like wrappers leave behind: bound forwards on every module.
+    model = tiny_ldm_class()
+    for m in model.modules():
+        m.forward = types.MethodType(type(m).forward, m)
+    x, y, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([500, 500])
+    with torch.no_grad():
+        want = model(x, t, y=y)
+    runtime = dcfx.compile(model, branch=1, interval=2, scheduler=SimpleNamespace(timesteps=torch.tensor([500, 500])))
+    torch.testing.assert_close(runtime(x, t, y=y), want, atol=0, rtol=0)  # full
+    torch.testing.assert_close(runtime(x, t, y=y), want, atol=1e-6, rtol=0)  # shallow, on its cache
+    assert runtime.stats == {"full": 1, "shallow": 1}
 
 
 def test_chosen_by_structure_not_by_class():

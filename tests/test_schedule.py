@@ -43,7 +43,10 @@ def test_non_uniform_without_step_count_says_what_to_pass():
     cfg = DeepCacheConfig(interval=3, schedule="non-uniform")
     with pytest.raises(ValueError, match="scheduler="):
         plan(cfg, None)
-    assert plan(DeepCacheConfig(interval=3, schedule="non-uniform", steps=20)).num_steps == 20
+    # With steps= the plan is the schedule for that many steps.
+    assert plan(DeepCacheConfig(interval=3, schedule="non-uniform", steps=20)).rule == Explicit(
+        3, (0, 4, 8, 11, 14, 15, 17)
+    )
 
 
 @pytest.mark.parametrize(("interval", "expected"), [(1, list(range(10))), (3, [0, 3, 6, 9]), (5, [0, 5]), (20, [0])])
@@ -86,7 +89,7 @@ def test_each_config_dispatches_to_its_typed_schedule(fields, kind, per_step_cou
 
 def test_a_non_uniform_plan_resolves_to_explicit_full_steps():
     p = NonUniform(3, center=15, power=1.4).plan(20)
-    assert p.num_steps == 20 and p.rule == Explicit(3, (0, 4, 8, 11, 14, 15, 17))
+    assert p.rule == Explicit(3, (0, 4, 8, 11, 14, 15, 17))
     assert NonUniform(3, center=15, steps=20).is_full(11) and not NonUniform(3, center=15, steps=20).is_full(12)
 
 

@@ -57,6 +57,7 @@ from dcfx.runtime import MAX_GRAPH_PAIRS, DeepCacheUNet
 from dcfx.scalars import scalar
 from dcfx.serve.models import PreparedRequest, ServeModel
 from dcfx.serve.request import EngineStopped, GenerationRequest, GenerationResult, QueueFull
+from dcfx.serve.rows import BufferPool, CacheGroup, Rows, Slot, offsets, release
 
 logger = logging.getLogger(__name__)
 
@@ -202,80 +203,13 @@ class _Generation:
         self.step += 1
 
 
-Slot = tuple["_Generation | None", int]  # a generation (None: padding) and its number of rows
-Rows = tuple["_CacheGroup", int]  # a generation's cache rows: the group (full call) and its first row there
-
-
-def _release(payloads: Iterable[Rows]) -> None:
-    """Lets go of cache rows a generation's plan no longer holds (their buffer goes back when none does)."""
-    for group, _ in payloads:
-        group.leave()
-
-
-class _CacheGroup:
-    """The cache rows one full call wrote: which generation sits in which rows of which buffer.
-
-    ``live`` counts the generation anchors (``dcfx.planner``) that hold rows of it.
-    """
-
-    def __init__(self, layout: list[Slot], padded: int, pool: _BufferPool) -> None:
-        self.layout = layout
-        self.padded = padded
-        self.pool = pool
-        self.buffer: torch.Tensor | None = None  # the call's rows of a pooled buffer
-        self._pooled: tuple[tuple[Any, ...], torch.Tensor] | None = None
-        self.live = sum(1 for g, _ in layout if g is not None)
-
-    def buffer_for(
-        self, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        """Returns the rows of a pooled buffer that the full call writes the feature into."""
-        self._pooled = self.pool.take(shape, stride, dtype, device)
-        self.buffer = self._pooled[1][: shape[0]]
-        return self.buffer
-
-    def leave(self) -> None:
-        """One generation no longer reads these rows; the buffer goes back when none does."""
-        self.live -= 1
-        if self.live <= 0 and self._pooled is not None:
-            self.pool.give(*self._pooled)
-            self._pooled = self.buffer = None
-
-
-class _BufferPool:
-    """Feature buffers of ``capacity`` rows, reused by a cohort's full calls (no allocation per step)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.free: dict[tuple[Any, ...], list[torch.Tensor]] = collections.defaultdict(list)
-        self.allocated = 0
-
-    def take(
-        self, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> tuple[tuple[Any, ...], torch.Tensor]:
-        """Returns a free buffer for features of this layout (its key and the whole buffer)."""
-        key = (tuple(shape[1:]), tuple(stride), dtype, device)
-        free = self.free[key]
-        if free:
-            return key, free.pop()
-        # The feature's own strides (some features come out channels-last), over capacity rows:
-        # the first n rows then have exactly the strides a call of n rows produces.
-        self.allocated += 1
-        base = torch.empty_strided((self.capacity, *shape[1:]), tuple(stride), dtype=dtype, device=device)
-        return key, base
-
-    def give(self, key: tuple[Any, ...], base: torch.Tensor) -> None:
-        """Takes a buffer back."""
-        self.free[key].append(base)
-
-
 class _Cohort:
     """Generations that may share a call: one scheduler, sample size and conditioning layout."""
 
     def __init__(self, key: tuple[Any, ...], capacity: int) -> None:
         self.key = key
         self.running: list[_Generation] = []
-        self.pool = _BufferPool(capacity)
+        self.pool = BufferPool(capacity)
         self.scratch: dict[str, torch.Tensor] = {}  # anchor -> gathered cache rows of a shallow call
         self.pairs: dict[int, CompiledPair] = {}  # batch size -> the pair last used for it
 
@@ -470,7 +404,7 @@ class Engine:
             self._pending.clear()
             for cohort in self._cohorts.values():
                 for gen in cohort.running:
-                    _release(gen.plan.drop())
+                    release(gen.plan.drop())
                 cohort.running.clear()
         for gen in gens:
             if not gen.future.done():
@@ -571,8 +505,8 @@ class Engine:
         def run() -> None:
             epoch = self._epoch
             for gen, decision in full:
-                _release(gen.plan.begin_full(decision, epoch))  # rows no step reads any more may be reused now
-            group = _CacheGroup(layout, padded, cohort.pool)
+                release(gen.plan.begin_full(decision, epoch))  # rows no step reads any more may be reused now
+            group = CacheGroup(layout, padded, cohort.pool)
             try:
                 out, _ = pair.run_full(inputs, group.buffer_for)
             except BaseException:
@@ -595,7 +529,7 @@ class Engine:
         gens = [g for g, _ in shallow]
         groups = {id(g.plan.newest.payload[0]): g.plan.newest.payload[0] for g in gens}
         members = {id(g) for g in gens}
-        group: _CacheGroup | None = None
+        group: CacheGroup | None = None
         if len(groups) == 1:
             # One phase: the call takes its full call's layout and reads that buffer in place;
             # rows of generations not in this call (finished, or at a full step) are padding.
@@ -639,7 +573,7 @@ class Engine:
         In place when one full call wrote them all in this layout (a cohort in one phase);
         else copied together into the cohort's scratch buffer ``name``.
         """
-        placed = [(gen, offset) for (gen, _), offset in zip(layout, _offsets(layout), strict=True) if gen is not None]
+        placed = [(gen, offset) for (gen, _), offset in zip(layout, offsets(layout), strict=True) if gen is not None]
         group, _ = rows_of(placed[0][0])
         if group.padded == padded and all(rows_of(g) == (group, offset) for g, offset in placed):
             return group.buffer
@@ -711,7 +645,7 @@ class Engine:
 
     def _finish(self, cohort: _Cohort, gen: _Generation) -> None:
         cohort.running.remove(gen)
-        _release(gen.plan.drop())
+        release(gen.plan.drop())
         result = GenerationResult(
             request_id=gen.id,
             latents=self.model.finish(gen.x),
@@ -730,7 +664,7 @@ class Engine:
     def _drop(self, cohort: _Cohort, gens: list[_Generation], error: BaseException) -> None:
         for gen in gens:
             cohort.running.remove(gen)
-            _release(gen.plan.drop())
+            release(gen.plan.drop())
             with self._lock:
                 self._counts["failed"] += 1
             gen.future.set_exception(error)
@@ -766,15 +700,6 @@ class Engine:
                 "admitted_aligned": counts.get("admitted_aligned", 0),
                 "admitted_at_once": counts.get("admitted_at_once", 0),
             }
-
-
-def _offsets(layout: list[Slot]) -> list[int]:
-    """Returns the first row of each slot of ``layout``."""
-    offsets, row = [], 0
-    for _, rows in layout:
-        offsets.append(row)
-        row += rows
-    return offsets
 
 
 def _cohort_key(request: GenerationRequest, prepared: PreparedRequest) -> tuple[Any, ...]:

@@ -21,8 +21,9 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks import ModelHook as DiffusersHook
 
 import dcfx
+from dcfx.models import spec_for
 from dcfx.passes.clone import Rebinder, structural_clone
-from tests.fixtures import tiny_sd
+from tests.fixtures import UNET_FACTORIES, example_call, tiny_sd
 
 T = 10.0
 
@@ -125,6 +126,29 @@ def test_the_graphs_compute_what_the_live_model_computes(state):
     assert {name: m.__dict__.get("forward") for name, m in unet.named_modules()} == forwards
     with torch.no_grad():
         torch.testing.assert_close(unet(x, t, e).sample, live, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layout", sorted(UNET_FACTORIES))
+def test_every_layout_after_the_helper_and_a_wrapped_cut_layer(layout):
+    # The helper's leftover state on every module, and a partial around the very up layer
+    # whose input branch 0 caches: the cut is found and the pair computes the live model.
+    unet = UNET_FACTORIES[layout]()
+    _bound_methods(unet)
+    layer = spec_for(unet).up_layers(unet)[0]
+    resnet = unet.get_submodule(layer.path)
+
+    def shifted(module, *args, **kwargs):
+        return type(module).forward(module, *args, **kwargs) + 0.1
+
+    resnet.forward = functools.partial(shifted, resnet)
+    call = example_call(unet)
+    with torch.no_grad():
+        live = unet(**call).sample
+    t = float(call["timestep"])
+    runtime = dcfx.compile(unet, branch=0, interval=2, scheduler=SimpleNamespace(timesteps=torch.tensor([t, t])))
+    torch.testing.assert_close(runtime(**call).sample, live, atol=0, rtol=0)
+    torch.testing.assert_close(runtime(**call).sample, live, atol=1e-6, rtol=0)
+    assert runtime.stats == {"full": 1, "shallow": 1}
 
 
 def _module_references(value, seen=None):
