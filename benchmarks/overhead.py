@@ -8,7 +8,9 @@ as diffusers pipelines call their U-Net.
 
 Per generation: ``ModelWatch.changes()``, the check that the model still holds what its graphs
 baked in (``dcfx.watch``), on a U-Net of the chosen configuration with random weights; and
-``record()``, which runs once per graph build.
+``record()``, which runs once per graph build. Per build too: the copy of the module tree a
+capture traces (``dcfx.passes.clone.structural_clone``), plain and with a bound forward on
+every module's instance (what ``DeepCacheSDHelper.disable()`` leaves), all of them rebound.
 
 Usage:
     python benchmarks/overhead.py                      # SD1.5 config for the check, digits U-Net for the calls
@@ -21,6 +23,7 @@ import argparse
 import statistics
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +34,7 @@ from graph_speed import machine_info, write_results
 
 import dcfx
 from dcfx.backends import CompiledPair, register_backend
+from dcfx.passes.clone import structural_clone
 from dcfx.watch import ModelWatch
 from dcfx.zoo import CONFIGS, build_unet
 
@@ -116,9 +120,21 @@ def time_check(scenario: Scenario) -> dict[str, Any]:
                 raise AssertionError("the model changed while nothing touched it")
         cpu.append((time.thread_time() - start_cpu) / scenario.checks)
         rounds.append((time.perf_counter() - start) / scenario.checks)
+    clone_ms = {}
+    for state in ("plain", "bound forwards"):
+        if state == "bound forwards":
+            for m in unet.modules():
+                m.forward = types.MethodType(type(m).forward, m)
+        times = []
+        for _ in range(scenario.rounds):
+            start = time.perf_counter()
+            structural_clone(unet)
+            times.append(time.perf_counter() - start)
+        clone_ms[state] = statistics.median(times) * 1e3
     return {
         "modules": len(list(unet.modules())),
         "parameters": len(list(unet.parameters())),
+        "clone_median_ms": clone_ms,
         "check_median_ms": statistics.median(rounds) * 1e3,
         "check_rounds_ms": [r * 1e3 for r in rounds],
         "check_cpu_median_ms": statistics.median(cpu) * 1e3,
@@ -145,6 +161,10 @@ def table(scenario: Scenario, calls: dict[str, Any], check: dict[str, Any]) -> s
         "| generation |"
     )
     lines.append(f"| recording the model state (`ModelWatch.record`) | {check['record_ms']:.0f} ms | | graph build |")
+    for state, ms in check["clone_median_ms"].items():
+        lines.append(
+            f"| the capture's copy of the module tree (`structural_clone`), {state} | {ms:.0f} ms | | graph build |"
+        )
     return "\n".join(lines)
 
 
