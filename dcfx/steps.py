@@ -169,8 +169,9 @@ class StepTracker:
     def _drive(self, schedulers: list[Any], timestep: torch.Tensor) -> Any:
         """Returns the scheduler of the bound pipeline that drives this call: the one that set new timesteps.
 
-        Where several did since the last call (the first call), the first whose timesteps hold
-        the call's timestep.
+        Where several did since the last call (the first call), the first whose
+        ``set_timesteps`` ran (a scheduler made by ``from_config`` has default timesteps, and
+        ``num_inference_steps`` None) and whose timesteps hold the call's timestep.
         """
         changed = []
         for sched in schedulers:
@@ -178,6 +179,8 @@ class StepTracker:
             if timesteps is not None and self._seen.get(id(sched)) is not timesteps:
                 self._seen[id(sched)] = timesteps
                 changed.append(sched)
+        if len(changed) > 1:
+            changed = [s for s in changed if getattr(s, "num_inference_steps", 1) is not None] or changed
         if len(changed) > 1:
             t = float(timestep[0])
             changed = [s for s in changed if t in s.timesteps.tolist()] or changed

@@ -8,7 +8,9 @@ output exactly; at interval 3 the reference helper's (DeepCacheSDHelper, on the 
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -127,6 +129,35 @@ def test_an_sdxl_base_and_refiner_share_one_unet(scheduler):
     assert (plain - want).abs().max() > 1e-3
     runtime.reschedule(interval=1)
     torch.testing.assert_close(_base_then_refiner(base, refiner), plain, atol=0, rtol=0)
+
+
+def test_the_refiner_first_after_binding_counts_its_own_steps():
+    # Both pipelines bound, neither has run: the first call comes from the refiner, whose
+    # scheduler is the one that set timesteps (the base's still has from_config's defaults).
+    base = make_sdxl()
+    base.scheduler = DDIMScheduler.from_config(base.scheduler.config)
+    dcfx.enable(base, branch=0, interval=3)
+    refiner = StableDiffusionXLImg2ImgPipeline(**{**base.components, "scheduler": DDIMScheduler()})
+    refiner.set_progress_bar_config(disable=True)
+    dcfx.enable(refiner)
+    assert refiner.unet is base.unet
+    prompts = {"prompt_embeds": _seeded(1, 1, 7, 8), "negative_prompt_embeds": _seeded(2, 1, 7, 8), **_pooled()}
+    latents = _seeded(6, 1, 4, 4, 4)
+    refiner(**prompts, image=latents, num_inference_steps=10, denoising_start=SPLIT, output_type="latent")
+    assert refiner.unet.stats == {"full": 2, "shallow": 3}  # its 5 steps: full at 0 and 3
+
+
+def test_copies_of_a_pipeline_bound_runtime_hold_a_scheduler_of_their_own():
+    pipe = make_sd()
+    dcfx.enable(pipe, branch=0, interval=3)
+    want = run_txt2img(pipe)
+    for copy_of in (copy.deepcopy, lambda r: pickle.loads(pickle.dumps(r))):
+        twin = copy_of(pipe.unet)
+        assert type(twin.scheduler) is type(pipe.scheduler) and twin.scheduler is not pipe.scheduler
+        other = make_sd()
+        other.unet = twin
+        other.scheduler = twin.scheduler
+        torch.testing.assert_close(run_txt2img(other), want, atol=0, rtol=0)
 
 
 def test_a_saved_pipeline_holds_the_model_itself(tmp_path):
