@@ -7,8 +7,9 @@ Three deployments:
 - ``Gateway`` (the HTTP ingress): ``POST /generate`` (the body of ``dcfx.serve.wire``; the
   answer is PNG bytes or latents as JSON), ``GET /health``, ``GET /stats``. A request whose
   replica dies is sent again to another replica (generation is deterministic, so a retry
-  gives the same image), ``retries`` times at most, then it fails with a 503 saying so. A
-  full queue answers 503 at once; a bad request 400; a request that takes longer than
+  gives the same image), ``retries`` times at most, then it fails with a 503 saying so; a
+  retry that finds the queues full waits for room. A new request meeting a full queue is
+  answered 503 at once; a bad request 400; a request that takes longer than
   ``request_timeout_s`` 504. Every request gets an answer.
 - ``StatsBoard``: each replica reports its engine's counters twice a second; ``/stats`` sums
   them and lists each replica's.
@@ -53,6 +54,9 @@ APP_NAME = "dcfx"
 REPORT_PERIOD_S = 0.5
 # A replica that has not reported for this long is listed as silent in /health and /stats.
 SILENT_AFTER_S = 5.0
+# A retry after a replica died that finds every queue full waits this long, doubling up to the max.
+RETRY_BUSY_FIRST_S = 0.25
+RETRY_BUSY_MAX_S = 2.0
 _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError)
 
 
@@ -242,10 +246,14 @@ class Gateway:
 
     async def _forward(self, payload: dict[str, Any]) -> Response:
         died: list[str] = []
-        for attempt in range(self.options.retries + 1):
+        deadline = time.monotonic() + self.options.request_timeout_s
+        backoff = RETRY_BUSY_FIRST_S
+        attempt = -1
+        while len(died) <= self.options.retries:
+            attempt += 1
             try:
                 reply = await asyncio.wait_for(
-                    self.generator.generate.remote(payload), timeout=self.options.request_timeout_s
+                    self.generator.generate.remote(payload), timeout=max(deadline - time.monotonic(), 0.001)
                 )
             except _REPLICA_GONE as e:
                 died.append(_cause(e).splitlines()[0][:200])
@@ -256,11 +264,16 @@ class Gateway:
                 died.append(_cause(e))
                 self.counts["retried"] += 1
                 continue
-            except QueueFull as e:
+            except (QueueFull, BackPressureError) as e:
+                if died and time.monotonic() + backoff < deadline:
+                    # A retry meets the queues the dead replica's requests just filled: it waits
+                    # for room (the client has waited already) instead of being refused.
+                    await asyncio.sleep(backoff)
+                    backoff = min(2 * backoff, RETRY_BUSY_MAX_S)
+                    continue
                 self.counts["queue_full"] += 1
-                return _error(503, f"busy: {_cause(e)}")
-            except BackPressureError as e:
-                self.counts["queue_full"] += 1
+                if isinstance(e, QueueFull):
+                    return _error(503, f"busy: {_cause(e)}")
                 return _error(503, f"busy: every replica's queue is full ({_cause(e).splitlines()[0][:200]})")
             except (ValueError, TypeError) as e:
                 self.counts["bad_request"] += 1
