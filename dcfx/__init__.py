@@ -8,11 +8,11 @@ from dcfx.api import compile, disable, enable  # noqa: A004  (dcfx.compile is th
 from dcfx.backends import available_backends, register_backend
 from dcfx.branches import BranchInfo, branches
 from dcfx.config import DeepCacheConfig
-from dcfx.export import ArtifactError, export, load
+from dcfx.deploy import export, load
+from dcfx.export import ArtifactError
 from dcfx.runtime import DeepCacheUNet
 from dcfx.tune import tune
-
-__version__ = "0.1.0"
+from dcfx.version import __version__  # noqa: F401  (dcfx.__version__)
 
 __all__ = [
     "ArtifactError",

@@ -2,67 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from dcfx import schedule
 from dcfx.backends import check_options, get_backend
-from dcfx.builds import AheadOfTime, CaptureAndCompile, RangedCapture, cache_dir_from
+from dcfx.builds import BuildRequest, cache_dir_from, make_build
 from dcfx.config import DeepCacheConfig
 from dcfx.export.shapes import DimRange, parse_dims
 from dcfx.hooks import check_capturable
-from dcfx.models import ModelSpec, spec_for
+from dcfx.models import ModelSpec
+from dcfx.resolve import check_branch, model_spec, split_config_fields
 from dcfx.runtime import DeepCacheUNet
 from dcfx.steps import PipelineScheduler
-
-_FIELDS = tuple(f.name for f in dataclasses.fields(DeepCacheConfig))
-
-
-def resolve_config(config: DeepCacheConfig | str | os.PathLike[str] | None, fields: dict[str, Any]) -> DeepCacheConfig:
-    """Returns the config given as an object, a JSON path, or as keyword fields (not both)."""
-    if config is not None and fields:
-        raise TypeError(
-            f"pass either a DeepCacheConfig or its fields as keywords, not both (got config and {sorted(fields)})"
-        )
-    if config is None:
-        return DeepCacheConfig(**fields)
-    if isinstance(config, (str, os.PathLike)):
-        return DeepCacheConfig.load(config)
-    if not isinstance(config, DeepCacheConfig):
-        raise TypeError(f"config must be a DeepCacheConfig or a path to its JSON, got {type(config).__name__}")
-    return config
-
-
-def split_config_fields(
-    config: DeepCacheConfig | str | os.PathLike[str] | None, kwargs: dict[str, Any]
-) -> tuple[DeepCacheConfig, dict[str, Any]]:
-    """Returns the config (object, JSON path or the DeepCacheConfig fields in ``kwargs``) and the other kwargs."""
-    fields = {k: v for k, v in kwargs.items() if k in _FIELDS}
-    rest = {k: v for k, v in kwargs.items() if k not in _FIELDS}
-    return resolve_config(config, fields), rest
-
-
-def model_spec(unet: nn.Module) -> ModelSpec:
-    """Returns the ``ModelSpec`` of ``unet``; refuses a module dcfx already wraps."""
-    if isinstance(unet, DeepCacheUNet):
-        raise TypeError("this U-Net is already compiled by dcfx; pass the original (runtime.model)")
-    return spec_for(unet)
-
-
-def check_branch(unet: nn.Module, spec: ModelSpec, cfg: DeepCacheConfig) -> None:
-    """Raises ValueError when ``cfg.branch`` is not a branch of ``unet``, naming the valid ids."""
-    n_branches = len(spec.up_layers(unet))
-    if cfg.branch >= n_branches:
-        raise ValueError(
-            f"branch {cfg.branch} is out of range for {type(unet).__name__} with {n_branches} up layers; "
-            f"valid branch ids: 0..{n_branches - 1} (see dcfx.branches(unet))"
-        )
-
 
 # dynamic=True: the ranges a server meets (heights and widths: half to twice the model's size).
 DYNAMIC_DEFAULTS: dict[str, Any] = {"batch": (1, 2, 16), "tokens": (2, 77, 308)}
@@ -124,42 +79,18 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
         schedule.plan(cfg)  # a schedule without a solution fails here, not at the first step
     get_backend(backend)
     check_options(backend, kwargs)
-    build = _build_for(unet, spec, cfg, backend, dict(kwargs), dynamic, cache_dir_from(cache_dir))
-    return DeepCacheUNet(unet, cfg, spec, build, scheduler=scheduler)
-
-
-def _build_for(
-    unet: nn.Module,
-    spec: ModelSpec,
-    cfg: DeepCacheConfig,
-    backend: str,
-    options: dict[str, Any],
-    dynamic: bool | Mapping[str, Any] | None,
-    cache_dir: Path | None,
-) -> Any:
-    """Returns the build function ``compile`` hands the runtime (see ``dcfx.builds``)."""
-    dims = _dynamic_dims(unet, spec, dynamic)
-    if backend == "inductor" and (dims is not None or cache_dir is not None):
-        if options.get("mode") is not None:
-            raise TypeError(
-                "inductor: mode= is a torch.compile setting; with dynamic= or cache_dir= the graphs are compiled "
-                "ahead of time (AOTInductor): pass Inductor settings as options= instead"
-            )
-        aot = AheadOfTime(unet, cfg.branch, dims, cache_dir, dict(options.get("options") or {}))
-        aot.from_first_call = _from_first_call(spec, unet, dynamic)
-        return aot
-    if cache_dir is not None:
-        raise ValueError(
-            f"cache_dir= keeps compiled graphs for the inductor backend; backend {backend!r} builds its graphs in "
-            "seconds and keeps nothing on disk"
+    build = make_build(
+        BuildRequest(
+            unet,
+            cfg.branch,
+            backend,
+            dict(kwargs),
+            _dynamic_dims(unet, spec, dynamic),
+            cache_dir_from(cache_dir),
+            _from_first_call(spec, unet, dynamic),
         )
-    if dims is not None:
-        if backend != "eager":
-            raise ValueError(f"dynamic= takes backend 'eager' or 'inductor', got {backend!r}")
-        ranged = RangedCapture(unet, cfg.branch, backend, options, dims)
-        ranged.from_first_call = _from_first_call(spec, unet, dynamic)
-        return ranged
-    return CaptureAndCompile(unet, cfg.branch, backend, options)
+    )
+    return DeepCacheUNet(unet, cfg, spec, build, scheduler=scheduler)
 
 
 def _from_first_call(spec: ModelSpec, unet: nn.Module, dynamic: bool | Mapping[str, Any] | None) -> tuple[str, ...]:

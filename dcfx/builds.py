@@ -8,8 +8,12 @@
   directory keyed by the model's weights, config, branch, sizes and versions, so that a
   second process loads it in seconds instead of compiling for minutes.
 
-A build with ranges has ``bucket(names, tensors)``: the runtime hands every call of the same
-bucket the same pair, and a call outside the ranges is refused by name.
+Every build follows the ``Build`` protocol: ``bucket(names, tensors)`` says which calls share
+a pair (None: one pair per input signature; a build with ranges hands every call of the same
+bucket the same pair, and refuses a call outside the ranges by name) and ``build(names,
+tensors, forecast)`` makes it. Builds are registered per (backend, shape mode) in
+``BUILDS``; ``make_build`` picks one and refuses a backend and shape mode that do not go
+together, naming those that do.
 """
 
 from __future__ import annotations
@@ -22,22 +26,31 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dcfx.backends import CompiledPair, compile_lock, get_backend, warm_up
+from dcfx.backends import Build, CompiledPair, available_backends, compile_lock, get_backend, warm_up
+from dcfx.config import DeepCacheConfig
+from dcfx.export.manifest import ArtifactError, read_manifest
+from dcfx.export.program import call_sizes, dynamic_axes, resize_call, trace_size
+from dcfx.export.registry import get_format
 from dcfx.export.shapes import DimRange
+from dcfx.export.writer import write_export
+from dcfx.models import spec_for, unflatten
 from dcfx.passes import build_graph_pair
 from dcfx.passes.forecast import add_forecast
+from dcfx.util import jsonable, weights_digest
+from dcfx.version import __version__
 
 logger = logging.getLogger(__name__)
 
-# Bump when what a cached package holds changes meaning. 2: the forecast graph's package too.
-CACHE_VERSION = 2
+# Bump when what a cached package holds or its key changes meaning. 2: the forecast graph's
+# package too; 3: one JSON form of the config in keys and manifests.
+CACHE_VERSION = 3
 
 
 @dataclasses.dataclass
@@ -52,6 +65,10 @@ class CaptureAndCompile:
     branch: int
     backend: str
     options: dict[str, Any]
+
+    def bucket(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+        """One pair per input signature: no bucket."""
+        return None
 
     def __call__(
         self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], forecast: bool = False
@@ -70,8 +87,6 @@ def check_sizes(
     model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dims: Mapping[str, DimRange]
 ) -> None:
     """Raises ValueError for a call whose batch, height, width or prompt length is outside ``dims``."""
-    from dcfx.export.program import call_sizes
-
     sizes = call_sizes(model, names, tensors)
     for name, dim in dims.items():
         value = sizes.get(name)
@@ -88,8 +103,6 @@ def settle_dims(
     """Fixes the builder's dimensions taken from the first call (``from_first_call``) at its sizes."""
     if not builder.from_first_call or builder.dims is None:
         return
-    from dcfx.export.program import call_sizes
-
     sizes = call_sizes(builder.unet, names, tensors)
     for name in builder.from_first_call:
         if name in sizes:
@@ -100,8 +113,6 @@ def settle_dims(
 def _trace_tensors(
     model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dims: Mapping[str, DimRange]
 ) -> tuple[torch.Tensor, ...]:
-    from dcfx.export.program import call_sizes, resize_call, trace_size
-
     sizes = call_sizes(model, names, tensors)
     want = {name: trace_size(dim) for name, dim in dims.items()}
     return resize_call(model, names, tensors, {**sizes, **want})
@@ -132,8 +143,6 @@ class RangedCapture:
         self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], forecast: bool = False
     ) -> CompiledPair:
         """Returns the pair serving every call inside the ranges, ready to run."""
-        from dcfx.export.program import dynamic_axes
-
         settle_dims(self, names, tensors)
         check_sizes(self.unet, names, tensors, self.dims)
         with compile_lock:
@@ -193,12 +202,6 @@ class AheadOfTime:
 
         Every package set holds the forecast graph; with ``forecast`` it is opened too.
         """
-        from dcfx.export import ArtifactError, export
-        from dcfx.export.manifest import read_manifest
-        from dcfx.export.program import call_sizes
-        from dcfx.export.registry import get_format
-        from dcfx.models import unflatten
-
         if self.dims is not None:
             settle_dims(self, names, tensors)
             check_sizes(self.unet, names, tensors, self.dims)
@@ -224,17 +227,16 @@ class AheadOfTime:
                     shutil.rmtree(directory, ignore_errors=True)
             if pair is None:
                 logger.info("dcfx: compiling the graphs ahead of time into %s", directory)
-                example = unflatten(names, traced)
-                export(
+                write_export(
                     self.unet,
+                    spec_for(self.unet),
+                    DeepCacheConfig(branch=self.branch),
                     directory,
-                    branch=self.branch,
-                    format="aoti",
-                    shapes=shapes,
-                    example=example,
-                    inductor_configs=self.inductor_configs or None,
+                    "aoti",
+                    dims,
+                    unflatten(names, traced),
+                    options={"inductor_configs": self.inductor_configs or None},
                     overwrite=True,
-                    progress=False,
                 )
                 pair = get_format("aoti").load(directory, read_manifest(directory), device=tensors[0].device)
             pair.check(names, tensors)
@@ -244,24 +246,19 @@ class AheadOfTime:
             return pair
 
     def _key(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shapes: Mapping[str, Any]) -> str:
-        import diffusers
-
-        import dcfx
-        from dcfx.models import spec_for
-
         spec = spec_for(self.unet)
         described = {
             "cache": CACHE_VERSION,
             "model": spec.describe(self.unet),
             # diffusers' private entries (_use_default_values: a list in set order) vary by process.
-            "config": _jsonable({k: v for k, v in spec.model_config(self.unet).items() if not str(k).startswith("_")}),
+            "config": jsonable({k: v for k, v in spec.model_config(self.unet).items() if not str(k).startswith("_")}),
             "weights": weights_digest(self.unet),
             "branch": self.branch,
             "inputs": [[n, str(t.dtype), t.ndim] for n, t in zip(names, tensors, strict=True)],
             "shapes": shapes,
             "device": str(tensors[0].device),
             "inductor": {k: repr(v) for k, v in sorted(self.inductor_configs.items())},
-            "versions": [dcfx.__version__, torch.__version__, diffusers.__version__],
+            "versions": [__version__, torch.__version__, _diffusers_version()],
         }
         return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -293,17 +290,6 @@ def narrowed_dims(error: Exception, dims: Mapping[str, DimRange]) -> dict[str, D
     return narrowed if narrowed != dict(dims) else None
 
 
-def weights_digest(model: nn.Module) -> str:
-    """Returns a digest of every parameter and buffer of ``model``: names, dtypes, shapes and bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-            data = tensor.detach().contiguous().cpu()
-            h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return h.hexdigest()
-
-
 _SESSION_DIR: Path | None = None
 
 
@@ -314,18 +300,111 @@ def _session_dir() -> Path:
     return _SESSION_DIR
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return repr(value)
-
-
 def cache_dir_from(value: str | os.PathLike[str] | None) -> Path | None:
     """Returns the cache directory to use: ``value``, else ``$DCFX_CACHE_DIR``, else None."""
     if value is None:
         value = os.environ.get("DCFX_CACHE_DIR") or None
     return None if value is None else Path(value).expanduser()
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildRequest:
+    """What ``dcfx.compile`` asks a build for: the model, the cut, the backend and the shapes.
+
+    ``dims`` None is the static shape mode (one pair per input signature); ranges are the
+    ranged mode. ``from_first_call`` names the dimensions held static at the first call's sizes.
+    """
+
+    unet: nn.Module
+    branch: int
+    backend: str
+    options: dict[str, Any]
+    dims: dict[str, DimRange] | None = None
+    cache_dir: Path | None = None
+    from_first_call: tuple[str, ...] = ()
+
+    @property
+    def mode(self) -> str:
+        """The shape mode: "static" or "ranged"."""
+        return "static" if self.dims is None else "ranged"
+
+
+# (backend, shape mode) -> the factory of its build; "*" is any backend.
+BUILDS: dict[tuple[str, str], Callable[[BuildRequest], Build]] = {}
+
+
+def register_build(backend: str, mode: str) -> Callable[[Callable[[BuildRequest], Build]], Callable[..., Build]]:
+    """Returns a decorator registering a build factory for ``backend`` ("*": any) in shape ``mode``."""
+    if mode not in ("static", "ranged"):
+        raise ValueError(f"a shape mode is 'static' or 'ranged', got {mode!r}")
+
+    def register(factory: Callable[[BuildRequest], Build]) -> Callable[[BuildRequest], Build]:
+        BUILDS[(backend, mode)] = factory
+        return factory
+
+    return register
+
+
+def make_build(request: BuildRequest) -> Build:
+    """Returns the build registered for the request's backend and shape mode.
+
+    Raises:
+        ValueError: a backend and shape mode that do not go together (naming the backends
+            that take the mode), or ``cache_dir`` for a backend that keeps nothing on disk.
+        TypeError: an option the chosen build cannot take.
+    """
+    factory = BUILDS.get((request.backend, request.mode)) or BUILDS.get(("*", request.mode))
+    if factory is None:
+        takes = sorted(b for b, m in BUILDS if m == request.mode and b in available_backends())
+        raise ValueError(
+            f"dynamic= (one pair over ranges of sizes) is built for the backends {takes}; backend "
+            f"{request.backend!r} compiles static shapes only"
+        )
+    return factory(request)
+
+
+@register_build("*", "static")
+def _static(request: BuildRequest) -> Build:
+    if request.cache_dir is not None:
+        raise ValueError(
+            f"cache_dir= keeps compiled graphs for the inductor backend; backend {request.backend!r} builds its "
+            "graphs in seconds and keeps nothing on disk"
+        )
+    return CaptureAndCompile(request.unet, request.branch, request.backend, request.options)
+
+
+@register_build("eager", "ranged")
+def _ranged(request: BuildRequest) -> Build:
+    assert request.dims is not None
+    return RangedCapture(
+        request.unet, request.branch, request.backend, request.options, dict(request.dims), request.from_first_call
+    )
+
+
+@register_build("inductor", "static")
+def _inductor_static(request: BuildRequest) -> Build:
+    # Without a cache directory, torch.compile in process; with one, packages kept on disk.
+    if request.cache_dir is None:
+        return CaptureAndCompile(request.unet, request.branch, request.backend, request.options)
+    return _ahead_of_time(request)
+
+
+@register_build("inductor", "ranged")
+def _ahead_of_time(request: BuildRequest) -> Build:
+    # Inductor over ranges compiles ahead of time (AOTInductor): one package pair per range.
+    if request.options.get("mode") is not None:
+        raise TypeError(
+            "inductor: mode= is a torch.compile setting; with dynamic= or cache_dir= the graphs are compiled "
+            "ahead of time (AOTInductor): pass Inductor settings as options= instead"
+        )
+    dims = None if request.dims is None else dict(request.dims)
+    configs = dict(request.options.get("options") or {})
+    return AheadOfTime(request.unet, request.branch, dims, request.cache_dir, configs, request.from_first_call)
+
+
+def _diffusers_version() -> str | None:
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    return diffusers.__version__

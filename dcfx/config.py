@@ -8,7 +8,8 @@ import os
 from typing import Any, Literal
 
 from dcfx.forecast import Forecast, get_forecast
-from dcfx.schedule import Schedule, check_int, schedule_fields, schedule_from_fields
+from dcfx.schedule import Schedule, schedule_fields, schedule_from_fields
+from dcfx.util import check_int
 
 ScheduleName = Literal["uniform", "non-uniform", "explicit", "window"]
 

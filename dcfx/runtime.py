@@ -14,15 +14,16 @@ import dataclasses
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from dcfx.backends import CompiledPair, compile_lock
+from dcfx.backends import Build, CompiledPair, compile_lock
 from dcfx.config import DeepCacheConfig
 from dcfx.hooks import check_hooks
+from dcfx.limits import MAX_GRAPH_PAIRS, MAX_SIGNATURES
 from dcfx.models import ModelSpec
 from dcfx.planner import Decision, GenerationPlan, Planner
 from dcfx.scalars import scalar
@@ -31,20 +32,12 @@ from dcfx.watch import Changes, ModelWatch
 
 logger = logging.getLogger(__name__)
 
-# At most this many graph pairs (one per input signature: shapes, dtypes, device; or one per
-# range with dynamic shapes) are kept; the least recently used is dropped first.
-MAX_GRAPH_PAIRS = 8
-# At most this many input signatures point at the pairs of ranged builds (dynamic shapes).
-MAX_SIGNATURES = 256
 
 Signature = tuple[
     tuple[str, ...],
     tuple[tuple[torch.Size, torch.dtype, torch.device], ...],
     tuple[torch.dtype, torch.device] | None,  # the weights' dtype and device
 ]
-# build(names, tensors) -> the pair for that input signature; build(..., forecast=True) -> with
-# the forecast graph.
-BuildFn = Callable[..., CompiledPair]
 
 
 class Generation:
@@ -146,7 +139,7 @@ class DeepCacheUNet(nn.Module):
         model: nn.Module,
         config: DeepCacheConfig,
         spec: ModelSpec,
-        build: BuildFn,
+        build: Build,
         scheduler: Any = None,
     ) -> None:
         super().__init__()
@@ -511,8 +504,7 @@ class DeepCacheUNet(nn.Module):
             check_hooks(self.model)  # offloading hooks are named before a device check would misread them
             self._spec.check_inputs(self.model, names, tensors)
             # A build over ranges (dynamic shapes) serves every call of a bucket with one pair.
-            bucket = getattr(self._build, "bucket", None)
-            bucket_key = None if bucket is None else bucket(names, tensors)
+            bucket_key = self._build.bucket(names, tensors)
             if bucket_key is not None:
                 bucket_key = (bucket_key, key[2])
                 pair = self._buckets.get(bucket_key)

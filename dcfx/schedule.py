@@ -24,26 +24,16 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
 from dcfx.registry import Registry
-
-if TYPE_CHECKING:
-    from dcfx.config import DeepCacheConfig
+from dcfx.util import check_int
 
 # The non-uniform search lowers the power in steps of 0.02 towards 1: a bound keeps it short.
 MAX_POWER = 10.0
 _NO_POWER = "no power > 1 gives the requested number of full steps"
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """Raises TypeError unless ``value`` is an int (not a bool), ValueError if it is below ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
 
 
 def check_center(center: int, steps: int) -> None:
@@ -330,7 +320,14 @@ class Window(Schedule):
         return (step - start) % self.interval == 0
 
 
-def plan(config: DeepCacheConfig, num_steps: int | None = None) -> StepPlan:
+class Scheduled(Protocol):
+    """What ``plan`` reads of a config (a ``DeepCacheConfig``): its schedule."""
+
+    @property
+    def schedule_spec(self) -> Schedule: ...  # noqa: D102
+
+
+def plan(config: Scheduled, num_steps: int | None = None) -> StepPlan:
     """Returns the step plan of ``config`` for a generation of ``num_steps`` steps.
 
     ``num_steps`` may be None except for the non-uniform schedule, which falls back to
@@ -340,7 +337,7 @@ def plan(config: DeepCacheConfig, num_steps: int | None = None) -> StepPlan:
     return config.schedule_spec.plan(num_steps)
 
 
-def full_step_indices(config: DeepCacheConfig, num_steps: int) -> list[int]:
+def full_step_indices(config: Scheduled, num_steps: int) -> list[int]:
     """Returns the sorted full-step indices of a ``num_steps``-step generation."""
     p = plan(config, num_steps)
     return [i for i in range(num_steps) if p.is_full(i)]

@@ -221,3 +221,25 @@ def tiny_ldm_class(seed: int = 0, **overrides) -> torch.nn.Module:
         "resblock_updown": True,
     }
     return _ldm_unet(seed, **{**config, **overrides})
+
+
+class WrappedBuild:
+    """A runtime's build whose calls go through ``around(build, names, tensors, **kwargs)``.
+
+    Tests count, slow down or fault the builds through it; ``bucket`` stays the build's own.
+    """
+
+    def __init__(self, build, around: Callable) -> None:
+        self.build = build
+        self.around = around
+
+    def bucket(self, names, tensors):
+        return self.build.bucket(names, tensors)
+
+    def __call__(self, names, tensors, **kwargs):
+        return self.around(self.build, names, tensors, **kwargs)
+
+
+def wrap_build(runtime, around: Callable) -> None:
+    """Routes ``runtime``'s graph builds through ``around`` (see ``WrappedBuild``)."""
+    runtime._build = WrappedBuild(runtime._build, around)

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import dcfx
-from tests.fixtures import example_call, tiny_sd
+from tests.fixtures import example_call, tiny_sd, wrap_build
 
 STEPS = 6
 
@@ -87,16 +87,15 @@ def test_steps_go_on_while_another_thread_builds_graphs(unet):
     call = example_call(unet, batch=1, size=16)
     want = denoise(runtime, call, seed=0)  # graphs of this shape built
     building, built = threading.Event(), threading.Event()
-    build = runtime._build
 
-    def slow_build(names, tensors):
+    def slow_build(build, names, tensors, **kwargs):
         building.set()
-        pair = build(names, tensors)
+        pair = build(names, tensors, **kwargs)
         time.sleep(1.0)  # a build that takes a while (SD1.5 under Inductor: minutes)
         built.set()
         return pair
 
-    runtime._build = slow_build
+    wrap_build(runtime, slow_build)
     during: list[torch.Tensor] = []
     errors: list[BaseException] = []
 

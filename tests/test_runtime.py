@@ -8,7 +8,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 import dcfx
 from dcfx import planner as planner_module
 from dcfx import runtime as runtime_module
-from tests.fixtures import example_call, tiny_sdxl, tiny_unet
+from tests.fixtures import example_call, tiny_sdxl, tiny_unet, wrap_build
 
 
 class Recorder:
@@ -16,10 +16,9 @@ class Recorder:
 
     def __init__(self, runtime):
         self.calls: list[str] = []
-        build = runtime._build
 
-        def recording_build(names, tensors):
-            pair = build(names, tensors)
+        def recording_build(build, names, tensors, **kwargs):
+            pair = build(names, tensors, **kwargs)
 
             def full(*args):
                 self.calls.append("full")
@@ -31,7 +30,7 @@ class Recorder:
 
             return type(pair)(full=full, shallow=shallow)
 
-        runtime._build = recording_build
+        wrap_build(runtime, recording_build)
 
     def full_steps(self):
         return [i for i, kind in enumerate(self.calls) if kind == "full"]
@@ -111,8 +110,7 @@ def test_reschedule_keeps_the_graphs_and_follows_the_new_schedule(unet):
     fast = dcfx.compile(unet, branch=1, interval=3, scheduler=scheduler)
     rec = Recorder(fast)
     builds = []
-    build = fast._build
-    fast._build = lambda names, tensors: builds.append(1) or build(names, tensors)
+    wrap_build(fast, lambda build, names, tensors, **kw: builds.append(1) or build(names, tensors, **kw))
     denoise(fast, scheduler)
     call = example_call(unet)
     for t in scheduler.timesteps[:2]:  # mid-generation state that reschedule must drop

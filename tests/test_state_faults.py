@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx.schedule import full_step_indices
-from tests.fixtures import example_call, make_sd_pipeline, run_sd, tiny_sd, tiny_unet
+from tests.fixtures import example_call, make_sd_pipeline, run_sd, tiny_sd, tiny_unet, wrap_build
 from tests.test_runtime import Recorder
 
 STEPS = 8
@@ -57,7 +57,6 @@ class Boom(Exception):
 def failing_at(fast, calls):
     """Makes the graphs raise Boom on the calls numbered in ``calls`` (counting every graph call)."""
     count = [0]
-    build = fast._build
 
     def wrap(fn):
         def run(*args):
@@ -68,8 +67,11 @@ def failing_at(fast, calls):
 
         return run
 
-    fast._build = lambda names, tensors: (lambda p: type(p)(full=wrap(p.full), shallow=wrap(p.shallow)))(
-        build(names, tensors)
+    wrap_build(
+        fast,
+        lambda build, names, tensors, **kw: (lambda p: type(p)(full=wrap(p.full), shallow=wrap(p.shallow)))(
+            build(names, tensors, **kw)
+        ),
     )
 
 

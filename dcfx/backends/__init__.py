@@ -9,7 +9,7 @@ the pair serves), while the build holds ``compile_lock`` (``warm_up`` runs every
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -74,6 +74,20 @@ class CompiledPair:
         if self.forecast is None:
             raise RuntimeError("this graph pair was built without the forecast graph")
         return self.forecast(*inputs, feature, previous, coefficient)
+
+
+class Build(Protocol):
+    """What the runtime asks of a build: which calls share a pair, and the pair (``dcfx.builds``)."""
+
+    def bucket(self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Hashable | None:
+        """Returns the key of the calls one pair serves, or None for one pair per input signature."""
+        ...
+
+    def __call__(
+        self, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], forecast: bool = False
+    ) -> CompiledPair:
+        """Returns the pair for a call with inputs ``names`` like ``tensors`` (with the forecast graph)."""
+        ...
 
 
 def warm_up(pair: CompiledPair, example_inputs: tuple[torch.Tensor, ...]) -> None:

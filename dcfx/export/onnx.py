@@ -23,6 +23,7 @@ from dcfx.export.loaded import ExportedPair
 from dcfx.export.manifest import ArtifactError, GraphEntry, Manifest
 from dcfx.export.program import ProgramPair
 from dcfx.export.registry import register_format
+from dcfx.export.trt_plan import trtexec_script
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ class OnnxFormat:
 
     def write(self, programs: ProgramPair, out: Path, opset: int = OPSET) -> dict[str, Any]:
         """Writes full.onnx, shallow.onnx, forecast.onnx, weights.bin and trtexec.sh; returns the format data."""
-        from dcfx.export import tensorrt
-
         onnx = _onnx()
         graphs = programs.programs()
         with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -93,7 +92,7 @@ class OnnxFormat:
         entries = {
             graph: GraphEntry(f"{graph}.onnx", inputs, outputs) for graph, (_, inputs, outputs) in graphs.items()
         }
-        (out / TRTEXEC).write_text(tensorrt.trtexec_script(entries, programs.dims))
+        (out / TRTEXEC).write_text(trtexec_script(entries, programs.dims))
         return {
             "files": {graph: entry.file for graph, entry in entries.items()},
             "device": "cpu",

@@ -29,6 +29,10 @@ kernels by batch size (a GEMM with one row is a GEMV; oneDNN convolutions take a
 for a batch of 1), which moves a step's output by ~1e-6. Requests batched at one padded size
 equal the same request run alone at that size bit for bit (tests/serve/test_engine.py).
 
+The parts: ``EngineConfig`` (dcfx.serve.config), the generations in flight and their
+cohorts (dcfx.serve.cohorts), the calls of a cohort's tick (dcfx.serve.calls) and the cache
+rows they write and read (dcfx.serve.rows); ``Engine`` here queues, admits and ticks.
+
 Example:
     >>> runtime = dcfx.compile(model.unet, branch=0, interval=5)
     >>> engine = Engine(runtime, DigitsServeModel(model), EngineConfig(max_batch=16))
@@ -40,28 +44,28 @@ Example:
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from dcfx.backends import CompiledPair
-from dcfx.planner import Decision, GenerationPlan
-from dcfx.runtime import MAX_GRAPH_PAIRS, DeepCacheUNet
-from dcfx.scalars import scalar
-from dcfx.serve.models import PreparedRequest, ServeModel
+from dcfx.runtime import DeepCacheUNet
+from dcfx.serve.calls import CallBuilder, call_inputs
+from dcfx.serve.cohorts import Cohort, Generation, cohort_key
+from dcfx.serve.config import EngineConfig
+from dcfx.serve.models import ServeModel
 from dcfx.serve.request import EngineStopped, GenerationRequest, GenerationResult, QueueFull
-from dcfx.serve.rows import BufferPool, CacheGroup, Rows, Slot, offsets, release
+from dcfx.serve.rows import release
+
+__all__ = ["Engine", "EngineConfig"]
 
 logger = logging.getLogger(__name__)
 
-BATCHING = ("step", "request")
 _COUNTERS = (
     "ticks",
     "full_calls",
@@ -76,151 +80,6 @@ _COUNTERS = (
     "admitted_aligned",
     "admitted_at_once",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """How the engine batches.
-
-    Attributes:
-        max_batch: U-Net rows per cohort at most (a guided image takes two): every call holds
-            at most this many live rows. Default: the largest of ``batch_sizes``, else 16.
-        batch_sizes: The batch sizes calls are padded to. Default: the powers of two below
-            ``max_batch``, and ``max_batch``.
-        max_wait: Ticks a new request may wait for its cohort's next full step; when the
-            wait would be longer it starts at once in a phase of its own. None: always wait
-            (at most N - 1 ticks under a uniform 1:N schedule); 0: never wait (no alignment).
-        max_queue: Requests waiting to start at most; one more is refused at once (``QueueFull``).
-        batching: ``"step"`` (generations join and leave between steps) or ``"request"``
-            (request-level batching: a cohort takes new requests only when it is empty, and
-            runs them to completion together).
-    """
-
-    max_batch: int | None = None
-    batch_sizes: tuple[int, ...] | None = None
-    max_wait: int | None = None
-    max_queue: int = 64
-    batching: Literal["step", "request"] = "step"
-
-    def __post_init__(self) -> None:
-        if self.batch_sizes is not None:
-            sizes = tuple(self.batch_sizes)
-            if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-                raise ValueError(f"batch_sizes must be ints >= 1, got {self.batch_sizes!r}")
-            object.__setattr__(self, "batch_sizes", tuple(sorted(set(sizes))))
-        max_batch = self.max_batch
-        if max_batch is None:
-            max_batch = self.batch_sizes[-1] if self.batch_sizes else 16
-        _check_int("max_batch", max_batch, 1)
-        object.__setattr__(self, "max_batch", max_batch)
-        if self.batch_sizes is None:
-            powers = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
-            object.__setattr__(self, "batch_sizes", (*powers, max_batch))
-        if self.batch_sizes[-1] < max_batch:
-            raise ValueError(
-                f"max_batch {max_batch} is larger than the largest of batch_sizes {list(self.batch_sizes)}: "
-                "a call of max_batch rows needs a batch size to run at"
-            )
-        if self.max_wait is not None:
-            _check_int("max_wait", self.max_wait, 0)
-        _check_int("max_queue", self.max_queue, 0)
-        if self.batching not in BATCHING:
-            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
-
-    def padded(self, rows: int) -> int:
-        """Returns the batch size a call of ``rows`` live rows runs at."""
-        for size in self.batch_sizes:
-            if size >= rows:
-                return size
-        raise ValueError(f"{rows} rows exceed the largest batch size {self.batch_sizes[-1]}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-
-
-class _Generation:
-    """One request in flight: its scheduler state, latents, step, and where its cache rows are."""
-
-    def __init__(
-        self,
-        rid: int,
-        request: GenerationRequest,
-        prepared: PreparedRequest,
-        scheduler: Any,
-        plan: GenerationPlan,
-        key: tuple[Any, ...],
-        future: Future[GenerationResult],
-        tick: int,
-    ) -> None:
-        self.id = rid
-        self.request = request
-        self.cond = prepared.conditioning
-        self.rows = prepared.rows
-        self.scheduler = scheduler
-        scheduler.set_timesteps(request.steps)
-        self.timesteps = list(scheduler.timesteps)  # 0-d tensors, as a pipeline's loop passes them
-        self.positions = [float(t) for t in self.timesteps]  # the steps on the sampler's time axis
-        self.x = prepared.noise * scheduler.init_noise_sigma
-        self.plan = plan
-        self.key = key
-        self.future = future
-        self.step = 0
-        self.full_steps = 0
-        self.shallow_steps = 0
-        self.arrived_tick = tick
-        self.start_tick = -1
-        self.submitted_s = time.perf_counter()
-
-    @property
-    def steps(self) -> int:
-        return len(self.timesteps)
-
-    @property
-    def position(self) -> float:
-        """This step's place on the sampler's time axis (its timestep), as the runtime reads it."""
-        return self.positions[self.step]
-
-    def next_full(self) -> int | None:
-        """Returns the steps until this generation's next full step (None: it has none left)."""
-        step = self.plan.next_full(self.step, self.steps)
-        return None if step is None else step - self.step
-
-    def model_input(self) -> torch.Tensor:
-        """Returns its U-Net rows of this step: (rows, C, H, W)."""
-        x = self.scheduler.scale_model_input(self.x, self.timesteps[self.step])
-        return torch.cat([x, x]) if self.request.guided else x
-
-    def advance(self, eps: torch.Tensor) -> None:
-        """Takes the scheduler step with the U-Net's output rows ``eps``."""
-        if self.request.guided:
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps = eps_uncond + self.request.guidance * (eps_cond - eps_uncond)
-        self.x = self.scheduler.step(eps, self.timesteps[self.step], self.x).prev_sample
-        self.step += 1
-
-
-class _Cohort:
-    """Generations that may share a call: one scheduler, sample size and conditioning layout."""
-
-    def __init__(self, key: tuple[Any, ...], capacity: int) -> None:
-        self.key = key
-        self.running: list[_Generation] = []
-        self.pool = BufferPool(capacity)
-        self.scratch: dict[str, torch.Tensor] = {}  # anchor -> gathered cache rows of a shallow call
-        self.pairs: dict[int, CompiledPair] = {}  # batch size -> the pair last used for it
-
-    @property
-    def rows(self) -> int:
-        return sum(g.rows for g in self.running)
-
-    def ticks_to_next_full(self) -> int | None:
-        """Returns the ticks until some running generation takes a full step (None: none will)."""
-        waits = [w for w in (g.next_full() for g in self.running) if w is not None]
-        return min(waits) if waits else None
 
 
 class Engine:
@@ -240,26 +99,29 @@ class Engine:
             raise TypeError(f"runtime must be a dcfx runtime (dcfx.compile(unet, ...)), got {type(runtime).__name__}")
         if runtime.model is not model.unet:
             raise ValueError("runtime must wrap model.unet: dcfx.compile(model.unet, ...)")
-        self.runtime = runtime
         self.model = model
         self.config = config or EngineConfig()
-        self._pending: collections.deque[_Generation] = collections.deque()
-        self._cohorts: dict[tuple[Any, ...], _Cohort] = {}
+        self._pending: collections.deque[Generation] = collections.deque()
+        self._cohorts: dict[tuple[Any, ...], Cohort] = {}
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._ticking = threading.Lock()
         self._tick = 0
-        self._epoch = 0  # moves when the runtime rebuilt graphs: the source of valid cache rows (dcfx.planner)
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._signatures: set[tuple[Any, ...]] = set()
         self._drain = True
         # Every key present from the start: stats() copies the counters while the loop counts.
         self._counts: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
-        self._rows: dict[str, collections.Counter[int]] = {
-            "full": collections.Counter(),
-            "shallow": collections.Counter(),
-        }
+        self._calls = CallBuilder(runtime, self.config, self._counts, self._lock)
+
+    @property
+    def runtime(self) -> DeepCacheUNet:
+        """The dcfx runtime whose graphs the engine's calls run."""
+        return self._calls.runtime
+
+    @runtime.setter
+    def runtime(self, runtime: DeepCacheUNet) -> None:
+        self._calls.runtime = runtime
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -280,10 +142,10 @@ class Engine:
                 f"the request needs {prepared.rows} U-Net rows per step, more than max_batch {self.config.max_batch}"
             )
         plan = self.runtime.planner.start(request.steps)  # the runtime's planner: its schedule and forecast now
-        key = _cohort_key(request, prepared)
+        key = cohort_key(request, prepared)
         future: Future[GenerationResult] = Future()
         scheduler = self.model.scheduler(request.scheduler)
-        gen = _Generation(next(self._ids), request, prepared, scheduler, plan, key, future, self._tick)
+        gen = Generation(next(self._ids), request, prepared, scheduler, plan, key, future, self._tick)
         future.request_id = gen.id  # type: ignore[attr-defined]
         with self._lock:
             if self._closing:
@@ -310,13 +172,13 @@ class Engine:
         """Builds the graph pairs that requests like ``request`` need at each batch size, before serving."""
         prepared = self.model.prepare(request)
         scheduler = self.model.scheduler(request.scheduler)
-        key = _cohort_key(request, prepared)
+        key = cohort_key(request, prepared)
         plan = self.runtime.planner.start(request.steps)
-        gen = _Generation(-1, request, prepared, scheduler, plan, key, Future(), self._tick)
-        cohort = _Cohort(key, self.config.max_batch)
+        gen = Generation(-1, request, prepared, scheduler, plan, key, Future(), self._tick)
+        cohort = Cohort(key, self.config.max_batch)
         with torch.no_grad():
             for size in batch_sizes or self.config.batch_sizes:
-                self._graphs(cohort, self._inputs([(None, 0)], size, gen), size)
+                self._calls.graphs(cohort, call_inputs([(None, 0)], size, gen), size)
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -418,12 +280,12 @@ class Engine:
         cfg = self.config
         blocked: set[tuple[Any, ...]] = set()
         busy_before = {key for key, c in self._cohorts.items() if c.running}
-        kept: collections.deque[_Generation] = collections.deque()
+        kept: collections.deque[Generation] = collections.deque()
         while self._pending:
             gen = self._pending.popleft()
             cohort = self._cohorts.get(gen.key)
             if cohort is None:
-                cohort = self._cohorts[gen.key] = _Cohort(gen.key, cfg.max_batch)
+                cohort = self._cohorts[gen.key] = Cohort(gen.key, cfg.max_batch)
             if gen.key in blocked or cohort.rows + gen.rows > cfg.max_batch:
                 blocked.add(gen.key)  # first come, first served within a cohort
                 kept.append(gen)
@@ -446,9 +308,9 @@ class Engine:
 
     # ---- calls ------------------------------------------------------------------------------
 
-    def _run_cohort(self, cohort: _Cohort) -> None:
+    def _run_cohort(self, cohort: Cohort) -> None:
         try:
-            calls = self._plan_calls(cohort)
+            calls = self._calls.plan(cohort)
         except Exception as e:  # a graph build failed: nothing ran
             logger.exception("dcfx.serve: building the graphs of cohort %s failed; its generations fail", cohort.key)
             self._drop(cohort, list(cohort.running), e)
@@ -462,188 +324,7 @@ class Engine:
         for gen in [g for g in cohort.running if g.step == g.steps]:
             self._finish(cohort, gen)
 
-    def _plan_calls(self, cohort: _Cohort) -> list[tuple[list[_Generation], Callable[[], None]]]:
-        """Returns this tick's calls of ``cohort``, inputs made, graphs built.
-
-        Each generation's plan decides its step (``dcfx.planner``, the runtime's rules): the full
-        steps run as one call, the shallow steps as one call per forecast coefficient (one in
-        all while the cohort is in phase and the timesteps evenly spaced). A generation whose
-        step reads the newest feature as it is rides in a forecast call with that feature as
-        its previous one too: ``f + c (f - f)`` is ``f``.
-        """
-        for _ in range(4):
-            epoch = self._epoch
-            full: list[tuple[_Generation, Decision]] = []
-            reads: dict[float | None, list[tuple[_Generation, Decision]]] = {}
-            for gen in cohort.running:
-                decision = gen.plan.decide(gen.step, gen.position, epoch)
-                if decision.full:
-                    full.append((gen, decision))
-                else:
-                    reads.setdefault(decision.coefficient, []).append((gen, decision))
-            if None in reads and len(reads) > 1:
-                plain = reads.pop(None)
-                reads[next(iter(reads))] += plain
-            calls = []
-            if full:
-                calls.append(([g for g, _ in full], self._prepare_full(cohort, full)))
-            for coefficient, shallow in reads.items():
-                calls.append(([g for g, _ in shallow], self._prepare_shallow(cohort, shallow, coefficient)))
-            if self._epoch == epoch:
-                return calls  # no graphs were rebuilt while resolving them: every cache row is current
-        raise RuntimeError(
-            "the runtime rebuilt graphs on every try: more graph signatures are in use than it keeps "
-            f"(MAX_GRAPH_PAIRS = {MAX_GRAPH_PAIRS}); use fewer batch_sizes or sizes"
-        )
-
-    def _prepare_full(self, cohort: _Cohort, full: list[tuple[_Generation, Decision]]) -> Callable[[], None]:
-        gens = [g for g, _ in full]
-        layout: list[Slot] = [(g, g.rows) for g in gens]
-        padded = self.config.padded(sum(g.rows for g in gens))
-        pair, inputs = self._graphs(cohort, self._inputs(layout, padded, gens[0]), padded)
-
-        def run() -> None:
-            epoch = self._epoch
-            for gen, decision in full:
-                release(gen.plan.begin_full(decision, epoch))  # rows no step reads any more may be reused now
-            group = CacheGroup(layout, padded, cohort.pool)
-            try:
-                out, _ = pair.run_full(inputs, group.buffer_for)
-            except BaseException:
-                group.live = 0
-                group.leave()  # its buffer goes back to the pool
-                raise
-            self._record("full", layout, padded)
-            offset = 0
-            for gen, rows in layout:
-                gen.plan.end_full(gen.position, epoch, (group, offset))
-                gen.full_steps += 1
-                gen.advance(out[offset : offset + rows])
-                offset += rows
-
-        return run
-
-    def _prepare_shallow(
-        self, cohort: _Cohort, shallow: list[tuple[_Generation, Decision]], coefficient: float | None
-    ) -> Callable[[], None]:
-        gens = [g for g, _ in shallow]
-        groups = {id(g.plan.newest.payload[0]): g.plan.newest.payload[0] for g in gens}
-        members = {id(g) for g in gens}
-        group: CacheGroup | None = None
-        if len(groups) == 1:
-            # One phase: the call takes its full call's layout and reads that buffer in place;
-            # rows of generations not in this call (finished, or at a full step) are padding.
-            group = next(iter(groups.values()))
-            layout: list[Slot] = [(g if g is not None and id(g) in members else None, n) for g, n in group.layout]
-            padded = group.padded
-        else:
-            layout = [(g, g.rows) for g in gens]
-            padded = self.config.padded(sum(g.rows for g in gens))
-        pair, inputs = self._graphs(cohort, self._inputs(layout, padded, gens[0]), padded)
-        forecasts = {id(g) for g, d in shallow if d.coefficient is not None}
-
-        def newest(gen: _Generation) -> Rows:
-            return gen.plan.newest.payload
-
-        def previous(gen: _Generation) -> Rows:
-            return gen.plan.previous.payload if id(gen) in forecasts else gen.plan.newest.payload
-
-        def run() -> None:
-            cache = self._anchor_rows(cohort, layout, padded, newest, "newest")
-            if coefficient is None:
-                out = pair.run_shallow(inputs, cache)
-            else:
-                before = self._anchor_rows(cohort, layout, padded, previous, "previous")
-                out = pair.run_forecast(inputs, cache, before, scalar(coefficient, torch.float32, cache.device))
-            self._record("shallow", layout, padded, forecast=coefficient is not None)
-            offset = 0
-            for gen, rows in layout:
-                if gen is not None:
-                    gen.shallow_steps += 1
-                    gen.advance(out[offset : offset + rows])
-                offset += rows
-
-        return run
-
-    def _anchor_rows(
-        self, cohort: _Cohort, layout: list[Slot], padded: int, rows_of: Callable[[_Generation], Rows], name: str
-    ) -> torch.Tensor:
-        """Returns the feature rows ``rows_of`` each generation of ``layout`` reads, at its place in it.
-
-        In place when one full call wrote them all in this layout (a cohort in one phase);
-        else copied together into the cohort's scratch buffer ``name``.
-        """
-        placed = [(gen, offset) for (gen, _), offset in zip(layout, offsets(layout), strict=True) if gen is not None]
-        group, _ = rows_of(placed[0][0])
-        if group.padded == padded and all(rows_of(g) == (group, offset) for g, offset in placed):
-            return group.buffer
-        first = group.buffer
-        scratch = cohort.scratch.get(name)
-        if scratch is None or scratch.shape[1:] != first.shape[1:] or scratch.stride() != first.stride():
-            scratch = torch.empty_strided(
-                (self.config.max_batch, *first.shape[1:]), first.stride(), dtype=first.dtype, device=first.device
-            )
-            cohort.scratch[name] = scratch = scratch.zero_()  # padding rows read it: finite, never stale memory
-        for gen, offset in placed:
-            source, row = rows_of(gen)
-            scratch[offset : offset + gen.rows].copy_(source.buffer[row : row + gen.rows])
-        self._counts["cache_copies"] += 1
-        return scratch[:padded]
-
-    def _inputs(self, layout: list[Slot], padded: int, like: _Generation) -> dict[str, torch.Tensor]:
-        """Returns the U-Net keyword inputs of a call: each slot's rows, then padding to ``padded``."""
-        samples, times = [], []
-        conds: dict[str, list[torch.Tensor]] = {name: [] for name in like.cond}
-        rows = 0
-        for gen, n in [*layout, (None, padded - sum(n for _, n in layout))]:
-            if n == 0:
-                continue
-            rows += n
-            if gen is None:
-                samples.append(like.x.new_zeros((n, *like.x.shape[1:])))
-                times.append(torch.zeros(n))
-                for name, value in like.cond.items():
-                    conds[name].append(value.new_zeros((n, *value.shape[1:])))
-                continue
-            samples.append(gen.model_input())
-            times.append(torch.full((n,), float(gen.timesteps[gen.step]), dtype=torch.float32))
-            for name, value in gen.cond.items():
-                conds[name].append(value)
-        device = like.x.device
-        inputs = {"sample": torch.cat(samples), "timestep": torch.cat(times).to(device)}
-        inputs.update({name: torch.cat(values) for name, values in conds.items()})
-        return inputs
-
-    def _graphs(
-        self, cohort: _Cohort, inputs: dict[str, torch.Tensor], padded: int
-    ) -> tuple[CompiledPair, tuple[torch.Tensor, ...]]:
-        pair, flat = self.runtime.graphs_for(**inputs)
-        seen = cohort.pairs.get(padded)
-        if seen is not None and seen is not pair:
-            # The runtime built this batch size's graphs again: the model changed (or the pair
-            # was evicted). Cache rows of the old graphs are not trusted: full steps next.
-            logger.warning("dcfx.serve: graphs were rebuilt; cohort generations take a full step next")
-            self._epoch += 1
-        cohort.pairs[padded] = pair
-        self._signatures.add((cohort.key, padded))
-        if len(self._signatures) == MAX_GRAPH_PAIRS + 1:
-            logger.warning(
-                "dcfx.serve: more than %d graph signatures in use (cohorts x batch sizes): the runtime keeps %d "
-                "graph pairs and rebuilds the others; use fewer batch_sizes",
-                MAX_GRAPH_PAIRS,
-                MAX_GRAPH_PAIRS,
-            )
-        return pair, flat
-
-    def _record(self, kind: str, layout: list[Slot], padded: int, forecast: bool = False) -> None:
-        live = sum(n for g, n in layout if g is not None)
-        with self._lock:
-            self._counts[f"{kind}_calls"] += 1
-            self._counts["forecast_calls"] += forecast
-            self._counts["padded_rows"] += padded - live
-            self._rows[kind][live] += 1
-
-    def _finish(self, cohort: _Cohort, gen: _Generation) -> None:
+    def _finish(self, cohort: Cohort, gen: Generation) -> None:
         cohort.running.remove(gen)
         release(gen.plan.drop())
         result = GenerationResult(
@@ -661,7 +342,7 @@ class Engine:
             self._counts["completed"] += 1
         gen.future.set_result(result)
 
-    def _drop(self, cohort: _Cohort, gens: list[_Generation], error: BaseException) -> None:
+    def _drop(self, cohort: Cohort, gens: list[Generation], error: BaseException) -> None:
         for gen in gens:
             cohort.running.remove(gen)
             release(gen.plan.drop())
@@ -688,8 +369,8 @@ class Engine:
                 "full_calls": counts.get("full_calls", 0),
                 "shallow_calls": counts.get("shallow_calls", 0),
                 "forecast_calls": counts.get("forecast_calls", 0),
-                "full_rows": dict(sorted(self._rows["full"].items())),
-                "shallow_rows": dict(sorted(self._rows["shallow"].items())),
+                "full_rows": dict(sorted(self._calls.rows["full"].items())),
+                "shallow_rows": dict(sorted(self._calls.rows["shallow"].items())),
                 "padded_rows": counts.get("padded_rows", 0),
                 "cache_copies": counts.get("cache_copies", 0),
                 "cache_buffers": sum(c.pool.allocated for c in self._cohorts.values()),
@@ -700,9 +381,3 @@ class Engine:
                 "admitted_aligned": counts.get("admitted_aligned", 0),
                 "admitted_at_once": counts.get("admitted_at_once", 0),
             }
-
-
-def _cohort_key(request: GenerationRequest, prepared: PreparedRequest) -> tuple[Any, ...]:
-    sample = prepared.noise
-    cond = tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in prepared.conditioning.items()))
-    return (request.scheduler, tuple(sample.shape[1:]), sample.dtype, str(sample.device), cond)

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import torch
 
+from dcfx.util import check_int
+
 
 class QueueFull(RuntimeError):
     """The engine's queue is full: the request was refused at once (HTTP 503); retry later."""
@@ -68,8 +70,8 @@ class GenerationRequest:
                 raise TypeError(f"{name} must map input names to tensors with a leading row dimension, got {value!r}")
         if self.negative_conditioning is not None and self.conditioning is None:
             raise ValueError("negative_conditioning needs conditioning")
-        _check_int("seed", self.seed, 0)
-        _check_int("steps", self.steps, 1)
+        check_int("seed", self.seed, 0)
+        check_int("steps", self.steps, 1)
         if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)):
             raise TypeError(f"guidance must be a number >= 1, got {self.guidance!r}")
         if not math.isfinite(self.guidance) or self.guidance < 1:
@@ -81,7 +83,7 @@ class GenerationRequest:
             if len(size) != 2:
                 raise ValueError(f"size must be an int or (height, width), got {self.size!r}")
             for side in size:
-                _check_int("size", side, 1)
+                check_int("size", side, 1)
             object.__setattr__(self, "size", size)
         if not isinstance(self.scheduler, str):
             raise TypeError(f"scheduler must be a scheduler kind (a name), got {self.scheduler!r}")
@@ -90,13 +92,6 @@ class GenerationRequest:
     def guided(self) -> bool:
         """Whether the request runs classifier-free guidance (two U-Net rows per image)."""
         return self.guidance > 1
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -15,7 +15,7 @@ import torch
 import dcfx
 from tests.export.conftest import SD_BRANCH, sd_example, sd_unet
 
-export_module = importlib.import_module("dcfx.export")  # the package; dcfx.export is the function
+writer_module = importlib.import_module("dcfx.export.writer")  # where the export captures
 
 # (name, dcfx.export keywords, error, message pattern)
 EXPORT_CASES = [
@@ -43,7 +43,7 @@ EXPORT_CASES = [
 
 @pytest.mark.parametrize(("name", "kwargs", "error", "match"), EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
 def test_export_refuses_before_any_work(tmp_path, monkeypatch, name, kwargs, error, match):
-    monkeypatch.setattr(export_module, "export_programs", lambda *a, **k: pytest.fail("captured"))
+    monkeypatch.setattr(writer_module, "export_programs", lambda *a, **k: pytest.fail("captured"))
     options = {"branch": SD_BRANCH, "format": "onnx", "progress": False, **kwargs}
     with pytest.raises(error, match=match):
         dcfx.export(sd_unet(), tmp_path / "out", **options)

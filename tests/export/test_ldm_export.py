@@ -20,7 +20,7 @@ pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
 
 import dcfx
 from dcfx.export.manifest import read_manifest
-from dcfx.export.tensorrt import build_plan
+from dcfx.export.trt_plan import build_plan
 from tests.fixtures import tiny_ldm_class, tiny_ldm_text
 
 ATOL = 1e-4

@@ -8,7 +8,8 @@ import pytest
 
 import dcfx
 from dcfx.export.manifest import ArtifactError, read_manifest
-from dcfx.export.tensorrt import build_plan, check_engine_compatible, profile_shapes
+from dcfx.export.tensorrt import check_engine_compatible
+from dcfx.export.trt_plan import build_plan, profile_shapes
 from tests.export.conftest import sd_unet
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
