@@ -39,8 +39,8 @@ from graph_speed import machine_info, write_results
 from tqdm import tqdm
 
 import dcfx
+from dcfx import graphs as graphs_module
 from dcfx import planner as planner_module
-from dcfx import runtime as runtime_module
 from dcfx.digits import NUM_CLASSES, load_model
 from dcfx.schedule import full_step_indices
 
@@ -156,11 +156,11 @@ def run(scenario: Scenario, log=print) -> dict[str, Any]:
             counts["checked"] += 1
             del ref
         sizes = {
-            "pairs": len(fast._pairs),
+            "pairs": len(fast._rt.graphs.pairs),
             "buffers": int(fast._state().buffer is not None),
             "plans": len(fast.planner._plans),
         }
-        bounds = {"pairs": runtime_module.MAX_GRAPH_PAIRS, "buffers": runtime_module.MAX_GRAPH_PAIRS}
+        bounds = {"pairs": graphs_module.MAX_GRAPH_PAIRS, "buffers": graphs_module.MAX_GRAPH_PAIRS}
         bounds["plans"] = planner_module.MAX_STEP_PLANS
         over = {k: v for k, v in sizes.items() if v > bounds[k]}
         if over:
@@ -181,7 +181,7 @@ def run(scenario: Scenario, log=print) -> dict[str, Any]:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "scenario": asdict(scenario),
-        "max_graph_pairs": runtime_module.MAX_GRAPH_PAIRS,
+        "max_graph_pairs": graphs_module.MAX_GRAPH_PAIRS,
         "verdict": verdict,
         "rows": rows,
     }
@@ -292,12 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-graph-pairs",
         type=int,
-        default=runtime_module.MAX_GRAPH_PAIRS,
+        default=graphs_module.MAX_GRAPH_PAIRS,
         help="the runtime's graph-pair bound (lower it to exercise eviction in a short run)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "docs" / "benchmarks" / "soak")
     args = parser.parse_args(argv)
-    runtime_module.MAX_GRAPH_PAIRS = args.max_graph_pairs
+    graphs_module.MAX_GRAPH_PAIRS = args.max_graph_pairs
     scenario = Scenario(
         sizes=tuple(int(v) for v in args.sizes.split(",")),
         batches=tuple(int(v) for v in args.batches.split(",")),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import itertools
 import logging
 import threading
 from collections.abc import Iterator
@@ -20,87 +19,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcfx.backends import Build, CompiledPair, compile_lock
+from dcfx.backends import Build, CompiledPair
 from dcfx.config import DeepCacheConfig
-from dcfx.hooks import check_hooks
-from dcfx.limits import MAX_GRAPH_PAIRS, MAX_SIGNATURES
+from dcfx.generation import Generation
+from dcfx.graphs import GraphCache
 from dcfx.models import ModelSpec
-from dcfx.planner import Decision, GenerationPlan, Planner
-from dcfx.scalars import scalar
-from dcfx.steps import StepTracker
-from dcfx.watch import Changes, ModelWatch
+from dcfx.planner import Planner
 
 logger = logging.getLogger(__name__)
 
 
-Signature = tuple[
-    tuple[str, ...],
-    tuple[tuple[torch.Size, torch.dtype, torch.device], ...],
-    tuple[torch.dtype, torch.device] | None,  # the weights' dtype and device
-]
+@dataclasses.dataclass
+class RuntimeState:
+    """Everything a runtime holds beyond its model, settings and build; a copy starts with a new one.
 
-
-class Generation:
-    """One generation's state: where it is in its steps, its plan, and its cache buffers.
-
-    A runtime gives each thread its own (``DeepCacheUNet.generation()`` gives a block of code
-    one of its own): two generations never share a cache. The cache lives in a buffer that
-    the generation keeps while the feature's layout stays the same, so its address is fixed
-    from one generation to the next (what CUDA graphs and engine bindings need).
-
-    Which step is full and what a shallow step reads is the plan's to say
-    (``dcfx.planner.GenerationPlan``, whose anchors hold these buffers). With forecasting the
-    generation keeps the features of its last two full steps at distinct positions in two
-    buffers that trade roles on each full step: no copy, two fixed addresses.
+    ``graphs`` (the pairs and the model check), ``planner`` (each generation's steps), the
+    generations (each thread's, or a ``generation()`` block's through ``current``), the
+    ``epoch`` that ``reschedule`` and ``clear_graphs`` move on, and the step counts.
     """
 
-    __slots__ = ("_busy", "_epoch", "_slot", "buffers", "plan", "tracker")
-
-    def __init__(self, scheduler: Any, epoch: int) -> None:
-        self.tracker = StepTracker(scheduler)
-        self.plan: GenerationPlan | None = None
-        self.buffers: list[torch.Tensor | None] = [None, None]
-        self._slot = 0  # the buffer the next full step writes
-        self._busy = threading.Lock()
-        self._epoch = epoch
-
-    @property
-    def buffer(self) -> torch.Tensor | None:
-        """The buffer of the latest cache feature (None before any full step)."""
-        return self.buffers[self._slot]
-
-    @property
-    def cache(self) -> torch.Tensor | None:
-        """The buffer holding the newest valid cache feature (None when there is none)."""
-        return None if self.plan is None or self.plan.newest is None else self.plan.newest.payload
-
-    @property
-    def previous(self) -> torch.Tensor | None:
-        """Forecasting: the buffer holding the full step's feature before the newest (None when there is none)."""
-        return None if self.plan is None or self.plan.previous is None else self.plan.previous.payload
-
-    def reset(self) -> None:
-        """Starts a new generation: forgets the step count and invalidates the cache."""
-        self.tracker.reset()
-        if self.plan is not None:
-            self.plan.drop()
-
-    def buffer_for(
-        self, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        """Returns this generation's feature buffer for the layout, allocated when the layout changes."""
-        # The buffer keeps the feature's strides: some features come out channels-last, and a
-        # shallow graph fed another layout takes other kernels (1e-5 off over ten steps).
-        buffer = self.buffers[self._slot]
-        if (
-            buffer is None
-            or buffer.shape != shape
-            or buffer.stride() != tuple(stride)
-            or buffer.dtype != dtype
-            or buffer.device != device
-        ):
-            buffer = self.buffers[self._slot] = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        return buffer
+    graphs: GraphCache
+    planner: Planner
+    forecasting: bool
+    epoch: int = 0
+    binders: dict[tuple[int, tuple[str, ...]], Any] = dataclasses.field(default_factory=dict)
+    local: threading.local = dataclasses.field(default_factory=threading.local)
+    current: contextvars.ContextVar[Generation | None] = dataclasses.field(
+        default_factory=lambda: contextvars.ContextVar("dcfx_generation", default=None)
+    )
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # guards stats and reschedule
+    stats: dict[str, int] = dataclasses.field(default_factory=lambda: {"full": 0, "shallow": 0})
 
 
 class DeepCacheUNet(nn.Module):
@@ -174,33 +122,26 @@ class DeepCacheUNet(nn.Module):
 
         Kept in ``__dict__`` directly, out of nn.Module's attribute handling.
         """
-        return {
-            "_pairs": {},  # Signature -> CompiledPair (several signatures may share one: see _buckets)
-            "_buckets": {},  # a ranged build's bucket -> the pair serving every call in it
-            "_used": {},  # id(pair) -> tick of its last use (least recently used dropped first)
-            "_ticks": itertools.count(),
-            "_planner": Planner(self.deepcache_config),  # each generation's steps (dcfx.planner)
-            "_binders": {},  # (number of positional arguments, keywords) -> CallBinder
-            "_lock": threading.Lock(),  # guards _pairs/_used changes and stats; never held while a graph runs
-            "_check_lock": threading.Lock(),  # one model-change check at a time (a change is handled once)
-            "_local": threading.local(),  # each thread's Generation
-            "_current": contextvars.ContextVar("dcfx_generation", default=None),  # generation() blocks
-            "_epoch": 0,  # moves on reschedule() and clear_graphs(): every generation starts anew
-            "_forecasting": self.deepcache_config.forecast_spec.forecasts,
-            "_watch": ModelWatch(self.model),  # what the graphs baked in (see _check_model)
-            "_dropped_for": None,  # the model change that dropped the graphs, until they are rebuilt
-            "_probe": None,  # a parameter of the model: its dtype and device join each call's signature
-            "stats": {"full": 0, "shallow": 0},
-            "graph_builds": 0,
-        }
+        config = self.deepcache_config
+        graphs = GraphCache(self.model, self._spec, self._build)
+        return {"_rt": RuntimeState(graphs, Planner(config), config.forecast_spec.forecasts)}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Steps run by this runtime: ``{"full": n, "shallow": m}``."""
+        return self._rt.stats
+
+    @property
+    def graph_builds(self) -> int:
+        """Graph pairs built by this runtime (captures and compiles, or loads)."""
+        return self._rt.graphs.builds
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (copy.deepcopy, pickle, torch.save) starts clean: compiled code does not
         # pickle, and graphs hold the original's weights. Its first call of each input
         # signature builds graphs again, from the copy's own weights.
         state = super().__getstate__()
-        for key in self._clean_state():
-            state.pop(key, None)
+        state.pop("_rt", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -239,7 +180,7 @@ class DeepCacheUNet(nn.Module):
         The serving engine takes each of its generations' plans from here, so a served
         generation steps as an offline one through this runtime does.
         """
-        return self._planner
+        return self._rt.planner
 
     def generation(self, scheduler: Any = None) -> contextlib.AbstractContextManager[Generation]:
         """Returns a context in which this runtime's calls run a generation of their own.
@@ -262,12 +203,12 @@ class DeepCacheUNet(nn.Module):
 
     @contextlib.contextmanager
     def _generation_block(self, scheduler: Any) -> Iterator[Generation]:
-        state = Generation(scheduler, self._epoch)
-        token = self._current.set(state)
+        state = Generation(scheduler, self._rt.epoch)
+        token = self._rt.current.set(state)
         try:
             yield state
         finally:
-            self._current.reset(token)
+            self._rt.current.reset(token)
 
     def reset(self) -> None:
         """Starts a new generation in the calling thread's (or ``generation()`` block's) state.
@@ -304,14 +245,15 @@ class DeepCacheUNet(nn.Module):
             raise ValueError(
                 f"the {config.schedule} schedule needs the step count: set steps= (this runtime has no scheduler)"
             )
-        forecast_changed = config.forecast_spec.forecasts != self._forecasting
-        with self._lock:
+        rt = self._rt
+        forecast_changed = config.forecast_spec.forecasts != rt.forecasting
+        with rt.lock:
             self.deepcache_config = config
-            self.__dict__["_planner"] = Planner(config)
-            self.__dict__["_epoch"] += 1
-            self.__dict__["_forecasting"] = config.forecast_spec.forecasts
+            rt.planner = Planner(config)
+            rt.epoch += 1
+            rt.forecasting = config.forecast_spec.forecasts
         if forecast_changed:
-            self._drop_pairs()  # the forecast graph is built with the pair, when forecasting
+            rt.graphs.drop()  # the forecast graph is built with the pair, when forecasting
         return self
 
     def clear_graphs(self) -> None:
@@ -322,31 +264,23 @@ class DeepCacheUNet(nn.Module):
         parameter: call this after those when a backend copies the weights (Inductor).
         Every generation starts anew at its next call.
         """
-        self._drop_pairs()
-        self.__dict__["_epoch"] += 1
+        self._rt.graphs.drop()
+        self._rt.epoch += 1
 
     def __del__(self) -> None:
         # A runtime dropped without clear_graphs() still lets go of what its graphs keep
         # outside it (torch.fx's copy of their generated source).
-        if self.__dict__.get("_pairs"):
-            self._drop_pairs()
-
-    def _drop_pairs(self) -> None:
-        with self._lock:
-            pairs = list({id(p): p for p in self._pairs.values()}.values())
-            self._pairs.clear()
-            self._buckets.clear()
-            self._used.clear()
-            self._watch.forget()
-        for pair in pairs:
-            _release(pair)
+        rt = self.__dict__.get("_rt")
+        if rt is not None and rt.graphs.pairs:
+            rt.graphs.drop()
 
     def _state(self) -> Generation:
-        state = self._current.get()
+        rt = self._rt
+        state = rt.current.get()
         if state is None:
-            state = getattr(self._local, "state", None)
+            state = getattr(rt.local, "state", None)
             if state is None:
-                state = self._local.state = Generation(self.scheduler, self._epoch)
+                state = rt.local.state = Generation(self.scheduler, rt.epoch)
         return state
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -358,15 +292,8 @@ class DeepCacheUNet(nn.Module):
             RuntimeError: the same ``generation()`` state is inside a call in another thread.
         """
         state = self._state()
-        if not state._busy.acquire(blocking=False):
-            raise RuntimeError(
-                "this dcfx generation is inside a call in another thread: a generation's steps run one at a time. "
-                "Threads get a generation each by default; share a runtime.generation() block only within one thread"
-            )
-        try:
+        with state.hold():
             return self._step(state, args, kwargs)
-        finally:
-            state._busy.release()
 
     def graphs_for(self, *args: Any, **kwargs: Any) -> tuple[CompiledPair, tuple[torch.Tensor, ...]]:
         """Returns the graph pair that serves the U-Net call ``(*args, **kwargs)`` and its flat inputs.
@@ -381,187 +308,38 @@ class DeepCacheUNet(nn.Module):
         Raises:
             TypeError, ValueError: bad inputs, as ``forward`` raises them.
         """
+        names, tensors, _, _, _ = self._flatten(args, kwargs)
+        graphs = self._rt.graphs
+        key = graphs.signature(names, tensors)
+        graphs.check_model()
+        return graphs.get(key, names, tensors, self._rt.forecasting), tensors
+
+    def _flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         form = (len(args), tuple(kwargs))
-        binder = self._binders.get(form)
+        binder = self._rt.binders.get(form)
         if binder is None:
-            binder = self._binders[form] = self._spec.binder(self.model, *form)
-        names, tensors, _, _, _ = binder.flatten(args, kwargs)
-        key: Signature = (names, tuple([(t.shape, t.dtype, t.device) for t in tensors]), self._weights_key())
-        self._check_model()
-        pair = self._pairs.get(key)
-        if pair is None:
-            pair = self._new_pair(key, names, tensors)
-        self._used[id(pair)] = next(self._ticks)
-        return pair, tensors
+            binder = self._rt.binders[form] = self._spec.binder(self.model, *form)
+        return binder.flatten(args, kwargs)
 
     def _step(self, state: Generation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        form = (len(args), tuple(kwargs))
-        binder = self._binders.get(form)
-        if binder is None:
-            binder = self._binders[form] = self._spec.binder(self.model, *form)
-        names, tensors, return_dict, timestep, value = binder.flatten(args, kwargs)
-        key: Signature = (names, tuple([(t.shape, t.dtype, t.device) for t in tensors]), self._weights_key())
-        if state._epoch != self._epoch:
-            state.reset()
-            state._epoch = self._epoch
-        saved = (state.tracker.save(), state.plan)
-        try:
-            index, num_steps, new = state.tracker.advance(timestep, value)
-            if new:
-                self._check_model()
-                state.plan = self._planner.start(num_steps)
-            pair = self._pairs.get(key)
-            if pair is None:
-                pair = self._new_pair(key, names, tensors)
-        except BaseException:
-            # A refused call (bad input, a build that failed) ran no graph and changes
-            # nothing: the generation in progress goes on.
-            state.tracker.restore(saved[0])
-            state.plan = saved[1]
-            raise
-        self._used[id(pair)] = next(self._ticks)
-        position = 0.0
-        if self._forecasting:
-            # The step's place on the sampler's time axis: its timestep (a forecast from the
-            # last two full steps moves the feature by how far the timestep moved).
-            position = state.tracker.position(index)
-            if position is None:
-                position = value if value is not None else float(timestep[0])
+        rt = self._rt
+        names, tensors, return_dict, timestep, value = self._flatten(args, kwargs)
+        key = rt.graphs.signature(names, tensors)
+        with state.begin(rt.epoch, timestep, value, rt.planner, rt.graphs.check_model) as index:
+            pair = rt.graphs.get(key, names, tensors, rt.forecasting)
+        # With forecasting, the step's place on the sampler's time axis: a forecast from the
+        # last two full steps moves the feature by how far the timestep moved.
+        position = state.position(index, timestep, value) if rt.forecasting else 0.0
         # A cache made by other graphs or for other inputs is stale (one ranged pair serves
         # many sizes: its cache fits only calls of the size that made it).
         source = (pair, key)
         decision = state.plan.decide(index, position, source)
-        try:
-            if torch.is_grad_enabled():
-                with torch.no_grad():
-                    sample = self._run(state, decision, pair, source, tensors, position)
-            else:
-                sample = self._run(state, decision, pair, source, tensors, position)
-        except BaseException:
-            # Whatever failed (a graph, out of memory, an interrupt), no cache of this
-            # generation is trusted again: the next call starts a new one.
-            state.reset()
-            raise
-        with self._lock:
-            self.stats["full" if decision.full else "shallow"] += 1
+        sample = state.run(decision, pair, source, tensors, position)
+        with rt.lock:
+            rt.stats["full" if decision.full else "shallow"] += 1
         return self._spec.output(sample, return_dict)
-
-    def _run(
-        self,
-        state: Generation,
-        decision: Decision,
-        pair: CompiledPair,
-        source: tuple[CompiledPair, Signature],
-        tensors: tuple[torch.Tensor, ...],
-        position: float,
-    ) -> torch.Tensor:
-        plan = state.plan
-        if decision.full:
-            if decision.rotate:
-                state._slot ^= 1  # the newest feature stays, as the previous one; the new one goes to the other buffer
-            sample, cache = pair.run_full(tensors, state.buffer_for)
-            plan.record_full(decision, position, source, cache)
-            return sample
-        cache = plan.newest.payload
-        if decision.coefficient is not None:
-            coefficient = scalar(decision.coefficient, torch.float32, cache.device)
-            return pair.run_forecast(tensors, cache, plan.previous.payload, coefficient)
-        return pair.run_shallow(tensors, cache)
-
-    def _weights_key(self) -> tuple[torch.dtype, torch.device] | None:
-        probe = self._probe
-        if probe is None:
-            # Not through nn.Module.__setattr__, which would register the parameter as the runtime's own.
-            probe = self.__dict__["_probe"] = next(self.model.parameters(), None)
-            if probe is None:
-                return None
-        return probe.dtype, probe.device
-
-    def _check_model(self) -> None:
-        # Once per generation and before each build: drops graphs that no longer match the
-        # model (about 0.5 ms on SD1.5: see dcfx.watch). Captures work on a clone of the module
-        # tree, so the module read here is never half-swapped by a capture in another thread.
-        with self._check_lock:
-            changes = self._watch.changes()
-            if changes is None:
-                return
-            self.__dict__["_probe"] = None
-            if changes.only_written and all(pair.follows_values for pair in list(self._pairs.values())):
-                self._watch.record()  # weights written in place: the graphs read the live storage
-                return
-            logger.info("dcfx: the U-Net changed since its graphs were built (%s); building them again", changes)
-            self._drop_pairs()
-            self.__dict__["_dropped_for"] = changes
-
-    def _new_pair(self, key: Signature, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> CompiledPair:
-        # Builds take turns (torch.export and Inductor keep process-wide state while they
-        # trace); the steps of built graphs in other threads go on meanwhile.
-        with compile_lock:
-            pair = self._pairs.get(key)  # built by another thread while this one waited
-            if pair is not None:
-                return pair
-            self._check_model()  # a change since this generation began must not leave other graphs stale
-            check_hooks(self.model)  # offloading hooks are named before a device check would misread them
-            self._spec.check_inputs(self.model, names, tensors)
-            # A build over ranges (dynamic shapes) serves every call of a bucket with one pair.
-            bucket_key = self._build.bucket(names, tensors)
-            if bucket_key is not None:
-                bucket_key = (bucket_key, key[2])
-                pair = self._buckets.get(bucket_key)
-            if pair is None:
-                logger.info("dcfx: building graphs for %s", [tuple(s) for s, _, _ in key[1]])
-                try:
-                    pair = self._build(names, tensors, **({"forecast": True} if self._forecasting else {}))
-                except Exception as e:
-                    if self._dropped_for is not None:
-                        raise _rebuild_failed(self._dropped_for, e) from e
-                    raise
-                self._watch.record()
-                self.__dict__["_dropped_for"] = None
-                self.__dict__["graph_builds"] += 1
-            with self._lock:
-                self._pairs[key] = pair
-                if bucket_key is not None:
-                    self._buckets[bucket_key] = pair
-                self._used[id(pair)] = next(self._ticks)
-                evicted = self._evict()
-        for old in evicted:
-            _release(old)
-        return pair
-
-    def _evict(self) -> list[CompiledPair]:
-        # Under self._lock. At most MAX_GRAPH_PAIRS distinct pairs, the least recently used
-        # dropped first with every signature that led to it; a pair shared by many signatures
-        # (a bucket) keeps at most MAX_SIGNATURES of them, the pair itself staying.
-        pairs = {id(p): p for p in self._pairs.values()}
-        evicted = []
-        while len(pairs) > MAX_GRAPH_PAIRS:
-            oldest = min(pairs, key=lambda i: self._used.get(i, -1))
-            evicted.append(pairs.pop(oldest))
-            for k in [k for k, p in self._pairs.items() if id(p) == oldest]:
-                del self._pairs[k]
-            for b in [b for b, p in self._buckets.items() if id(p) == oldest]:
-                del self._buckets[b]
-            self._used.pop(oldest, None)
-        bucketed = {id(p) for p in self._buckets.values()}
-        for k in [k for k, p in self._pairs.items() if id(p) in bucketed][: max(0, len(self._pairs) - MAX_SIGNATURES)]:
-            del self._pairs[k]  # found again through its bucket
-        return evicted
 
 
 def _new_runtime(cls: type[DeepCacheUNet]) -> DeepCacheUNet:
     """Returns an empty runtime for unpickling to fill (``__setstate__``)."""
     return cls.__new__(cls)
-
-
-def _rebuild_failed(changes: Changes, error: Exception) -> Exception:
-    message = f"the U-Net changed since its graphs were built ({changes}), and building them again failed: {error}"
-    try:
-        return type(error)(message)
-    except Exception:  # an exception class that takes other arguments
-        return RuntimeError(message)
-
-
-def _release(pair: CompiledPair) -> None:
-    if pair.release is not None:
-        pair.release()

@@ -242,4 +242,5 @@ class WrappedBuild:
 
 def wrap_build(runtime, around: Callable) -> None:
     """Routes ``runtime``'s graph builds through ``around`` (see ``WrappedBuild``)."""
-    runtime._build = WrappedBuild(runtime._build, around)
+    graphs = runtime._rt.graphs
+    graphs.build = WrappedBuild(graphs.build, around)

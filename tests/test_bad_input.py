@@ -337,6 +337,6 @@ def test_sizes_that_are_not_multiples_of_the_down_factor_run_as_in_diffusers(une
     call = example_call(unet, size=size)
     torch.testing.assert_close(fast(**call).sample, unet(**call).sample, atol=0, rtol=0)
     (_, tensors), _ = fast._spec.flatten(unet, (), call)
-    pair = next(iter(fast._pairs.values()))
+    pair = next(iter(fast._rt.graphs.pairs.values()))
     out, feature = pair.full(*tensors)
     torch.testing.assert_close(pair.shallow(*tensors, feature), out, atol=0, rtol=0)

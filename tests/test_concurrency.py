@@ -132,7 +132,7 @@ def test_generations_interleaved_on_one_thread_keep_their_caches(unet):
             xs.append(torch.randn(call["sample"].shape, generator=torch.Generator().manual_seed(seed)))
         for i in range(STEPS):  # step i of one generation, then step i of the other
             for g, (call, s) in enumerate(zip(calls, schedulers, strict=True)):
-                runtime._current.set(states[g])  # what entering each request's block does in a server
+                runtime._rt.current.set(states[g])  # what entering each request's block does in a server
                 t = s.timesteps[i]
                 eps = runtime(**dict(call, sample=xs[g], timestep=t)).sample
                 xs[g] = s.step(eps, t, xs[g]).prev_sample
@@ -177,7 +177,7 @@ def test_one_generation_block_used_by_two_threads_at_once_is_refused(unet):
     call = example_call(unet, batch=1, size=16)
     runtime(**call)  # graphs built
     inside, release = threading.Event(), threading.Event()
-    pair = next(iter(runtime._pairs.values()))
+    pair = next(iter(runtime._rt.graphs.pairs.values()))
     full = pair.full
 
     def blocking_full(*args):
@@ -187,7 +187,7 @@ def test_one_generation_block_used_by_two_threads_at_once_is_refused(unet):
 
     object.__setattr__(pair, "full", blocking_full)
     with runtime.generation() as state:
-        first = threading.Thread(target=lambda: (runtime._current.set(state), runtime(**call)))
+        first = threading.Thread(target=lambda: (runtime._rt.current.set(state), runtime(**call)))
         first.start()
         assert inside.wait(timeout=60)
         with pytest.raises(RuntimeError, match=r"this dcfx generation is inside a call in another thread"):

@@ -36,7 +36,7 @@ def test_one_eager_pair_serves_every_size_in_range(unet):
             got = ranged(**call, timestep=torch.tensor(t)).sample
             torch.testing.assert_close(got, static(**call, timestep=torch.tensor(t)).sample, atol=0, rtol=0)
     assert ranged.graph_builds == 1 and static.graph_builds == len(SIZES)
-    assert len({id(p) for p in ranged._pairs.values()}) == 1
+    assert len({id(p) for p in ranged._rt.graphs.pairs.values()}) == 1
     assert ranged.stats == static.stats == {"full": len(SIZES), "shallow": len(SIZES)}
 
 
@@ -54,7 +54,7 @@ def test_ten_shapes_hold_one_pair(unet):
     for i in range(10):
         ranged(**call_at(unet, 1 + i % 4, 8 + 2 * (i % 12), 8 + 2 * ((i + 3) % 12), 2 + i), timestep=900)
     assert ranged.graph_builds == 1
-    assert len({id(p) for p in ranged._pairs.values()}) == 1  # one pair, one set of graphs
+    assert len({id(p) for p in ranged._rt.graphs.pairs.values()}) == 1  # one pair, one set of graphs
     assert ranged._state().buffer is not None and ranged._state().buffers[1] is None  # one feature buffer
 
 

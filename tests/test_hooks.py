@@ -127,7 +127,7 @@ def test_layerwise_casting_is_traced_into_the_graphs():
     pipe.unet.reschedule(interval=1)
     torch.testing.assert_close(run_txt2img(pipe), plain, atol=0, rtol=0)
     # The graphs keep the stored fp8 weights, shared with the model (no fp32 copy).
-    (pair,) = set(pipe.unet._pairs.values())
+    (pair,) = set(pipe.unet._rt.graphs.pairs.values())
     stored = {p.data_ptr() for p in _unet(pipe).parameters() if p.dtype == FP8}
     graph = {p.data_ptr() for p in pair.full.parameters() if p.dtype == FP8}
     assert stored and graph == stored

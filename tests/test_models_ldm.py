@@ -23,7 +23,7 @@ from ldm.modules.diffusionmodules.util import timestep_embedding
 import dcfx
 from dcfx import schedule
 from dcfx.models import spec_for
-from dcfx.models_ldm import LdmSpec, is_ldm_unet
+from dcfx.models.ldm import LdmSpec, is_ldm_unet
 from tests.fixtures import tiny_ldm_class, tiny_ldm_text
 
 STEPS = 10

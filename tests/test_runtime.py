@@ -6,8 +6,8 @@ from diffusers import DDIMScheduler
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 import dcfx
+from dcfx import graphs as graphs_module
 from dcfx import planner as planner_module
-from dcfx import runtime as runtime_module
 from tests.fixtures import example_call, tiny_sdxl, tiny_unet, wrap_build
 
 
@@ -182,12 +182,12 @@ def test_the_cache_buffer_is_allocated_once(unet):
 
 
 def test_graph_cache_is_bounded(unet, monkeypatch):
-    monkeypatch.setattr(runtime_module, "MAX_GRAPH_PAIRS", 2)
+    monkeypatch.setattr(graphs_module, "MAX_GRAPH_PAIRS", 2)
     fast = dcfx.compile(unet, branch=0, interval=2)
     for size in (8, 16, 24):
         call = example_call(unet, size=size)
         fast(call["sample"], 900, call["encoder_hidden_states"])
-    assert len(fast._pairs) == 2
+    assert len(fast._rt.graphs.pairs) == 2
     assert fast._state().buffer.shape[-1] == 24  # one buffer per generation: the latest layout's
 
 

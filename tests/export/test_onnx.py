@@ -86,7 +86,7 @@ def test_forecast_sampling_loop_equals_eager_runtime(onnx_sd, batch, height, wid
     # Turned on after load: the forecast graph is opened at the next build, and gives the same.
     later = dcfx.load(onnx_sd, scheduler=scheduler)
     reuse = sample_loop(later, scheduler, call, x)
-    assert later.deepcache_config.forecast == "none" and later._pairs
+    assert later.deepcache_config.forecast == "none" and later._rt.graphs.pairs
     assert (got - reuse).abs().max() > 100 * ATOL, "forecasting changed nothing: the test would be vacuous"
     again = sample_loop(later.reschedule(forecast="linear"), scheduler, call, x)
     torch.testing.assert_close(again, got, atol=0, rtol=0)

@@ -1,7 +1,7 @@
 """torch.fx keeps the source of every GraphModule it compiles; dcfx lets go of its own."""
 
 import dcfx
-from dcfx import runtime as runtime_module
+from dcfx import graphs as graphs_module
 from dcfx.passes import build_graph_pair, forget_graphs
 from dcfx.passes.sources import cached_sources, source_key
 from tests.fixtures import example_call, tiny_unet
@@ -18,7 +18,7 @@ def test_a_build_keeps_only_its_two_graphs_sources():
 
 
 def test_the_runtime_releases_the_sources_of_graphs_it_drops(monkeypatch):
-    monkeypatch.setattr(runtime_module, "MAX_GRAPH_PAIRS", 2)
+    monkeypatch.setattr(graphs_module, "MAX_GRAPH_PAIRS", 2)
     unet = tiny_unet()
     fast = dcfx.compile(unet, branch=0, interval=2)
     before = cached_sources()

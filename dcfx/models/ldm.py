@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcfx.models import ModelSpec, UpLayer
+from dcfx.models.spec import ModelSpec, UpLayer
 
 LDM_LAYOUT = "latent-diffusion UNetModel"
 FORWARD = ("x", "timesteps", "context", "y")

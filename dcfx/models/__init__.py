@@ -1,0 +1,25 @@
+"""What dcfx knows about each supported U-Net class: its call signature and its up layers.
+
+The rest of dcfx sees a model through a ``ModelSpec`` (``spec``): how a call flattens into
+named tensors and back (``calls``), and the up layers that define the skip branches.
+``registry`` picks the spec of a model: diffusers U-Nets by class, the latent-diffusion
+``UNetModel`` (``ldm``) by structure. Nothing here knows FX.
+"""
+
+from dcfx.models.calls import unflatten
+from dcfx.models.ldm import LdmSpec, is_ldm_unet
+from dcfx.models.registry import register_layout, register_model, spec_for
+from dcfx.models.spec import ModelOutput, ModelSpec, StoredSpec, UpLayer
+
+__all__ = [
+    "LdmSpec",
+    "ModelOutput",
+    "ModelSpec",
+    "StoredSpec",
+    "UpLayer",
+    "is_ldm_unet",
+    "register_layout",
+    "register_model",
+    "spec_for",
+    "unflatten",
+]
