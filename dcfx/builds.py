@@ -42,7 +42,6 @@ from dcfx.export.shapes import DimRange
 from dcfx.export.writer import write_export
 from dcfx.models import spec_for, unflatten
 from dcfx.passes import build_graph_pair
-from dcfx.passes.forecast import add_forecast
 from dcfx.util import jsonable, weights_digest
 from dcfx.version import __version__
 
@@ -78,8 +77,8 @@ class CaptureAndCompile:
         With ``forecast``, the pair also has the forecast graph (``dcfx.passes.forecast``).
         """
         with compile_lock:
-            graphs = build_graph_pair(self.unet, self.branch, names, tensors)
-            extra = {"forecast": add_forecast(graphs.shallow)} if forecast else {}
+            graphs = build_graph_pair(self.unet, self.branch, names, tensors, forecast=forecast)
+            extra = {"forecast": graphs.forecast} if forecast else {}
             return get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **extra, **self.options)
 
 
@@ -149,9 +148,8 @@ class RangedCapture:
             for attempt in range(2):
                 traced = _trace_tensors(self.unet, names, tensors, self.dims)
                 try:
-                    graphs = build_graph_pair(
-                        self.unet, self.branch, names, traced, dynamic_axes(self.unet, names, traced, self.dims)
-                    )
+                    axes = dynamic_axes(self.unet, names, traced, self.dims)
+                    graphs = build_graph_pair(self.unet, self.branch, names, traced, axes, forecast=forecast)
                     break
                 except Exception as e:
                     narrowed = narrowed_dims(e, self.dims) if attempt == 0 else None
@@ -163,7 +161,7 @@ class RangedCapture:
                     )
                     self.dims = narrowed
             check_sizes(self.unet, names, tensors, self.dims)
-            extra = {"forecast": add_forecast(graphs.shallow)} if forecast else {}
+            extra = {"forecast": graphs.forecast} if forecast else {}
             return get_backend(self.backend)(graphs.full, graphs.shallow, tensors, **extra, **self.options)
 
 

@@ -23,7 +23,8 @@ from dcfx.hooks import check_hooks
 from dcfx.limits import MAX_GRAPH_PAIRS, MAX_SIGNATURES
 from dcfx.watch import Changes, ModelWatch
 
-logger = logging.getLogger(__name__)
+# Logged as the runtime (users filter on "dcfx.runtime"): the graphs are its part.
+logger = logging.getLogger("dcfx.runtime")
 
 Signature = tuple[
     tuple[str, ...],

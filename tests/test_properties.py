@@ -160,10 +160,17 @@ def stub_unet():
 def stub_runtime(unet, cfg, scheduler) -> DeepCacheUNet:
     """A runtime over graphs that only say which one ran: sample + 1 (full) or + 2 (shallow)."""
 
-    def build(names, tensors):
-        return CompiledPair(full=lambda *a: (a[0] + 1, a[0][:, :1]), shallow=lambda *a: a[0] + 2)
+    return DeepCacheUNet(unet, cfg, spec_for(unet), StubBuild(), scheduler=scheduler)
 
-    return DeepCacheUNet(unet, cfg, spec_for(unet), build, scheduler=scheduler)
+
+class StubBuild:
+    """One pair per input signature (the ``Build`` protocol) over the stub graphs."""
+
+    def bucket(self, names, tensors):
+        return None
+
+    def __call__(self, names, tensors, forecast=False):
+        return CompiledPair(full=lambda *a: (a[0] + 1, a[0][:, :1]), shallow=lambda *a: a[0] + 2)
 
 
 @FAST

@@ -22,7 +22,7 @@ from torch.export import Dim, ExportedProgram
 from dcfx.export.shapes import DIM_NAMES, DimExpr, DimRange, TensorSpec, dtype_name
 from dcfx.models import spec_for
 from dcfx.passes import FEATURE_INPUT, GraphPair, build_graph_pair
-from dcfx.passes.forecast import COEFFICIENT_INPUT, PREVIOUS_INPUT, add_forecast
+from dcfx.passes.forecast import COEFFICIENT_INPUT, PREVIOUS_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ def export_programs(
     sample = tensors[names.index(spec.sample_input)]
     torch_dims = export_dims(dims)
     dynamic = dynamic_axes(model, names, tensors, dims)
-    graphs = build_graph_pair(model, branch, names, tensors, dynamic)
-    forecast_graph = add_forecast(graphs.shallow)
+    graphs = build_graph_pair(model, branch, names, tensors, dynamic, forecast=True)
+    forecast_graph = graphs.forecast
     symbols = _symbol_names(graphs.full, names, tensors, dynamic, sample, spec.context_input)
     inputs = [
         _spec(n, ph.name, ph.meta["val"], symbols) for n, ph in zip(names, _placeholders(graphs.full), strict=True)

@@ -1,12 +1,16 @@
-"""Graph passes: capture -> locate the cache feature -> partition -> cleanup -> verify.
+"""Graph passes: capture, then the pass list: locate -> partition -> clean -> verify -> forecast.
 
-Each pass is a function ``(gm, ctx) -> gm`` in its own module; ``build_graph_pair`` runs them
-in order. The passes know nothing of backends or schedules.
+Capture (``torch.export``) makes the graph; each pass after it is a function ``(graphs, ctx)
+-> graphs`` in its own module, run in order by ``partition`` (``PASSES``). ``graphs`` maps
+names to graph modules: ``{"captured"}`` becomes ``{"full", "shallow"}`` and, with
+``ctx.forecast``, ``"forecast"``. Where the model is cut is the ``PassContext``'s ``cut``
+(``dcfx.passes.cuts``), found from the model spec's module paths. The passes know nothing of
+backends or schedules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,21 +19,38 @@ from torch import fx, nn
 
 from dcfx.models import spec_for
 from dcfx.passes.capture import capture
-from dcfx.passes.cleanup import cleanup
-from dcfx.passes.context import PassContext
-from dcfx.passes.locate import find_cache_feature
-from dcfx.passes.partition import FEATURE_INPUT, build_full, build_shallow
+from dcfx.passes.cleanup import clean
+from dcfx.passes.context import Graphs, PassContext
+from dcfx.passes.forecast import forecast
+from dcfx.passes.locate import locate
+from dcfx.passes.partition import FEATURE_INPUT
+from dcfx.passes.partition import partition as cut
 from dcfx.passes.sources import cached_sources, forget_graphs, forget_sources, source_key
-from dcfx.passes.verify import kept_layers, verify_shallow
+from dcfx.passes.verify import kept_layers, verify
 
-__all__ = ["FEATURE_INPUT", "GraphPair", "PassContext", "build_graph_pair", "capture", "forget_graphs", "partition"]
+__all__ = [
+    "FEATURE_INPUT",
+    "PASSES",
+    "GraphPair",
+    "PassContext",
+    "build_graph_pair",
+    "capture",
+    "forget_graphs",
+    "partition",
+]
+
+Pass = Callable[[Graphs, PassContext], Graphs]
+
+# What runs after capture, in order.
+PASSES: tuple[Pass, ...] = (locate, cut, clean, verify, forecast)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GraphPair:
-    """The two graphs of one branch, sharing the U-Net's parameters.
+    """The graphs of one branch, sharing the U-Net's parameters.
 
-    ``full(*inputs) -> (sample, feature)``; ``shallow(*inputs, feature) -> sample``.
+    ``full(*inputs) -> (sample, feature)``; ``shallow(*inputs, feature) -> sample``; with
+    forecasting, ``forecast(*inputs, feature, previous, coefficient) -> sample``.
     """
 
     full: fx.GraphModule
@@ -37,20 +58,23 @@ class GraphPair:
     feature_shape: tuple[Any, ...]
     feature_dtype: torch.dtype
     kept_layers: list[str]
+    forecast: fx.GraphModule | None = None
 
 
-def partition(captured: fx.GraphModule, ctx: PassContext) -> GraphPair:
-    """Returns the full and shallow graphs of ``ctx.layer``'s branch cut out of ``captured``."""
-    gm = find_cache_feature(captured, ctx)
-    full = cleanup(build_full(gm, ctx), ctx)
-    shallow = verify_shallow(cleanup(build_shallow(gm, ctx), ctx), ctx)
-    feature = next(n for n in full.graph.nodes if n.name == ctx.feature).meta["val"]
+def partition(captured: fx.GraphModule, ctx: PassContext, passes: tuple[Pass, ...] = PASSES) -> GraphPair:
+    """Returns the graphs of ``ctx``'s cut made from ``captured`` by ``passes``."""
+    graphs: Graphs = {"captured": captured}
+    for run in passes:
+        graphs = run(graphs, ctx)
+    full, shallow = graphs["full"], graphs["shallow"]
+    feature = full.graph.output_node().args[0][1].meta["val"]
     return GraphPair(
         full=full,
         shallow=shallow,
         feature_shape=tuple(feature.shape),
         feature_dtype=feature.dtype,
         kept_layers=kept_layers(shallow, ctx.module_prefix, ctx.spec.layer_depth),
+        forecast=graphs.get("forecast"),
     )
 
 
@@ -60,8 +84,9 @@ def build_graph_pair(
     names: tuple[str, ...],
     tensors: tuple[torch.Tensor, ...],
     dynamic_shapes: Mapping[str, Any] | None = None,
+    forecast: bool = False,
 ) -> GraphPair:
-    """Returns the graph pair of ``branch`` for calls shaped like ``tensors``.
+    """Returns the graph pair of ``branch`` for calls shaped like ``tensors`` (with the forecast graph).
 
     Example:
         >>> (names, tensors), _ = spec_for(unet).flatten(unet, (x, t, ehs), {})
@@ -74,9 +99,10 @@ def build_graph_pair(
     layers = spec.up_layers(model)
     if not 0 <= branch < len(layers):
         raise ValueError(f"branch {branch} is out of range for this model; valid: 0..{len(layers) - 1}")
-    ctx = PassContext(model=model, spec=spec, input_names=names, layer=layers[branch])
+    ctx = PassContext(model=model, spec=spec, input_names=names, layer=layers[branch], forecast=forecast)
     before = cached_sources()
     pair = partition(capture(model, names, tensors, dynamic_shapes, spec), ctx)
     # The intermediate graphs are gone; torch.fx would keep their sources for good.
-    forget_sources(cached_sources() - before - {source_key(pair.full), source_key(pair.shallow)})
+    kept = {source_key(g) for g in (pair.full, pair.shallow, pair.forecast) if g is not None}
+    forget_sources(cached_sources() - before - kept)
     return pair

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from dcfx.passes.context import PassContext
+from dcfx.passes.context import Graphs, PassContext
 
 
 def mutates(node: fx.Node) -> bool:
@@ -31,3 +31,8 @@ def cleanup(gm: fx.GraphModule, ctx: PassContext | None = None) -> fx.GraphModul
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def clean(graphs: Graphs, ctx: PassContext) -> Graphs:
+    """The pass: every graph without dead nodes or unused submodules."""
+    return {name: cleanup(gm, ctx) for name, gm in graphs.items()}

@@ -1,12 +1,16 @@
-"""The state that the passes share: what was captured and where the branch is cut."""
+"""The state that the passes share: what was captured and where it is cut."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from torch import nn
+from torch import fx, nn
 
 from dcfx.models import ModelSpec, UpLayer
+from dcfx.passes.cuts import Cut, SkipCut
+
+# The graphs a pass takes and returns, by name: "captured", then "full", "shallow", "forecast".
+Graphs = dict[str, fx.GraphModule]
 
 
 @dataclass
@@ -18,7 +22,9 @@ class PassContext:
         spec: Its ``ModelSpec``.
         input_names: The flat graph inputs, in placeholder order.
         layer: The up layer whose input is cached (set from the branch id).
-        feature: Name of the graph node holding the cache feature (set by ``find_cache_feature``).
+        cut: Where the graphs are cut (default: the skip branch of ``layer``).
+        forecast: Whether the forecast graph is made too (``dcfx.passes.forecast``).
+        located: The captured graph's nodes the cut reads (set by ``locate``).
         module_prefix: The prefix of the U-Net's module paths in ``nn_module_stack``.
     """
 
@@ -26,5 +32,16 @@ class PassContext:
     spec: ModelSpec
     input_names: tuple[str, ...]
     layer: UpLayer
-    feature: str | None = None
+    cut: Cut | None = None
+    forecast: bool = False
+    located: list[fx.Node] = field(default_factory=list)
     module_prefix: str = "unet."
+
+    def __post_init__(self) -> None:
+        if self.cut is None:
+            self.cut = SkipCut(self.layer)
+
+    @property
+    def feature(self) -> fx.Node | None:
+        """The cache feature's node in the captured graph (None before ``locate``)."""
+        return self.located[0] if self.located else None

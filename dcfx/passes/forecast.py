@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from dcfx.passes.context import PassContext
+from dcfx.passes.context import Graphs, PassContext
 from dcfx.passes.partition import FEATURE_INPUT
 
 PREVIOUS_INPUT = "cache_previous"
@@ -62,3 +62,10 @@ def add_forecast(shallow: fx.GraphModule, ctx: PassContext | None = None) -> fx.
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def forecast(graphs: Graphs, ctx: PassContext) -> Graphs:
+    """The pass: with ``ctx.forecast``, adds the forecast graph made from the shallow one."""
+    if not ctx.forecast:
+        return graphs
+    return {**graphs, "forecast": add_forecast(graphs["shallow"], ctx)}

@@ -1,12 +1,17 @@
-"""Partition: the full graph (output and cache feature) and the shallow graph (feature in)."""
+"""Partition: the full graph (output and cache features) and the shallow graph (features in)."""
 
 from __future__ import annotations
 
 from torch import fx
 
-from dcfx.passes.context import PassContext
+from dcfx.passes.context import Graphs, PassContext
 
 FEATURE_INPUT = "cache_feature"
+
+
+def feature_input(index: int, count: int) -> str:
+    """The name of the shallow graph's ``index``-th feature input (of ``count``)."""
+    return FEATURE_INPUT if count == 1 else f"{FEATURE_INPUT}_{index}"
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.Graph, dict[fx.Node, fx.Node], fx.Node]:
@@ -17,31 +22,41 @@ def _copy(gm: fx.GraphModule) -> tuple[fx.Graph, dict[fx.Node, fx.Node], fx.Node
     return graph, env, result
 
 
-def _feature_node(gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
-    if ctx.feature is None:
-        raise RuntimeError("find_cache_feature must run before partitioning")
-    return next(n for n in gm.graph.nodes if n.name == ctx.feature)
+def _located(ctx: PassContext) -> list[fx.Node]:
+    if not ctx.located:
+        raise RuntimeError("locate must run before partitioning")
+    return ctx.located
 
 
 def build_full(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Returns a graph ``full(*inputs) -> (sample, feature)`` sharing ``gm``'s weights."""
+    """Returns a graph ``full(*inputs) -> (sample, *features)`` sharing ``gm``'s weights."""
     graph, env, result = _copy(gm)
-    graph.output((result, env[_feature_node(gm, ctx)]))
+    features = ctx.cut.emit(graph, [env[n] for n in _located(ctx)])
+    graph.output((result, *features))
     return fx.GraphModule(gm, graph, class_name="FullGraph")
 
 
 def build_shallow(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Returns a graph ``shallow(*inputs, feature) -> sample`` sharing ``gm``'s weights.
+    """Returns a graph ``shallow(*inputs, *features) -> sample`` sharing ``gm``'s weights.
 
-    The feature node's uses are rewired to a new last placeholder; the deep part that only
-    fed it becomes dead and is removed by the cleanup pass that follows.
+    The features come in as new last placeholders, which the cut rewires the graph to read;
+    the deep part that only fed them becomes dead and is removed by the cleanup pass.
     """
     graph, env, result = _copy(gm)
-    feature = env[_feature_node(gm, ctx)]
+    located = [env[n] for n in _located(ctx)]
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last_input):
-        placeholder = graph.placeholder(FEATURE_INPUT)
-    placeholder.meta = {k: feature.meta[k] for k in ("val", "tensor_meta") if k in feature.meta}
-    feature.replace_all_uses_with(placeholder)
+    features = []
+    for i, node in enumerate(located):
+        with graph.inserting_after(last_input):
+            last_input = graph.placeholder(feature_input(i, len(located)))
+        last_input.meta = {k: node.meta[k] for k in ("val", "tensor_meta") if k in node.meta}
+        features.append(last_input)
+    ctx.cut.take(graph, located, features)
     graph.output(result)
     return fx.GraphModule(gm, graph, class_name="ShallowGraph")
+
+
+def partition(graphs: Graphs, ctx: PassContext) -> Graphs:
+    """The pass: the captured graph becomes the full and the shallow graphs."""
+    captured = graphs["captured"]
+    return {"full": build_full(captured, ctx), "shallow": build_shallow(captured, ctx)}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import fx
 
-from dcfx.passes.context import PassContext
-from dcfx.passes.locate import in_module, module_path
+from dcfx.passes.context import Graphs, PassContext
+from dcfx.passes.cuts import in_module, module_path
 
 
 def deep_modules(ctx: PassContext) -> list[str]:
@@ -48,3 +48,9 @@ def verify_shallow(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                     f"the cut did not separate the deep part"
                 )
     return gm
+
+
+def verify(graphs: Graphs, ctx: PassContext) -> Graphs:
+    """The pass: checks the shallow graph (``verify_shallow``)."""
+    verify_shallow(graphs["shallow"], ctx)
+    return graphs

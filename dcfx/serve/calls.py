@@ -17,14 +17,15 @@ from collections.abc import Callable
 import torch
 
 from dcfx.backends import CompiledPair
+from dcfx.limits import MAX_GRAPH_PAIRS
 from dcfx.planner import Decision
-from dcfx.runtime import MAX_GRAPH_PAIRS, DeepCacheUNet
+from dcfx.runtime import DeepCacheUNet
 from dcfx.scalars import scalar
 from dcfx.serve.cohorts import Cohort, Generation
 from dcfx.serve.config import EngineConfig
 from dcfx.serve.rows import CacheGroup, Rows, Slot, offsets, release
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("dcfx.serve.engine")  # the engine's part: logged as the engine
 
 Call = tuple[list[Generation], Callable[[], None]]  # the generations of a call, and what runs it
 

@@ -19,7 +19,7 @@ a shallow call that gathers generations of several phases copies their rows toge
 
 Calls run at a few fixed batch sizes (``EngineConfig.batch_sizes``): a call of n rows is
 padded to the smallest size >= n. Each batch size is a graph pair of its own while the
-runtime's pairs have static shapes (at most ``dcfx.runtime.MAX_GRAPH_PAIRS`` are kept), so
+runtime's pairs have static shapes (at most ``dcfx.limits.MAX_GRAPH_PAIRS`` are kept), so
 a few sizes keep the builds few at the price of padded rows; with a dynamic-batch pair,
 ``batch_sizes=range(1, max_batch + 1)`` pads nothing.
 

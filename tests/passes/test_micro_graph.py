@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dcfx.passes import FEATURE_INPUT, partition
-from dcfx.passes.locate import find_cache_feature, in_module, module_path
+from dcfx.passes.cuts import in_module, module_path
+from dcfx.passes.locate import find_cache_feature
 from dcfx.passes.verify import deep_modules
 from tests.passes.micro import micro_context
 
@@ -38,7 +39,7 @@ def test_module_paths_name_every_layer():
 def test_feature_is_the_main_path_operand_of_the_layer_cat(branch, consumer):
     _, ctx, _, gm = micro_context(branch)
     find_cache_feature(gm, ctx)
-    feature = next(n for n in gm.graph.nodes if n.name == ctx.feature)
+    feature = ctx.feature
     cats = [u for u in feature.users if u.target is torch.ops.aten.cat.default]
     assert len(cats) == 1 and cats[0].args[0][0] is feature
     assert all(in_module(u, consumer, ctx.module_prefix) for u in cats[0].users)

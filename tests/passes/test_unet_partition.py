@@ -5,7 +5,7 @@ import torch
 
 from dcfx.models import spec_for
 from dcfx.passes import PassContext, capture, partition
-from dcfx.passes.locate import in_module
+from dcfx.passes.cuts import in_module
 from dcfx.passes.verify import deep_modules
 from tests.fixtures import UNET_FACTORIES, example_call
 

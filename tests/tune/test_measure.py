@@ -142,7 +142,7 @@ def test_a_cost_model_unit_far_from_the_plain_generation_is_timed_again(monkeypa
 
     from dcfx.tune.measure import ResultCache
 
-    tune_module = importlib.import_module("dcfx.tune")  # the package; dcfx.tune is the function
+    tune_module = importlib.import_module("dcfx.tune.search")  # where tune() looks the names up
 
     class FakeRunner:
         batches, batch, steps = [None, None], 10, 50

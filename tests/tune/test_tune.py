@@ -260,7 +260,7 @@ def test_the_baseline_is_timed_beside_the_candidates_and_the_check(tiny_work, tm
         calls.append({key: len(t.times_s) for key, t in timings.items()})
         return timings
 
-    monkeypatch.setattr(sys.modules["dcfx.tune"], "time_interleaved", spy)  # dcfx.tune is the function
+    monkeypatch.setattr(sys.modules["dcfx.tune.search"], "time_interleaved", spy)  # where tune() looks it up
     result = tune(
         tiny_work,
         **{"steps": 4, "batch": 1, "size": 8, "seeds": 1, "repeats": 2, "max_rounds": 3, "branches": (0,)},
