@@ -21,6 +21,7 @@ def test_unknown_model_is_a_clear_error_in_every_command(command):
         main([*command, "--model", "no-such-model"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["digits", "folder"])
 def test_the_bundled_models_cli_export_runs_its_own_generation(tmp_path, capsys, model):
     import torch
@@ -43,6 +44,7 @@ def test_the_bundled_models_cli_export_runs_its_own_generation(tmp_path, capsys,
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_takes_the_prompt_length_as_a_range(tmp_path, capsys):
     out = tmp_path / "digits"
     assert main(["export", str(out), "--model", "digits", "--batch", "2", "--tokens", "2:4:8"]) == 0

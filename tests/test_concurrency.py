@@ -45,6 +45,7 @@ JOBS = [  # (batch, size, seed): mixed shapes
 ]
 
 
+@pytest.mark.slow
 def test_four_threads_five_generations_each_equal_their_solo_runs(unet):
     calls = {(b, s): example_call(unet, batch=b, size=s) for b, s, _ in JOBS}
     alone = dcfx.compile(unet, branch=0, interval=3)

@@ -30,6 +30,7 @@ def _generation(runtime, call, steps=5):
     return [runtime(**dict(call, timestep=t)).sample for t in runtime.scheduler.timesteps[:steps]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("copy_it", [copy.deepcopy, _pickle_roundtrip, _torch_roundtrip])
 def test_a_copy_made_mid_generation_starts_clean(copy_it):
     unet = tiny_sd()

@@ -27,6 +27,7 @@ def call_at(unet, batch, height, width, tokens, seed=0):
     }
 
 
+@pytest.mark.slow
 def test_one_eager_pair_serves_every_size_in_range(unet):
     ranged = dcfx.compile(unet, branch=0, interval=2, dynamic=RANGES)
     static = dcfx.compile(unet, branch=0, interval=2)

@@ -48,6 +48,7 @@ def noise(call, seed=0):
     return torch.randn(call["sample"].shape, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("branch", "interval"), [(0, 3), (0, 5), (2, 3)])
 def test_forecast_equals_the_eager_reference(unet, branch, interval):
     call = example_call(unet, batch=2, size=16)
@@ -75,6 +76,7 @@ def test_a_new_generation_starts_with_no_history(unet):
     assert not torch.equal(first, second)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [HeunDiscreteScheduler, EulerDiscreteScheduler])
 def test_repeated_and_uneven_timesteps(unet, make):
     # Heun calls the U-Net twice per step at repeated timesteps; Euler's timesteps are floats.

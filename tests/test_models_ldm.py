@@ -139,6 +139,7 @@ def plain() -> dict[str, torch.Tensor]:
 CASES = [("text", 0, 3), ("text", 2, 2), ("text", 4, 5), ("class", 1, 4), ("class", 3, 2), ("class", 5, 3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "branch", "interval"), CASES)
 def test_sampling_run_equals_hand_written_deepcache(plain, name, branch, interval):
     make, case = MODELS[name]

@@ -78,6 +78,7 @@ def tiny_unets(draw) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 @SLOW
 @given(unet=tiny_unets(), data=st.data())
 def test_shallow_of_the_full_steps_cache_equals_the_full_step(unet, data):
@@ -173,6 +174,7 @@ class StubBuild:
         return CompiledPair(full=lambda *a: (a[0] + 1, a[0][:, :1]), shallow=lambda *a: a[0] + 2)
 
 
+@pytest.mark.slow
 @FAST
 @given(cfg=configs(), steps=st.integers(1, 40), generations=st.integers(1, 3))
 def test_the_runtime_follows_the_plan_call_by_call(stub_unet, cfg, steps, generations):
@@ -195,6 +197,7 @@ def test_the_runtime_follows_the_plan_call_by_call(stub_unet, cfg, steps, genera
 _RUNTIMES: dict = {}
 
 
+@pytest.mark.slow
 @examples(8)
 @given(
     branch=st.integers(0, 8),

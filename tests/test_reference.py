@@ -65,6 +65,7 @@ SD_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("scheduler", "branch", "interval"), SD_CASES)
 def test_sd_matches_reference(plain_sd, scheduler, branch, interval):
     expected = reference(sd_pipe(scheduler), run_sd, branch, interval)

@@ -21,6 +21,7 @@ def run_script(name: str, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_pipeline_speed_smoke(tmp_path):
     run_script(
         "pipeline_speed.py",
@@ -55,6 +56,7 @@ def test_pipeline_speed_refuses_a_limit_outside_the_run():
     assert proc.returncode != 0 and "need a chosen variant and some of (0, 1, 2)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_quality_smoke(tmp_path):
     # The benchmark as it was before forecasting: DDIM only, reuse only; same rows, same keys.
     run_script(
@@ -71,6 +73,7 @@ def test_quality_smoke(tmp_path):
     assert (tmp_path / "quality.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_quality_forecast_and_samplers_smoke(tmp_path):
     run_script(
         "quality.py",
@@ -107,6 +110,7 @@ def test_quality_sampling_loop_is_generate_for_ddim(monkeypatch):
     assert torch.equal(ours, generate(model.unet, model.tokens, model.scheduler(), labels, steps=3, seed=1))
 
 
+@pytest.mark.slow
 def test_training_scripts_write_loadable_models(tmp_path):
     run_script("train_digits.py", "--steps", "3", "--batch", "4", "--warmup", "1", "--out", str(tmp_path))
     model = load_model(tmp_path)
@@ -118,6 +122,7 @@ def test_training_scripts_write_loadable_models(tmp_path):
     assert classifier(images).shape == (2, 10) and mean.shape == (64,) and cov.shape == (64, 64)
 
 
+@pytest.mark.slow
 def test_soak_smoke(tmp_path):
     # Three sizes against a bound of two graph pairs: graphs are evicted and built again.
     run_script(

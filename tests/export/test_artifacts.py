@@ -54,6 +54,7 @@ def flip_byte(path, offset=-100):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_untouched_copy_loads(copy):
     assert isinstance(dcfx.load(copy), dcfx.DeepCacheUNet)
 

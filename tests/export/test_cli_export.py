@@ -12,6 +12,7 @@ from dcfx.cli import main
 from tests.export.conftest import sd_unet
 
 
+@pytest.mark.slow
 def test_export_then_inspect(tmp_path, capsys):
     folder = tmp_path / "unet"
     sd_unet().save_pretrained(folder)
@@ -41,6 +42,7 @@ def test_bad_range_is_a_usage_error(tmp_path):
         main(["export", str(tmp_path / "x"), "--batch", "1:2:3:4"])
 
 
+@pytest.mark.slow
 def test_the_digits_export_covers_the_models_own_generation(tmp_path):
     from dcfx.digits import DEMO_DIGITS, NUM_CLASSES, generate, load_model
 

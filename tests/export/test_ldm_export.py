@@ -63,6 +63,7 @@ def ddim_like_calls(unet, batch, height, width):
     return [unet(x, torch.full((batch,), t), context=context) for t in (901, 801, 701, 601, 501)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("batch", "height", "width"), [(1, 8, 8), (2, 16, 24), (4, 32, 32)])
 def test_onnx_matches_the_eager_runtime(onnx_ldm, batch, height, width):
     loaded = dcfx.load(onnx_ldm)

@@ -190,6 +190,7 @@ def test_runs_in_a_fresh_process_without_diffusers(onnx_sd, tmp_path):
         torch.testing.assert_close(got, eager(x, t, encoder_hidden_states=ehs).sample, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_unet2d_model_in_a_ddim_pipeline(tmp_path):
     unet = tiny_ddpm()
     out = dcfx.export(
@@ -209,6 +210,7 @@ def test_unet2d_model_in_a_ddim_pipeline(tmp_path):
     assert read_manifest(out).model["class"] == "UNet2DModel"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["sdxl", "ddpm-class"])
 def test_other_inputs_enter_the_export(tmp_path, layout):
     # SDXL's added_cond_kwargs (a dict of tensors) and class labels (int64) are graph inputs too.

@@ -128,6 +128,7 @@ def test_the_graphs_compute_what_the_live_model_computes(state):
         torch.testing.assert_close(unet(x, t, e).sample, live, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(UNET_FACTORIES))
 def test_every_layout_after_the_helper_and_a_wrapped_cut_layer(layout):
     # The helper's leftover state on every module, and a partial around the very up layer

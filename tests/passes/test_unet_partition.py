@@ -19,6 +19,7 @@ def captured(request):
     return unet, spec, names, tensors, capture(unet, names, tensors), unet(**call).sample
 
 
+@pytest.mark.slow
 def test_every_branch_cuts_exactly(captured):
     unet, spec, names, tensors, gm, reference = captured
     for layer in spec.up_layers(unet):

@@ -116,6 +116,7 @@ def run_with_image(pipe) -> torch.Tensor:
     return _generate(pipe, ip_adapter_image=_image(), height=32, width=32)
 
 
+@pytest.mark.slow
 def test_ip_adapter_unloaded_and_reloaded_after_compile():
     # The pipeline encodes ip_adapter_image itself, reading pipe.unet.encoder_hid_proj, which
     # unload_ip_adapter sets to None through pipe.unet: dcfx must pass that on to the U-Net.
@@ -159,6 +160,7 @@ def test_attribute_writes_through_the_runtime_reach_the_model():
 
 # 0: the shallow steps read no T2I residual; 8: all three, the last through diffusers'
 # in-place add to a skip tensor (see the shallow-graph tests below).
+@pytest.mark.slow
 @pytest.mark.parametrize("branch", [0, 8])
 def test_t2i_adapter_pipeline(branch):
     exact_then_cached(make_t2i_adapter, run_t2i_adapter, branch)
@@ -234,6 +236,7 @@ def test_t2i_adapter_shallow_graphs_read_the_residuals_of_the_skips_they_consume
         assert residuals == {k for k in range(3) if branch >= 3 * k + 2}, (branch, used)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("adapter", "branch", "read"), [("ip", 0, True), ("t2i", 0, False), ("t2i", 2, True)])
 def test_shallow_steps_take_adapter_inputs_fresh(adapter, branch, read):
     """A shallow step's output changes with the adapter inputs it reads, and only with those."""

@@ -54,6 +54,7 @@ def reference(make, run, branch: int, interval: int, forecast: str) -> tuple[tor
         ref.remove()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "branch", "interval"), SETTINGS)
 def test_forecast_pipeline_equals_the_reference(case, branch, interval):
     make, run, calls = CASES[case]

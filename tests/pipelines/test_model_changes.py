@@ -149,6 +149,7 @@ def follow(workflow: str, backend: str, caplog) -> None:
         torch.testing.assert_close(cached, helper, atol=1e-3 * scale, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workflow", sorted(WORKFLOWS))
 def test_eager_graphs_follow_the_model(workflow, caplog):
     follow(workflow, "eager", caplog)

@@ -48,6 +48,7 @@ SETTINGS = [(case, 0, 3) for case in sorted(CASES)] + [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "branch", "interval"), SETTINGS)
 def test_pipeline_matches_the_reference_run_first(case, branch, interval):
     """What a user comparing dcfx with DeepCache does: one pipeline, the helper first, then dcfx."""

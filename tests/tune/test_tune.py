@@ -363,6 +363,7 @@ def digits_work():
     return load_workload("digits")
 
 
+@pytest.mark.slow
 def test_tune_on_digits_searches_forecast_modes_and_fewer_steps(digits_work, tmp_path):
     options = {
         **{"steps": 8, "batch": 2, "seeds": 2, "repeats": 1, "max_rounds": 2, "tolerance": 0.5, "min_speedup": 1.0},
