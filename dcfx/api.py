@@ -12,7 +12,7 @@ from dcfx import schedule
 from dcfx.backends import check_options, get_backend
 from dcfx.builds import BuildRequest, cache_dir_from, make_build
 from dcfx.config import DeepCacheConfig
-from dcfx.export.shapes import DimRange, parse_dims
+from dcfx.export.shapes import DimRange, default_side_range, parse_dims
 from dcfx.hooks import check_capturable
 from dcfx.models import ModelSpec
 from dcfx.resolve import check_branch, model_spec, split_config_fields
@@ -114,7 +114,7 @@ def _dynamic_dims(
     factor = spec.downsampling_factor(unet)
     size = spec.default_size(unet)
     ranges = dict(DYNAMIC_DEFAULTS) if dynamic is True else {}
-    ranges["height"] = ranges["width"] = (max(factor, size // 2 // factor * factor), size, 2 * size)
+    ranges["height"] = ranges["width"] = default_side_range(size, factor)
     ranges.update(dict(dynamic) if isinstance(dynamic, Mapping) else {})
     takes_context = spec.context_input in spec.signature(unet).parameters
     if not takes_context:

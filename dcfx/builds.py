@@ -18,6 +18,7 @@ together, naming those that do.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -175,7 +176,7 @@ class AheadOfTime:
     branch, the sizes, dtype and device, the Inductor settings and the dcfx, torch and
     diffusers versions. Before use a package is checked as ``dcfx.load`` checks an export
     (every file's sha256); an altered one is rebuilt, said in a warning. Without
-    ``cache_dir`` the packages live in a temporary directory for the runtime's life.
+    ``cache_dir`` the packages live in a temporary directory removed when the process exits.
     """
 
     unet: nn.Module
@@ -295,6 +296,7 @@ def _session_dir() -> Path:
     global _SESSION_DIR
     if _SESSION_DIR is None:
         _SESSION_DIR = Path(tempfile.mkdtemp(prefix="dcfx-aoti-"))
+        atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)  # not left behind in /tmp
     return _SESSION_DIR
 
 

@@ -213,7 +213,7 @@ def generate(
     The U-Net runs once per step: on the B conditional inputs at ``guidance`` 1, or, with
     classifier-free guidance (``guidance`` > 1), on a batch of 2B (conditional and unconditional)
     as Stable Diffusion pipelines do. The bundled model is best at 1: its unconditional branch
-    is weak (``docs/benchmarks/quality.md``). ``unet`` may be the plain U-Net or a dcfx runtime
+    is weak (``docs/benchmarks/quality/quality.md``). ``unet`` may be the plain U-Net or a dcfx runtime
     compiled with ``scheduler=scheduler``. The same seed and labels give the same initial noise.
     """
     if labels.dim() != 1 or labels.numel() == 0:

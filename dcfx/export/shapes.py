@@ -62,6 +62,11 @@ class DimRange:
         return {k: v for k, v in asdict(self).items() if k != "name"}
 
 
+def default_side_range(sample_size: int, multiple: int) -> tuple[int, int, int]:
+    """The default (min, opt, max) of a height or width: half to twice the model's size, on the multiple."""
+    return max(multiple, sample_size // 2 // multiple * multiple), sample_size, 2 * sample_size
+
+
 def parse_dims(
     shapes: Mapping[str, Any] | None, sample_size: int, multiple: int, tokens: int | None = None
 ) -> dict[str, DimRange]:
@@ -89,8 +94,7 @@ def parse_dims(
     if unknown:
         what = "" if tokens is not None or "tokens" not in unknown else " (this model takes no cross-attention states)"
         raise ValueError(f"unknown shape name(s) {unknown}{what}; shapes takes {', '.join(names)}")
-    half = max(multiple, sample_size // 2 // multiple * multiple)
-    defaults: dict[str, Any] = {"batch": (1, 2, 4), "height": (half, sample_size, 2 * sample_size)}
+    defaults: dict[str, Any] = {"batch": (1, 2, 4), "height": default_side_range(sample_size, multiple)}
     defaults["width"] = defaults["height"]
     defaults["tokens"] = tokens
     dims = {}

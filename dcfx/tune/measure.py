@@ -16,7 +16,6 @@ rounds accumulate (about as 1 / sqrt(n)).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dcfx.quality import psnr
+from dcfx.version import __version__
 
 # PSNR of identical images is infinite; reported and plotted at this ceiling.
 PSNR_CAP = 100.0
@@ -257,19 +256,8 @@ class ResultCache:
             os.replace(tmp, self.path)
 
 
-def weights_digest(unet: nn.Module) -> str:
-    """Returns a short sha256 of the model's state dict (names and bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in unet.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def machine() -> dict[str, Any]:
     """Returns what identifies this machine and software (part of the cache key; written beside results)."""
-    import dcfx
-
     cpu = platform.processor()
     if Path("/proc/cpuinfo").exists():
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -282,6 +270,6 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "dcfx": dcfx.__version__,
+        "dcfx": __version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }

@@ -33,11 +33,11 @@ from dcfx.tune.measure import (
     machine,
     time_interleaved,
     timing_entry,
-    weights_digest,
 )
 from dcfx.tune.options import MeasureSettings, SearchSpace, gather, settings_errors
 from dcfx.tune.report import NO_PLOT, TuneResult, plotting_available, summary, write_config, write_outputs
 from dcfx.tune.workload import Batch, Runner, Workload, generate, load_workload
+from dcfx.util import weights_digest
 
 
 def tune(
