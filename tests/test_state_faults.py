@@ -75,6 +75,7 @@ def failing_at(fast, calls):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_at", [1, 2, 4, 5])  # full step 0, shallow 1, full 3, shallow 4 at 1:3
 def test_an_exception_inside_a_step_leaves_no_cache(unet, fail_at):
     call = example_call(unet)
@@ -205,6 +206,7 @@ def test_replaced_weights_are_never_computed_with_stale_graphs():
     torch.testing.assert_close(got, fresh(other, call, branch=1, interval=3), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_pipelines_sharing_weights_in_two_threads_equal_sequential_runs():
     unet = tiny_sd()
     pipes = [make_sd_pipeline(unet=unet, scheduler=DDIMScheduler()) for _ in range(2)]

@@ -59,6 +59,7 @@ def test_untouched_copy_loads(copy):
     assert isinstance(dcfx.load(copy), dcfx.DeepCacheUNet)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["weights.bin", "full.onnx", "shallow.onnx", "forecast.onnx", "trtexec.sh"])
 def test_altered_file(copy, no_session, name):
     flip_byte(copy / name)

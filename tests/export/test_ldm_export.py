@@ -76,6 +76,7 @@ def test_onnx_matches_the_eager_runtime(onnx_ldm, batch, height, width):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_manifest_names_the_models_inputs_and_tensorrt_gets_them(onnx_ldm):
     manifest = read_manifest(onnx_ldm)
     model = manifest.model

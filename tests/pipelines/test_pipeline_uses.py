@@ -52,6 +52,7 @@ def _without_dcfx(pipe, run):
         pipe.unet = runtime
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(SCHEDULERS))
 def test_a_scheduler_replaced_after_enable_is_followed(kind):
     pipe = make_sd()
@@ -72,6 +73,7 @@ AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
 AYS_SIGMAS = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("custom", [{"timesteps": AYS_TIMESTEPS}, {"sigmas": AYS_SIGMAS}], ids=["timesteps", "sigmas"])
 def test_custom_timesteps_and_sigmas(custom):
     pipe = make_sd()

@@ -73,6 +73,7 @@ def no_cache_run(make) -> torch.Tensor:
     return run_sd(make_sd_pipeline(scheduler=make()), steps=10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ONE_CALL_PER_STEP)
 def test_scheduler_matches_the_reference(scheduler):
     make = getattr(diffusers, scheduler)
@@ -83,6 +84,7 @@ def test_scheduler_matches_the_reference(scheduler):
     assert (no_cache_run(make) - want).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("scheduler", "options", "calls"), SEVERAL_CALLS_PER_STEP)
 def test_every_unet_call_is_a_step(scheduler, options, calls):
     def make():
