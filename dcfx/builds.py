@@ -363,19 +363,24 @@ def make_build(request: BuildRequest) -> Build:
     return factory(request)
 
 
-@register_build("*", "static")
-def _static(request: BuildRequest) -> Build:
+def _keeps_nothing(request: BuildRequest) -> None:
     if request.cache_dir is not None:
         raise ValueError(
             f"cache_dir= keeps compiled graphs for the inductor backend; backend {request.backend!r} builds its "
             "graphs in seconds and keeps nothing on disk"
         )
+
+
+@register_build("*", "static")
+def _static(request: BuildRequest) -> Build:
+    _keeps_nothing(request)
     return CaptureAndCompile(request.unet, request.branch, request.backend, request.options)
 
 
 @register_build("eager", "ranged")
 def _ranged(request: BuildRequest) -> Build:
     assert request.dims is not None
+    _keeps_nothing(request)
     return RangedCapture(
         request.unet, request.branch, request.backend, request.options, dict(request.dims), request.from_first_call
     )

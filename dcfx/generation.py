@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,8 +27,9 @@ class Generation:
     generation keeps the features of its last two full steps at distinct positions in two
     buffers that trade roles on each full step: no copy, two fixed addresses.
 
-    The runtime drives a step through ``hold`` (one call at a time), ``begin`` (the step
-    index, a new plan at a new generation, all undone if the call is refused) and ``run``.
+    The runtime drives a call through ``enter``/``leave`` (one call at a time), ``advance``
+    (the step index, a new plan at a new generation; ``restore`` undoes it for a refused
+    call) and ``run``.
     """
 
     __slots__ = ("_busy", "_epoch", "_slot", "buffers", "plan", "tracker")
@@ -63,28 +63,26 @@ class Generation:
         if self.plan is not None:
             self.plan.drop()
 
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        """Holds this generation for one call; RuntimeError when another thread is inside one."""
+    def enter(self) -> None:
+        """Takes this generation for one call; RuntimeError when another thread is inside one (``leave`` after)."""
         if not self._busy.acquire(blocking=False):
             raise RuntimeError(
                 "this dcfx generation is inside a call in another thread: a generation's steps run one at a time. "
                 "Threads get a generation each by default; share a runtime.generation() block only within one thread"
             )
-        try:
-            yield
-        finally:
-            self._busy.release()
 
-    @contextlib.contextmanager
-    def begin(
+    def leave(self) -> None:
+        """Lets go of this generation after a call."""
+        self._busy.release()
+
+    def advance(
         self, epoch: int, timestep: Any, value: float | None, planner: Planner, on_new: Callable[[], None]
-    ) -> Iterator[int]:
-        """Advances to the call's step; yields its index. A new generation calls ``on_new``, then plans.
+    ) -> tuple[int, tuple[Any, GenerationPlan | None]]:
+        """Moves to the call's step; returns its index and what ``restore`` puts back.
 
         A runtime that moved on (``epoch``: rescheduled, graphs cleared) starts this generation
-        anew. If the block raises (a refused call: bad input, a build that failed), the step
-        count and plan are put back: no graph ran, and the generation in progress goes on.
+        anew; a new generation calls ``on_new`` (the model check), then plans its steps. If
+        that raises, nothing changed.
         """
         if self._epoch != epoch:
             self.reset()
@@ -95,11 +93,19 @@ class Generation:
             if new:
                 on_new()
                 self.plan = planner.start(num_steps)
-            yield index
         except BaseException:
-            self.tracker.restore(saved[0])
-            self.plan = saved[1]
+            self.restore(saved)
             raise
+        return index, saved
+
+    def restore(self, saved: tuple[Any, GenerationPlan | None]) -> None:
+        """Puts back the step count and plan of before ``advance``.
+
+        A refused call (bad input, a build that failed) ran no graph: the generation in
+        progress goes on.
+        """
+        self.tracker.restore(saved[0])
+        self.plan = saved[1]
 
     def position(self, index: int, timestep: Any, value: float | None) -> float:
         """The step's place on the sampler's time axis (what a forecast moves the feature by)."""

@@ -292,8 +292,11 @@ class DeepCacheUNet(nn.Module):
             RuntimeError: the same ``generation()`` state is inside a call in another thread.
         """
         state = self._state()
-        with state.hold():
+        state.enter()
+        try:
             return self._step(state, args, kwargs)
+        finally:
+            state.leave()
 
     def graphs_for(self, *args: Any, **kwargs: Any) -> tuple[CompiledPair, tuple[torch.Tensor, ...]]:
         """Returns the graph pair that serves the U-Net call ``(*args, **kwargs)`` and its flat inputs.
@@ -325,8 +328,12 @@ class DeepCacheUNet(nn.Module):
         rt = self._rt
         names, tensors, return_dict, timestep, value = self._flatten(args, kwargs)
         key = rt.graphs.signature(names, tensors)
-        with state.begin(rt.epoch, timestep, value, rt.planner, rt.graphs.check_model) as index:
+        index, saved = state.advance(rt.epoch, timestep, value, rt.planner, rt.graphs.check_model)
+        try:
             pair = rt.graphs.get(key, names, tensors, rt.forecasting)
+        except BaseException:
+            state.restore(saved)
+            raise
         # With forecasting, the step's place on the sampler's time axis: a forecast from the
         # last two full steps moves the feature by how far the timestep moved.
         position = state.position(index, timestep, value) if rt.forecasting else 0.0

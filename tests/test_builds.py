@@ -58,9 +58,10 @@ def test_a_backend_without_ranges_is_refused_by_name(unet):
         make_build(request)
 
 
-def test_a_cache_dir_for_a_backend_that_keeps_nothing_is_refused(unet, tmp_path):
+@pytest.mark.parametrize("dynamic", [None, RANGES], ids=["static", "ranged"])
+def test_a_cache_dir_for_a_backend_that_keeps_nothing_is_refused(unet, tmp_path, dynamic):
     with pytest.raises(ValueError, match="cache_dir= keeps compiled graphs for the inductor backend; backend 'eager'"):
-        dcfx.compile(unet, branch=0, cache_dir=tmp_path)
+        dcfx.compile(unet, branch=0, cache_dir=tmp_path, dynamic=dynamic)
     assert not any(tmp_path.iterdir())
 
 
