@@ -8,8 +8,12 @@ a second process with the same settings and cache directory as the cold one befo
 
 Variants:
     eager                 one capture per shape
-    inductor-1, -3        Inductor (torch.compile, freezing) at 1 and 3 shapes: a pair per shape
-    inductor-nofreeze-3   Inductor without freezing at 3 shapes: the graphs read the model's weights
+    inductor-1, -3        Inductor (torch.compile, dcfx's default settings: freezing, no weight
+                          prepacking, no layout optimisation) at 1 and 3 shapes: a pair per
+                          shape, all reading one copy of the weights
+    inductor-copy-1, -3   Inductor with freezing as torch sets it up (weight prepacking and layout
+                          optimisation on): each pair folds its own copy of the weights
+    inductor-nofreeze-3   Inductor without freezing at 3 shapes: the weights are graph inputs
     dynamic               Inductor ahead of time over ranges (dynamic=): one pair for every shape
     aoti-cold, aoti-warm  the dynamic pair persisted in a cache directory (cache_dir=), then loaded
 
@@ -34,7 +38,15 @@ from typing import Any
 
 from graph_speed import machine_info, write_results
 
-VARIANTS = ("eager", "inductor-1", "inductor-3", "inductor-nofreeze-3", "dynamic", "aoti-cold", "aoti-warm")
+# Inductor settings per variant, over dcfx's defaults (None: the defaults).
+INDUCTOR_SETTINGS: dict[str, dict[str, Any] | None] = {
+    "inductor-1": None,
+    "inductor-3": None,
+    "inductor-copy-1": {"cpp.weight_prepack": True, "layout_optimization": True},
+    "inductor-copy-3": {"cpp.weight_prepack": True, "layout_optimization": True},
+    "inductor-nofreeze-3": {"freezing": False},
+}
+VARIANTS = ("eager", *INDUCTOR_SETTINGS, "dynamic", "aoti-cold", "aoti-warm")
 
 
 @dataclass(frozen=True)
@@ -74,8 +86,8 @@ with torch.no_grad():
         kwargs["dynamic"] = {"batch": (1, 4), "height": (8, 4 * args["size"]), "width": (8, 4 * args["size"])}
     if args["cache_dir"]:
         kwargs["cache_dir"] = args["cache_dir"]
-    if not args["freezing"]:
-        kwargs["options"] = {"freezing": False}
+    if args["options"]:
+        kwargs["options"] = args["options"]
     start = time.perf_counter()
     runtime = dcfx.compile(unet, **kwargs)
     tokens = 4 if args["model"] == "digits" else 77
@@ -116,8 +128,8 @@ def run_variant(scenario: Scenario, variant: str, cache_dir: Path) -> dict[str, 
         "size": scenario.size,
         "batch": scenario.batch,
         "backend": "eager" if variant == "eager" else "inductor",
-        "shapes": 1 if variant == "inductor-1" else 3,
-        "freezing": variant != "inductor-nofreeze-3",
+        "shapes": 1 if variant.endswith("-1") else 3,
+        "options": INDUCTOR_SETTINGS.get(variant),
         "rounds": scenario.rounds,
         "dynamic": variant in ("dynamic", "aoti-cold", "aoti-warm"),
         "cache_dir": str(cache_dir) if variant.startswith("aoti") else None,

@@ -17,7 +17,17 @@ OPTIONS = ("mode", "options")
 # release); with freezing, 1.33x faster (median of 5, benchmarks/graph_speed.py). Freezing
 # folds the weights into the compiled code, so the pair does not follow weights written in
 # place: the runtime rebuilds it when they change.
-DEFAULT_INDUCTOR_OPTIONS = {"freezing": True}
+#
+# Freezing as torch sets it up also prepacks weights (CPU) and re-lays-out convolution weights
+# (channels-last), and those folded copies are made per compiled graph: each static pair held
+# its own copy of the weights. With both off, the frozen graphs read the model's own weights:
+# one copy per process whatever the shapes. SD1.5 config, batch 2, 2 CPU cores
+# (benchmarks/startup_memory.py, variants inductor-* against inductor-copy-*): resident 4.1 GB
+# at one shape and 4.4 GB at three (the model alone 3.7 GB), where the copies took 7.7 and
+# 15.3 GB; the price is the full step on the CPU, 1.95 s per call at 32x32 against 1.27 s
+# (shallow steps equal). options={"cpp.weight_prepack": True, "layout_optimization": True}
+# buys that speed back, at a copy of the weights per shape.
+DEFAULT_INDUCTOR_OPTIONS = {"freezing": True, "cpp.weight_prepack": False, "layout_optimization": False}
 
 
 class _FirstCallPatched:
