@@ -68,7 +68,7 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
     """
     spec = model_spec(unet)
     cfg, kwargs = split_config_fields(config, kwargs)
-    check_branch(unet, spec, cfg)
+    cfg = check_branch(unet, spec, cfg)
     check_capturable(unet)
     if cfg.schedule_spec.needs_step_count() and scheduler is None:
         raise ValueError(
@@ -82,7 +82,7 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
     build = make_build(
         BuildRequest(
             unet,
-            cfg.branch,
+            cfg.cut,
             backend,
             dict(kwargs),
             _dynamic_dims(unet, spec, dynamic),
@@ -124,7 +124,7 @@ def _dynamic_dims(
 
 
 def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
-    """Returns ``pipe`` with its U-Net compiled by dcfx and bound to its scheduler.
+    """Returns ``pipe`` with its denoiser (``pipe.unet``, or ``pipe.transformer``) compiled by dcfx.
 
     The runtime reads ``pipe.scheduler`` as it is at each call: a scheduler replaced
     afterwards (``pipe.scheduler = EulerDiscreteScheduler.from_config(...)``) is followed.
@@ -133,7 +133,8 @@ def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = 
     the same (or none are given), ``pipe`` is bound to that runtime too: one set of graphs,
     and each pipeline's calls counted by its own scheduler.
     """
-    runtime = pipe.unet
+    attr = denoiser_attribute(pipe)
+    runtime = getattr(pipe, attr)
     if isinstance(runtime, DeepCacheUNet):
         follows = runtime.scheduler if isinstance(runtime.scheduler, PipelineScheduler) else None
         if follows is not None and not follows.binds(pipe) and _same_settings(runtime, config, kwargs):
@@ -142,8 +143,20 @@ def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = 
             follows.add(pipe)
             return pipe
         disable(pipe)
-    pipe.unet = compile(pipe.unet, config, scheduler=PipelineScheduler(pipe), **kwargs)
+    setattr(pipe, attr, compile(getattr(pipe, attr), config, scheduler=PipelineScheduler(pipe), **kwargs))
     return pipe
+
+
+def denoiser_attribute(pipe: Any) -> str:
+    """Returns the name of the pipeline's denoiser: ``"unet"``, or ``"transformer"`` for a DiT pipeline.
+
+    Raises:
+        TypeError: the pipeline has neither.
+    """
+    for attr in ("unet", "transformer"):
+        if getattr(pipe, attr, None) is not None:
+            return attr
+    raise TypeError(f"{type(pipe).__name__} has no unet or transformer for dcfx to compile")
 
 
 def _same_settings(runtime: DeepCacheUNet, config: Any, kwargs: dict[str, Any]) -> bool:
@@ -163,10 +176,15 @@ def disable(pipe: Any) -> Any:
     Raises:
         TypeError: ``pipe.unet`` came from ``dcfx.load``: there is no original U-Net to restore.
     """
-    if isinstance(pipe.unet, DeepCacheUNet):
+    attr = denoiser_attribute(pipe)
+    runtime = getattr(pipe, attr)
+    if isinstance(runtime, DeepCacheUNet):
         from dcfx.export.loaded import ExportedModel
 
-        if isinstance(pipe.unet.model, ExportedModel):
-            raise TypeError("pipe.unet was loaded from an export (dcfx.load): there is no original U-Net to restore")
-        pipe.unet = pipe.unet.model
+        if isinstance(runtime.model, ExportedModel):
+            kind = "U-Net" if attr == "unet" else "transformer"
+            raise TypeError(
+                f"pipe.{attr} was loaded from an export (dcfx.load): there is no original {kind} to restore"
+            )
+        setattr(pipe, attr, runtime.model)
     return pipe

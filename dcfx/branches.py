@@ -1,4 +1,4 @@
-"""Branch inspection: every skip branch of a model, what its shallow graph runs and costs."""
+"""Branch inspection: every skip branch of a U-Net (or block range of a transformer), what it runs and costs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dcfx.models import spec_for
+from dcfx.models import TransformerSpec, spec_for
 from dcfx.passes import PassContext, capture, partition
+from dcfx.passes.cuts import module_path
 
 INTERVALS = (2, 3, 5, 10)
 
@@ -86,8 +87,103 @@ def count_flops(gm: fx.GraphModule, *inputs: torch.Tensor) -> int:
     return sum(flop_counts(gm, *inputs).values())
 
 
-def branches(unet: nn.Module, sample_shape: tuple[int, ...] | None = None) -> list[BranchInfo]:
+@dataclass(frozen=True)
+class BlockRangeInfo:
+    """One block range of a transformer: the blocks run every step, those cached, and the cost.
+
+    ``first`` and ``last`` blocks run on every step; ``cached`` are the module paths of the
+    blocks in between, which cached steps replace by their residual. ``flop_share`` is r, a
+    cached step's FLOPs over a full step's.
+    """
+
+    first: int
+    last: int
+    cached: tuple[str, ...]
+    full_flops: int
+    shallow_flops: int
+    ideal_speedup: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def flop_share(self) -> float:
+        """Returns r, a cached step's share of a full step's FLOPs."""
+        return self.shallow_flops / self.full_flops
+
+
+class _CountingInterpreter(_MetaInterpreter):
+    """Runs a graph on meta tensors and adds up each node's FLOPs by the module it ran in."""
+
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode, prefix: str) -> None:
+        super().__init__(gm)
+        self.counter = counter
+        self.prefix = prefix
+        self.by_module: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        out = super().run_node(n)
+        spent = self.counter.get_total_flops() - before
+        if spent:
+            path = module_path(n, self.prefix)
+            self.by_module[path] = self.by_module.get(path, 0) + spent
+        return out
+
+
+def block_ranges(model: nn.Module, sample_shape: tuple[int, ...] | None = None) -> list[BlockRangeInfo]:
+    """Returns every ``(first, last)`` of a transformer with the FLOP share of its cached steps.
+
+    One capture, its FLOPs counted per block on meta tensors; a cached step costs the full
+    step less its cached blocks (the residual's addition is not counted, as no elementwise op
+    is). Ordered by ``first``, then ``last``.
+    """
+    spec = spec_for(model)
+    if not isinstance(spec, TransformerSpec):
+        raise TypeError(f"{type(model).__name__} is not a diffusion transformer: see dcfx.branches")
+    if sample_shape is None:
+        size = spec.default_size(model)
+        sample_shape = spec.sample_shape(model, 2, size, size)
+    param = next(model.parameters())
+    call = spec.example_call(model, tuple(sample_shape), param.dtype, param.device)
+    (names, tensors), _ = spec.flatten(model, (), call)
+    captured = capture(model, names, tensors, spec=spec)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        interpreter = _CountingInterpreter(captured, counter, "unet.")
+        interpreter.run(*[t.to("meta") for t in tensors])
+    total = sum(interpreter.by_module.values())
+    blocks = spec.blocks(model)
+
+    def cost(path: str) -> int:
+        return sum(n for p, n in interpreter.by_module.items() if p == path or p.startswith(path + "."))
+
+    per_block = [cost(path) for path in blocks]
+    infos = []
+    for first in range(len(blocks)):
+        for last in range(len(blocks) - first):
+            cached = blocks[first : len(blocks) - last]
+            shallow = total - sum(per_block[first : len(blocks) - last])
+            r = shallow / total
+            speed = {n: ideal_speedup(n, r) for n in INTERVALS}
+            infos.append(BlockRangeInfo(first, last, tuple(cached), total, shallow, speed))
+    return infos
+
+
+def format_block_ranges(infos: list[BlockRangeInfo]) -> str:
+    """Returns a text table of ``infos``, one row per block range."""
+    head = f"{'first':>5} {'last':>4}  {'cached blocks':<44} {'r':>6}  " + "  ".join(
+        f"{'N=' + str(n):>6}" for n in INTERVALS
+    )
+    rows = [head]
+    for b in infos:
+        cached = f"{b.cached[0]} .. {b.cached[-1]} ({len(b.cached)})"
+        speed = "  ".join(f"{b.ideal_speedup[n]:>5.2f}x" for n in INTERVALS)
+        rows.append(f"{b.first:>5} {b.last:>4}  {cached:<44} {b.flop_share:>6.3f}  {speed}")
+    return "\n".join(rows)
+
+
+def branches(unet: nn.Module, sample_shape: tuple[int, ...] | None = None) -> list[Any]:
     """Returns every valid skip branch of ``unet`` with its cache shape and FLOP share.
+
+    For a diffusion transformer, every ``(first, last)`` as ``block_ranges`` returns them
+    (``BlockRangeInfo``): a transformer is cut at a block range, not a branch.
 
     Args:
         unet: A supported U-Net (diffusers, or the latent-diffusion ``UNetModel`` layout).
@@ -100,6 +196,8 @@ def branches(unet: nn.Module, sample_shape: tuple[int, ...] | None = None) -> li
         [(0, 0.079), (1, 0.224), (2, 0.38)]   # SD1.5 (benchmarks/layout_shares.py)
     """
     spec = spec_for(unet)
+    if isinstance(spec, TransformerSpec):
+        return block_ranges(unet, sample_shape)
     if sample_shape is None:
         size = spec.default_size(unet)
         sample_shape = spec.sample_shape(unet, 2, size, size)
@@ -140,8 +238,10 @@ def branches_of_call(unet: nn.Module, call: Mapping[str, Any]) -> list[BranchInf
     return infos
 
 
-def format_branches(infos: list[BranchInfo]) -> str:
-    """Returns a text table of ``infos``, one row per branch."""
+def format_branches(infos: list[Any]) -> str:
+    """Returns a text table of ``infos``, one row per branch (or block range)."""
+    if infos and isinstance(infos[0], BlockRangeInfo):
+        return format_block_ranges(infos)
     head = f"{'branch':>6}  {'up layer':<22} {'cache shape':<20} {'r':>6}  " + "  ".join(
         f"{'N=' + str(n):>6}" for n in INTERVALS
     )

@@ -62,7 +62,7 @@ class CaptureAndCompile:
     """
 
     unet: nn.Module
-    branch: int
+    branch: int | tuple[int, int]  # a U-Net's branch or a transformer's (first, last)
     backend: str
     options: dict[str, Any]
 
@@ -127,7 +127,7 @@ class RangedCapture:
     """
 
     unet: nn.Module
-    branch: int
+    branch: int | tuple[int, int]  # a U-Net's branch or a transformer's (first, last)
     backend: str
     options: dict[str, Any]
     dims: dict[str, DimRange]
@@ -180,7 +180,7 @@ class AheadOfTime:
     """
 
     unet: nn.Module
-    branch: int
+    branch: int | tuple[int, int]  # a U-Net's branch or a transformer's (first, last)
     dims: dict[str, DimRange] | None
     cache_dir: Path | None
     inductor_configs: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -229,7 +229,7 @@ class AheadOfTime:
                 write_export(
                     self.unet,
                     spec_for(self.unet),
-                    DeepCacheConfig(branch=self.branch),
+                    _config_of(self.branch),
                     directory,
                     "aoti",
                     dims,
@@ -316,7 +316,7 @@ class BuildRequest:
     """
 
     unet: nn.Module
-    branch: int
+    branch: int | tuple[int, int]  # a U-Net's branch or a transformer's (first, last)
     backend: str
     options: dict[str, Any]
     dims: dict[str, DimRange] | None = None
@@ -413,3 +413,10 @@ def _diffusers_version() -> str | None:
     except ImportError:
         return None
     return diffusers.__version__
+
+
+def _config_of(cut: int | tuple[int, int]) -> DeepCacheConfig:
+    """The config that cuts where ``cut`` says (what an ahead-of-time export records)."""
+    if isinstance(cut, tuple):
+        return DeepCacheConfig(first=cut[0], last=cut[1])
+    return DeepCacheConfig(branch=cut)

@@ -1,4 +1,4 @@
-"""DeepCacheConfig: what to cache (branch) and when to refresh it (schedule)."""
+"""DeepCacheConfig: what to cache (a U-Net's branch, a transformer's block range) and when (schedule)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,20 @@ ScheduleName = Literal["uniform", "non-uniform", "explicit", "window"]
 
 @dataclasses.dataclass(frozen=True)
 class DeepCacheConfig:
-    """DeepCache settings: the skip branch whose input is cached and the full-step schedule.
+    """DeepCache settings: where the model is cut (what is cached) and the full-step schedule.
+
+    A U-Net is cut at a skip ``branch``; a diffusion transformer at a block range (``first``,
+    ``last``: cache-dit's DBCache F/B). A config names one or the other, never both.
 
     Attributes:
-        branch: Skip branch id. 0 caches the input of the last up layer (the shallowest and
-            cheapest shallow graph); ``dcfx.branches(unet)`` lists the valid ids of a model.
+        branch: U-Nets: skip branch id. 0 caches the input of the last up layer (the
+            shallowest and cheapest shallow graph); ``dcfx.branches(unet)`` lists the valid
+            ids of a model. Default 0 when ``first`` and ``last`` are not given.
+        first: Transformers: how many blocks run first on every step (default 1 when ``last``
+            is given).
+        last: Transformers: how many blocks run last on every step (default 0 when ``first``
+            is given). The blocks between are replaced on cached steps by the residual they
+            added at the last full step.
         interval: N of the 1:N schedule: one full step, then N - 1 shallow ones (on average for
             the non-uniform schedule). 1 disables caching.
         schedule: ``"uniform"`` (step i is full when i % N == 0), ``"non-uniform"`` (the
@@ -45,7 +54,7 @@ class DeepCacheConfig:
         DeepCacheConfig(branch=2, interval=5, schedule='non-uniform', center=15, power=1.4, ...)
     """
 
-    branch: int = 0
+    branch: int | None = None
     interval: int = 3
     schedule: ScheduleName = "uniform"
     center: int | None = None
@@ -55,15 +64,57 @@ class DeepCacheConfig:
     start: int | None = None
     stop: int | None = None
     forecast: str = "none"
+    first: int | None = None
+    last: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_forecast_spec", get_forecast(self.forecast)())
-        check_int("branch", self.branch, 0)
+        if self.first is None and self.last is None:
+            object.__setattr__(self, "_branch_given", self.branch is not None)
+            object.__setattr__(self, "branch", 0 if self.branch is None else self.branch)
+            check_int("branch", self.branch, 0)
+        else:
+            if self.branch is not None:
+                raise ValueError(
+                    f"branch={self.branch} and first=/last= given together: branch= cuts a U-Net at a skip branch, "
+                    "first= and last= cut a diffusion transformer at a block range; give one or the other"
+                )
+            object.__setattr__(self, "_branch_given", False)
+            object.__setattr__(self, "first", 1 if self.first is None else self.first)
+            object.__setattr__(self, "last", 0 if self.last is None else self.last)
+            check_int("first", self.first, 0)
+            check_int("last", self.last, 0)
         check_int("interval", self.interval, 1)
         spec = schedule_from_fields(self.schedule, self.interval, {f: getattr(self, f) for f in schedule_fields()})
         for name, value in spec.config_fields().items():
             object.__setattr__(self, name, value)  # defaults filled in, values normalised
         object.__setattr__(self, "_schedule_spec", spec)
+
+    @property
+    def blocks(self) -> tuple[int, int] | None:
+        """A transformer's cut ``(first, last)``; None for a U-Net's config (``branch``)."""
+        return None if self.first is None else (self.first, int(self.last or 0))
+
+    @property
+    def cut(self) -> int | tuple[int, int]:
+        """Where the graphs are cut: the branch id, or ``(first, last)``."""
+        blocks = self.blocks
+        return self.branch if blocks is None else blocks  # type: ignore[return-value]
+
+    def for_transformer(self) -> DeepCacheConfig:
+        """Returns this config for a transformer: a default branch becomes the default block range.
+
+        Raises:
+            ValueError: the config names a ``branch`` (a U-Net's knob).
+        """
+        if self.first is not None:
+            return self
+        if self._branch_given:  # type: ignore[attr-defined]
+            raise ValueError(
+                f"branch={self.branch} cuts a U-Net at a skip branch; a diffusion transformer is cut by first= and "
+                "last= (the blocks that run every step), e.g. first=1, last=0"
+            )
+        return dataclasses.replace(self, branch=None, first=1, last=0)
 
     @property
     def schedule_spec(self) -> Schedule:
@@ -89,7 +140,7 @@ class DeepCacheConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("branch", "interval", "schedule") or (value is not None and f.name != "forecast"):
+            if f.name in ("interval", "schedule") or (value is not None and f.name != "forecast"):
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         if self.forecast != "none":
             out["forecast"] = self.forecast  # absent: the paper's reuse (and what older files hold)

@@ -89,7 +89,7 @@ def export(
             f"({', '.join(spec.sample_dims)}). Use dcfx.compile for it (eager or inductor)."
         )
     cfg, options = split_config_fields(config, kwargs)
-    check_branch(unet, spec, cfg)
+    cfg = check_branch(unet, spec, cfg)
     fmt = get_format(format)
     check_format_options(format, options)
     fmt.check_available()

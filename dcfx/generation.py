@@ -34,8 +34,8 @@ class Generation:
 
     __slots__ = ("_busy", "_epoch", "_slot", "buffers", "plan", "tracker")
 
-    def __init__(self, scheduler: Any, epoch: int) -> None:
-        self.tracker = StepTracker(scheduler)
+    def __init__(self, scheduler: Any, epoch: int, timestep_divisor: float = 1.0) -> None:
+        self.tracker = StepTracker(scheduler, timestep_divisor)
         self.plan: GenerationPlan | None = None
         self.buffers: list[torch.Tensor | None] = [None, None]
         self._slot = 0  # the buffer the next full step writes

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from dcfx.config import DeepCacheConfig
-from dcfx.models import ModelSpec, spec_for
+from dcfx.models import ModelSpec, TransformerSpec, spec_for
 from dcfx.runtime import DeepCacheUNet
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(DeepCacheConfig))
@@ -51,11 +51,26 @@ def model_spec(unet: nn.Module) -> ModelSpec:
     return spec_for(unet)
 
 
-def check_branch(unet: nn.Module, spec: ModelSpec, cfg: DeepCacheConfig) -> None:
-    """Raises ValueError when ``cfg.branch`` is not a branch of ``unet``, naming the valid ids."""
+def check_branch(unet: nn.Module, spec: ModelSpec, cfg: DeepCacheConfig) -> DeepCacheConfig:
+    """Returns ``cfg`` for ``unet``'s kind of cut; raises ValueError for a cut the model does not have.
+
+    A U-Net takes a ``branch`` in range; a transformer ``first`` and ``last`` that leave blocks
+    to cache (a config that names neither gets ``first=1, last=0``). The other kind's knobs are
+    refused by name.
+    """
+    if isinstance(spec, TransformerSpec):
+        cfg = cfg.for_transformer()
+        spec.block_range(unet, *cfg.cut)  # type: ignore[misc]  (raises, naming the block count)
+        return cfg
+    if cfg.first is not None:
+        raise ValueError(
+            f"first={cfg.first}, last={cfg.last} cut a diffusion transformer at a block range; {type(unet).__name__} "
+            "is a U-Net: cut it at a skip branch with branch= (see dcfx.branches(unet))"
+        )
     n_branches = len(spec.up_layers(unet))
     if cfg.branch >= n_branches:
         raise ValueError(
             f"branch {cfg.branch} is out of range for {type(unet).__name__} with {n_branches} up layers; "
             f"valid branch ids: 0..{n_branches - 1} (see dcfx.branches(unet))"
         )
+    return cfg

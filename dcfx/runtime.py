@@ -203,7 +203,7 @@ class DeepCacheUNet(nn.Module):
 
     @contextlib.contextmanager
     def _generation_block(self, scheduler: Any) -> Iterator[Generation]:
-        state = Generation(scheduler, self._rt.epoch)
+        state = Generation(scheduler, self._rt.epoch, self._spec.timestep_divisor)
         token = self._rt.current.set(state)
         try:
             yield state
@@ -236,9 +236,11 @@ class DeepCacheUNet(nn.Module):
             config = dataclasses.replace(self.deepcache_config, **fields)
         elif not isinstance(config, DeepCacheConfig):
             raise TypeError(f"config must be a DeepCacheConfig, got {type(config).__name__}")
-        if config.branch != self.deepcache_config.branch:
+        if self.deepcache_config.blocks is not None:
+            config = config.for_transformer()
+        if config.cut != self.deepcache_config.cut:
             raise ValueError(
-                f"this runtime's graphs are cut at branch {self.deepcache_config.branch}; branch {config.branch} "
+                f"this runtime's graphs are cut at {_cut_name(self.deepcache_config)}; {_cut_name(config)} "
                 "needs its own graphs: dcfx.compile(runtime.model, ...) again"
             )
         if config.schedule_spec.needs_step_count() and self.scheduler is None:
@@ -280,7 +282,7 @@ class DeepCacheUNet(nn.Module):
         if state is None:
             state = getattr(rt.local, "state", None)
             if state is None:
-                state = rt.local.state = Generation(self.scheduler, rt.epoch)
+                state = rt.local.state = Generation(self.scheduler, rt.epoch, self._spec.timestep_divisor)
         return state
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -350,3 +352,8 @@ class DeepCacheUNet(nn.Module):
 def _new_runtime(cls: type[DeepCacheUNet]) -> DeepCacheUNet:
     """Returns an empty runtime for unpickling to fill (``__setstate__``)."""
     return cls.__new__(cls)
+
+
+def _cut_name(config: DeepCacheConfig) -> str:
+    blocks = config.blocks
+    return f"branch {config.branch}" if blocks is None else f"first={blocks[0]}, last={blocks[1]}"

@@ -108,8 +108,11 @@ class StepTracker:
     whose ``set_timesteps`` never ran.
     """
 
-    def __init__(self, scheduler: Any = None) -> None:
+    def __init__(self, scheduler: Any = None, timestep_divisor: float = 1.0) -> None:
         self.scheduler = scheduler
+        # Flux-style models take the scheduler's timestep divided by 1000: the calls' timesteps
+        # are matched against the scheduler's divided as the pipeline divides them (float32).
+        self.timestep_divisor = timestep_divisor
         self._warned: set[str] = set()
         self._seen: dict[int, Any] = {}  # bound pipelines' schedulers: id -> the timesteps last seen
         self._driving: Any = None  # of those, the one whose timesteps place the calls
@@ -183,7 +186,7 @@ class StepTracker:
             changed = [s for s in changed if getattr(s, "num_inference_steps", 1) is not None] or changed
         if len(changed) > 1:
             t = float(timestep[0])
-            changed = [s for s in changed if t in s.timesteps.tolist()] or changed
+            changed = [s for s in changed if t in self._values_of(s.timesteps)] or changed
         if changed:
             self._driving = changed[0]
         elif not any(s is self._driving for s in schedulers):
@@ -196,7 +199,7 @@ class StepTracker:
         return self._values[i] if self._timesteps is not None and i < len(self._values) else None
 
     def _locate(self, timesteps: torch.Tensor, timestep: torch.Tensor) -> tuple[int, list[float]] | None:
-        values = [float(v) for v in timesteps.tolist()]
+        values = self._values_of(timesteps)
         t = float(timestep[0])
         begin = getattr(self._driving if self._driving is not None else self.scheduler, "begin_index", None) or 0
         for i in range(begin, len(values)):
@@ -209,6 +212,11 @@ class StepTracker:
             "dcfx.enable(pipe) or runtime.generation(scheduler=...) to count steps by its timesteps",
         )
         return None
+
+    def _values_of(self, timesteps: torch.Tensor) -> list[float]:
+        if self.timestep_divisor != 1.0:
+            timesteps = timesteps.to(torch.float32) / self.timestep_divisor
+        return [float(v) for v in timesteps.tolist()]
 
     def _advance_by_value(self, timestep: torch.Tensor, value: float | None) -> Step:
         t = float(timestep[0]) if value is None else value

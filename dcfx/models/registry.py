@@ -12,6 +12,8 @@ from torch import nn
 
 from dcfx.models.ldm import LDM_LAYOUT, is_ldm_unet, ldm_spec
 from dcfx.models.spec import ModelSpec
+from dcfx.models.transformer import BLOCK_LISTS
+from dcfx.models.transformer import LAYOUTS as TRANSFORMER_LAYOUTS
 
 _SPECS: dict[type, ModelSpec] = {}
 # Layouts recognised by structure rather than by class: (name, matches(model), spec for a class).
@@ -50,6 +52,9 @@ def _register_diffusers() -> None:
     register_model(ModelSpec(UNetSpatioTemporalConditionModel, sample_dims=video))
     if not any(name == LDM_LAYOUT for name, _, _ in _LAYOUTS):
         register_layout(LDM_LAYOUT, is_ldm_unet, ldm_spec)
+    for name, matches, make_spec in TRANSFORMER_LAYOUTS:
+        if not any(known == name for known, _, _ in _LAYOUTS):
+            register_layout(name, matches, make_spec)
 
 
 def spec_for(model: nn.Module) -> ModelSpec:
@@ -70,11 +75,9 @@ def spec_for(model: nn.Module) -> ModelSpec:
     name = type(model).__name__
     if _is_transformer_denoiser(model):
         raise TypeError(
-            f"dcfx does not support {name}: it is a transformer (DiT) denoiser, which has no U-Net "
-            f"skip branches to cache. Supported: {supported}. For DiT models use diffusers' cache "
-            f"hooks: diffusers.hooks.apply_first_block_cache(pipe.transformer, "
-            f"diffusers.FirstBlockCacheConfig(threshold=0.05)) (also apply_faster_cache, "
-            f"apply_pyramid_attention_broadcast, or pipe.transformer.enable_cache(config) where it exists)."
+            f"dcfx does not support {name}: it looks like a transformer denoiser, but dcfx cuts transformers by "
+            f"their blocks: module lists named {', '.join(BLOCK_LISTS)}, run by a forward(hidden_states, ...) of a "
+            f"model with a diffusers config (in_channels, patch_size). Supported: {supported}."
         )
     raise TypeError(
         f"dcfx does not support {name}: DeepCache needs a diffusers U-Net whose up blocks take the "
@@ -82,8 +85,7 @@ def spec_for(model: nn.Module) -> ModelSpec:
         f"latent-diffusion UNetModel (input_blocks, middle_block, output_blocks; forward(x, timesteps, "
         f"context, y)). "
         f"Supported: {supported}. A custom U-Net with that layout and a diffusers-style forward can be "
-        f"registered with dcfx.models.register_model(dcfx.models.ModelSpec({name})); "
-        f"for transformer (DiT) denoisers use diffusers' cache hooks (e.g. FirstBlockCache)."
+        f"registered with dcfx.models.register_model(dcfx.models.ModelSpec({name}))."
     )
 
 

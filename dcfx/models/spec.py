@@ -73,6 +73,8 @@ class ModelSpec:
     layer_depth: int = 4
     # The forward returns the output tensor itself (no output class, no return_dict).
     returns_tensor: bool = False
+    # What pipelines divide the scheduler's timesteps by before calling the model (Flux: 1000).
+    timestep_divisor: float = 1.0
 
     def in_channels(self, model: nn.Module) -> int:
         """Returns the channel count of the model's sample."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from dcfx.models import spec_for
+from dcfx.models import BlockRange, TransformerSpec, UpLayer, spec_for
 from dcfx.passes.capture import capture
 from dcfx.passes.cleanup import clean
 from dcfx.passes.context import Graphs, PassContext
@@ -37,6 +37,7 @@ __all__ = [
     "capture",
     "forget_graphs",
     "partition",
+    "place_of",
 ]
 
 Pass = Callable[[Graphs, PassContext], Graphs]
@@ -78,15 +79,34 @@ def partition(captured: fx.GraphModule, ctx: PassContext, passes: tuple[Pass, ..
     )
 
 
+def place_of(model: nn.Module, cut: int | tuple[int, int]) -> UpLayer | BlockRange:
+    """Returns where ``model`` is cut: U-Net branch ``cut`` (an int), or the block range ``(first, last)``.
+
+    Raises:
+        ValueError: a branch or block range out of range for the model, naming the valid ones.
+    """
+    spec = spec_for(model)
+    if isinstance(cut, tuple):
+        if not isinstance(spec, TransformerSpec):
+            raise ValueError(f"{type(model).__name__} is cut by branch=, not by first= and last=")
+        return spec.block_range(model, *cut)
+    layers = spec.up_layers(model)
+    if not 0 <= cut < len(layers):
+        raise ValueError(f"branch {cut} is out of range for this model; valid: 0..{len(layers) - 1}")
+    return layers[cut]
+
+
 def build_graph_pair(
     model: nn.Module,
-    branch: int,
+    branch: int | tuple[int, int],
     names: tuple[str, ...],
     tensors: tuple[torch.Tensor, ...],
     dynamic_shapes: Mapping[str, Any] | None = None,
     forecast: bool = False,
 ) -> GraphPair:
-    """Returns the graph pair of ``branch`` for calls shaped like ``tensors`` (with the forecast graph).
+    """Returns the graph pair cut at ``branch`` for calls shaped like ``tensors`` (with the forecast graph).
+
+    ``branch`` is a U-Net's skip branch, or a transformer's ``(first, last)`` (``place_of``).
 
     Example:
         >>> (names, tensors), _ = spec_for(unet).flatten(unet, (x, t, ehs), {})
@@ -96,12 +116,10 @@ def build_graph_pair(
         True
     """
     spec = spec_for(model)
-    layers = spec.up_layers(model)
-    if not 0 <= branch < len(layers):
-        raise ValueError(f"branch {branch} is out of range for this model; valid: 0..{len(layers) - 1}")
-    ctx = PassContext(model=model, spec=spec, input_names=names, layer=layers[branch], forecast=forecast)
+    place = place_of(model, branch)
+    ctx = PassContext(model=model, spec=spec, input_names=names, layer=place, forecast=forecast)
     before = cached_sources()
-    pair = partition(capture(model, names, tensors, dynamic_shapes, spec), ctx)
+    pair = partition(capture(model, names, tensors, dynamic_shapes, spec, place), ctx)
     # The intermediate graphs are gone; torch.fx would keep their sources for good.
     kept = {source_key(g) for g in (pair.full, pair.shallow, pair.forecast) if g is not None}
     forget_sources(cached_sources() - before - kept)

@@ -12,10 +12,11 @@ import torch
 from torch import fx, nn
 
 from dcfx.hooks import cast_at_call, check_capturable
-from dcfx.models import ModelSpec, spec_for, unflatten
+from dcfx.models import BlockRange, ModelSpec, UpLayer, spec_for, unflatten
 from dcfx.passes.aliases import drop_alias_conversions
 from dcfx.passes.cleanup import mutates
 from dcfx.passes.clone import structural_clone
+from dcfx.passes.marks import marked
 
 
 class FlatUNet(nn.Module):
@@ -68,6 +69,7 @@ def capture(
     tensors: tuple[torch.Tensor, ...],
     dynamic_shapes: Mapping[str, Any] | None = None,
     spec: ModelSpec | None = None,
+    place: UpLayer | BlockRange | None = None,
 ) -> fx.GraphModule:
     """Returns the U-Net call as a GraphModule ``f(*tensors) -> sample`` sharing unet's weights.
 
@@ -75,7 +77,8 @@ def capture(
     ``ExportedProgram.module()`` adds is replaced by the default code generator, and the
     output is the sample tensor itself. ``dynamic_shapes`` maps input names to
     ``torch.export`` dimension specs (``{"sample": {0: Dim("batch")}}``). ``spec`` says how
-    to call the model (default: ``spec_for(unet)``).
+    to call the model (default: ``spec_for(unet)``). A transformer's block range ``place``
+    leaves the marks its cut reads (``dcfx.passes.marks``).
     """
     check_capturable(unet)
     # Graphs are inference graphs (dropout off) whatever mode the user's model is in.
@@ -90,7 +93,8 @@ def capture(
     # not) and the guard would split a range that crosses 16. Steps in other threads during
     # such a capture (an export, a ranged build) may then take other kernels (~1e-6).
     kept = _backend_flags_kept() if dynamic_shapes is None else contextlib.nullcontext()
-    with torch.no_grad(), kept:
+    marks = marked(clone, place.entry, place.exit) if isinstance(place, BlockRange) else contextlib.nullcontext()
+    with torch.no_grad(), kept, marks:
         program = torch.export.export(wrapper, tensors, dynamic_shapes=shapes, strict=False)
         if any(mutates(node) for node in program.graph.nodes):
             # In-place writes to intermediates (FreeU scales half of the channels with
@@ -129,11 +133,15 @@ def check_trace_stayed_inside(program: torch.export.ExportedProgram, unet: nn.Mo
         ptr = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else 0
         if ptr:
             owners.setdefault(ptr, name)
+    # Non-persistent buffers (PixArt's positional embedding) are listed among the constants too.
+    buffers = set(program.graph_signature.non_persistent_buffers)
     reached = sorted(
         {
             owners[ptr]
-            for value in program.constants.values()
-            if isinstance(value, torch.Tensor) and (ptr := value.untyped_storage().data_ptr()) in owners
+            for name, value in program.constants.items()
+            if name not in buffers
+            and isinstance(value, torch.Tensor)
+            and (ptr := value.untyped_storage().data_ptr()) in owners
         }
     )
     if not reached:

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from dcfx.models import ModelSpec, UpLayer
-from dcfx.passes.cuts import Cut, SkipCut
+from dcfx.models import BlockRange, ModelSpec, UpLayer
+from dcfx.passes.cuts import Cut, cut_for
 
 # The graphs a pass takes and returns, by name: "captured", then "full", "shallow", "forecast".
 Graphs = dict[str, fx.GraphModule]
@@ -21,8 +21,9 @@ class PassContext:
         model: The wrapped U-Net (the owner of every parameter).
         spec: Its ``ModelSpec``.
         input_names: The flat graph inputs, in placeholder order.
-        layer: The up layer whose input is cached (set from the branch id).
-        cut: Where the graphs are cut (default: the skip branch of ``layer``).
+        layer: Where the model is cut: the up layer whose input is cached (a U-Net's branch),
+            or the block range whose residual is (a transformer's ``first``/``last``).
+        cut: How the graphs are cut there (default: ``cut_for(layer)``).
         forecast: Whether the forecast graph is made too (``dcfx.passes.forecast``).
         located: The captured graph's nodes the cut reads (set by ``locate``).
         module_prefix: The prefix of the U-Net's module paths in ``nn_module_stack``.
@@ -31,7 +32,7 @@ class PassContext:
     model: nn.Module
     spec: ModelSpec
     input_names: tuple[str, ...]
-    layer: UpLayer
+    layer: UpLayer | BlockRange
     cut: Cut | None = None
     forecast: bool = False
     located: list[fx.Node] = field(default_factory=list)
@@ -39,7 +40,7 @@ class PassContext:
 
     def __post_init__(self) -> None:
         if self.cut is None:
-            self.cut = SkipCut(self.layer)
+            self.cut = cut_for(self.layer)
 
     @property
     def feature(self) -> fx.Node | None:

@@ -46,10 +46,11 @@ def build_shallow(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     located = [env[n] for n in _located(ctx)]
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
     features = []
-    for i, node in enumerate(located):
+    metas = ctx.cut.feature_meta(located)
+    for i, meta in enumerate(metas):
         with graph.inserting_after(last_input):
-            last_input = graph.placeholder(feature_input(i, len(located)))
-        last_input.meta = {k: node.meta[k] for k in ("val", "tensor_meta") if k in node.meta}
+            last_input = graph.placeholder(feature_input(i, len(metas)))
+        last_input.meta = dict(meta)
         features.append(last_input)
     ctx.cut.take(graph, located, features)
     graph.output(result)

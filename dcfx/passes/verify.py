@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import fx
 
+from dcfx.models import BlockRange
 from dcfx.passes.context import Graphs, PassContext
-from dcfx.passes.cuts import in_module, module_path
+from dcfx.passes.cuts import in_module, module_path, ran_in
 
 
 def deep_modules(ctx: PassContext) -> list[str]:
-    """Returns the module paths a shallow step must not run: mid block and deeper up layers."""
+    """Returns the module paths a shallow step must not run: mid block and deeper up layers, or the cached blocks."""
     return ctx.layer.deep_paths()
 
 
@@ -25,9 +26,12 @@ def kept_layers(gm: fx.GraphModule, prefix: str, depth: int = 4) -> list[str]:
         if not path or path == prefix.rstrip("."):
             continue
         parts = path.split(".")
-        if parts[0].endswith("_blocks"):
-            if len(parts) >= depth:  # glue of a block (its cat, its upsample size) is no layer
-                layers.setdefault(".".join(parts[:depth]))
+        if parts[0].endswith("blocks"):
+            layer = ".".join(parts[:depth])
+            # Glue of a block (its cat, its upsample size) is no layer, nor a submodule of a layer
+            # called from outside it (DiT's head calls block 0's embedding).
+            if len(parts) >= depth and ran_in(node, layer, prefix):
+                layers.setdefault(layer)
         else:
             layers.setdefault(parts[0])
     return list(layers)
@@ -40,11 +44,14 @@ def verify_shallow(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         RuntimeError: naming the first deep node left, a partitioning bug rather than bad input.
     """
     deep = deep_modules(ctx)
+    # A block range: a node of a cached block counts where the block itself ran it (the head
+    # of DiT calls a submodule of block 0 on every step, outside the block's call).
+    inside = ran_in if isinstance(ctx.layer, BlockRange) else in_module
     for node in gm.graph.nodes:
         for path in deep:
-            if in_module(node, path, ctx.module_prefix):
+            if inside(node, path, ctx.module_prefix):
                 raise RuntimeError(
-                    f"branch {ctx.layer.branch}: shallow graph still runs {node.name} of {path}; "
+                    f"{_name(ctx)}: shallow graph still runs {node.name} of {path}; "
                     f"the cut did not separate the deep part"
                 )
     return gm
@@ -54,3 +61,8 @@ def verify(graphs: Graphs, ctx: PassContext) -> Graphs:
     """The pass: checks the shallow graph (``verify_shallow``)."""
     verify_shallow(graphs["shallow"], ctx)
     return graphs
+
+
+def _name(ctx: PassContext) -> str:
+    place = ctx.layer
+    return place.name if isinstance(place, BlockRange) else f"branch {place.branch}"

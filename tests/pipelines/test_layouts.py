@@ -69,13 +69,24 @@ def test_a_folder_of_another_class_is_refused(tmp_path):
         main(["branches", "--model", str(tmp_path)])
 
 
-def test_a_transformer_denoiser_points_to_diffusers_cache_hooks():
+def test_a_transformer_with_one_block_has_nothing_to_cache():
     torch.manual_seed(0)
     dit = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=4, in_channels=4, num_layers=1, sample_size=8, norm_num_groups=1
     )
-    with pytest.raises(TypeError, match=r"DiTTransformer2DModel: it is a transformer \(DiT\).*apply_first_block_cache"):
+    with pytest.raises(ValueError, match="leave no block to cache: this model has 1 blocks"):
         dcfx.compile(dit)
+
+
+def test_a_transformer_without_block_lists_is_told_what_dcfx_cuts():
+    class MyTransformer2DModel(torch.nn.Module):
+        def forward(self, hidden_states, timestep):
+            return hidden_states
+
+    with pytest.raises(
+        TypeError, match="dcfx cuts transformers by their blocks: module lists named transformer_blocks"
+    ):
+        dcfx.compile(MyTransformer2DModel())
 
 
 def test_a_custom_unet_is_told_what_layout_is_needed():

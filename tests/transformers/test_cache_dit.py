@@ -1,0 +1,112 @@
+"""dcfx's block-range cut equals cache-dit's DBCache (1.5.3) with the same F, B and step mask.
+
+cache-dit with ``DBCacheConfig(Fn_compute_blocks=F, Bn_compute_blocks=B,
+steps_computation_mask=M, steps_computation_policy="static")`` runs the first F and the last B
+blocks on every step and, where ``M[i] == 0``, adds the residual the middle blocks added at the
+last full step (per stream; Flux's double and single blocks chained as one list). dcfx with
+``first=F, last=B`` and the schedule whose full steps are the ones of M must give the same
+latents: fp32, eager, within 1e-5 of the output's scale.
+
+As a user would: on one pipeline, cache-dit first (enabled, generations, disabled: it leaves
+a patched forward behind on Flux), then dcfx on the same objects, generations back to back.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import dcfx
+from dcfx.schedule import full_step_indices
+from tests.transformers.tiny import BUILDERS, MODELS
+
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
+cache_dit = pytest.importorskip("cache_dit")
+
+STEPS = 8
+# (first, last, dcfx schedule fields): uniform 1:3, uniform 1:2, and a non-uniform mask.
+CASES = (
+    (1, 1, {"interval": 3}),
+    (2, 0, {"interval": 2}),
+    (1, 2, {"schedule": "explicit", "full_steps": (0, 1, 4, 6)}),
+)
+
+
+def mask_of(fields: dict) -> list[int]:
+    """The cache-dit step mask of a dcfx schedule: 1 on its full steps."""
+    full = full_step_indices(dcfx.DeepCacheConfig(first=1, **fields), STEPS)
+    return [int(i in full) for i in range(STEPS)]
+
+
+def cache_dit_latents(tiny, first: int, last: int, mask: list[int], seeds: tuple[int, ...]) -> list[torch.Tensor]:
+    config = cache_dit.DBCacheConfig(
+        Fn_compute_blocks=first,
+        Bn_compute_blocks=last,
+        steps_computation_mask=mask,
+        steps_computation_policy="static",
+        num_inference_steps=STEPS,
+        max_warmup_steps=1,
+        residual_diff_threshold=0.0,
+        enable_separate_cfg=False,
+    )
+    cache_dit.enable_cache(tiny.pipe, cache_config=config)
+    try:
+        return [tiny.generate(STEPS, seed=seed) for seed in seeds]
+    finally:
+        cache_dit.disable_cache(tiny.pipe)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def tiny(request):
+    t = BUILDERS[request.param]()
+    t.pipe.set_progress_bar_config(disable=True)
+    return t
+
+
+def test_schedules_become_the_masks_cache_dit_takes():
+    assert mask_of({"interval": 3}) == [1, 0, 0, 1, 0, 0, 1, 0]
+    assert mask_of({"schedule": "explicit", "full_steps": (0, 1, 4, 6)}) == [1, 1, 0, 0, 1, 0, 1, 0]
+
+
+def test_equals_cache_dit_after_cache_dit_was_on_the_same_pipeline(tiny):
+    seeds = (0, 5)
+    expected = {}
+    for first, last, fields in CASES:
+        expected[(first, last)] = cache_dit_latents(tiny, first, last, mask_of(fields), seeds)
+    plain = tiny.generate(STEPS, seed=0)
+    for first, last, fields in CASES:
+        dcfx.enable(tiny.pipe, first=first, last=last, **fields)
+        try:
+            for _ in range(2):  # generations back to back, twice over
+                for seed, want in zip(seeds, expected[(first, last)], strict=True):
+                    got = tiny.generate(STEPS, seed=seed)
+                    assert close(got, want) <= 1e-5, (tiny.name, first, last, fields, seed)
+            full = sum(mask_of(fields))
+            assert tiny.pipe.transformer.stats == {"full": 4 * full, "shallow": 4 * (STEPS - full)}
+        finally:
+            dcfx.disable(tiny.pipe)
+        # Caching changed the result (the comparison above is not of two plain runs).
+        assert close(expected[(first, last)][0], plain) > 1e-4
+
+
+def test_equals_cache_dit_without_guidance(tiny):
+    if tiny.name == "flux":
+        pytest.skip("Flux is guidance-distilled: its guidance is an input, never a second batch")
+    call = dict(tiny.call, guidance_scale=1.0)
+    saved, tiny.call = tiny.call, call
+    try:
+        (want,) = cache_dit_latents(tiny, 1, 1, mask_of({"interval": 3}), (2,))
+        dcfx.enable(tiny.pipe, first=1, last=1, interval=3)
+        try:
+            got = tiny.generate(STEPS, seed=2)
+        finally:
+            dcfx.disable(tiny.pipe)
+    finally:
+        tiny.call = saved
+    assert close(got, want) <= 1e-5

@@ -1,0 +1,183 @@
+"""Tiny random-weight diffusion transformers and their pipelines (no download, no text encoders).
+
+Configs after diffusers' own tests (tests/models/transformers/), with >= 4 blocks so that a
+block range can be cut. Pipelines run with prompt embeddings passed in and ``output_type="latent"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+MODELS = ("sd3", "flux", "pixart", "dit")
+
+
+@dataclass
+class Tiny:
+    """A tiny pipeline and the keyword arguments of one generation (without seed and steps)."""
+
+    name: str
+    pipe: Any
+    call: dict[str, Any]
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    def generate(self, steps: int, seed: int = 0, **kwargs: Any) -> torch.Tensor:
+        """Returns the latents of one generation."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            out = self.pipe(**self.call, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs)
+        images = out.images
+        return images if isinstance(images, torch.Tensor) else torch.as_tensor(images)
+
+
+def _vae(latent_channels: int) -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(4,),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+    )
+
+
+def sd3(layers: int = 4, guidance: float = 2.0) -> Tiny:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=layers,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(4),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    g = torch.Generator().manual_seed(1)
+    call = {
+        "prompt_embeds": torch.randn(1, 7, 32, generator=g),
+        "negative_prompt_embeds": torch.randn(1, 7, 32, generator=g),
+        "pooled_prompt_embeds": torch.randn(1, 64, generator=g),
+        "negative_pooled_prompt_embeds": torch.randn(1, 64, generator=g),
+        "guidance_scale": guidance,
+        "height": 16,
+        "width": 16,
+    }
+    return Tiny("sd3", pipe, call)
+
+
+def flux(layers: int = 2, single_layers: int = 2, guidance: float = 3.5) -> Tiny:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=layers,
+        num_single_layers=single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    ).eval()
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(4),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    g = torch.Generator().manual_seed(1)
+    call = {
+        "prompt_embeds": torch.randn(1, 7, 32, generator=g),
+        "pooled_prompt_embeds": torch.randn(1, 32, generator=g),
+        "guidance_scale": guidance,
+        "height": 16,
+        "width": 16,
+    }
+    return Tiny("flux", pipe, call)
+
+
+def pixart(layers: int = 4, guidance: float = 4.5) -> Tiny:
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=layers,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=16,
+        caption_channels=32,
+        norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+    ).eval()
+    pipe = PixArtAlphaPipeline(
+        transformer=transformer, scheduler=DPMSolverMultistepScheduler(), vae=_vae(4), text_encoder=None, tokenizer=None
+    )
+    g = torch.Generator().manual_seed(1)
+    call = {
+        "prompt_embeds": torch.randn(1, 7, 32, generator=g),
+        "prompt_attention_mask": torch.ones(1, 7, dtype=torch.long),
+        "negative_prompt_embeds": torch.randn(1, 7, 32, generator=g),
+        "negative_prompt_attention_mask": torch.ones(1, 7, dtype=torch.long),
+        "guidance_scale": guidance,
+        "height": 16,
+        "width": 16,
+        "use_resolution_binning": False,
+        "negative_prompt": None,
+    }
+    return Tiny("pixart", pipe, call)
+
+
+def dit(layers: int = 4, guidance: float = 4.0) -> Tiny:
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        sample_size=8,
+        num_layers=layers,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        num_embeds_ada_norm=1000,  # DiTPipeline guides with the null class 1000
+        norm_type="ada_norm_zero",
+    ).eval()
+    pipe = DiTPipeline(transformer=transformer, vae=_vae(4), scheduler=DDIMScheduler())
+    return Tiny("dit", pipe, {"class_labels": [1, 3], "guidance_scale": guidance})
+
+
+BUILDERS: dict[str, Callable[..., Tiny]] = {"sd3": sd3, "flux": flux, "pixart": pixart, "dit": dit}
