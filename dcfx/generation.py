@@ -30,17 +30,42 @@ class Generation:
     The runtime drives a call through ``enter``/``leave`` (one call at a time), ``advance``
     (the step index, a new plan at a new generation; ``restore`` undoes it for a refused
     call) and ``run``.
+
+    A pipeline that calls the model once per guidance branch (Wan) makes several calls per
+    step (``StepTracker.repeat``): each call of a step has a lane of its own (its plan and
+    buffers), as each branch has its own features; every lane follows the same schedule.
     """
 
-    __slots__ = ("_busy", "_epoch", "_slot", "buffers", "plan", "tracker")
+    __slots__ = ("_busy", "_epoch", "_lane", "_lanes", "tracker")
 
     def __init__(self, scheduler: Any, epoch: int, timestep_divisor: float = 1.0) -> None:
         self.tracker = StepTracker(scheduler, timestep_divisor)
-        self.plan: GenerationPlan | None = None
-        self.buffers: list[torch.Tensor | None] = [None, None]
-        self._slot = 0  # the buffer the next full step writes
+        self._lanes = [_Lane()]
+        self._lane = self._lanes[0]  # the lane of the call in progress
         self._busy = threading.Lock()
         self._epoch = epoch
+
+    @property
+    def plan(self) -> GenerationPlan | None:
+        """The plan of the current call's lane (None before the first step)."""
+        return self._lane.plan
+
+    @plan.setter
+    def plan(self, plan: GenerationPlan | None) -> None:
+        self._lane.plan = plan
+
+    @property
+    def buffers(self) -> list[torch.Tensor | None]:
+        """The current lane's two feature buffers."""
+        return self._lane.buffers
+
+    @property
+    def _slot(self) -> int:
+        return self._lane.slot
+
+    @_slot.setter
+    def _slot(self, slot: int) -> None:
+        self._lane.slot = slot
 
     @property
     def buffer(self) -> torch.Tensor | None:
@@ -60,8 +85,10 @@ class Generation:
     def reset(self) -> None:
         """Starts a new generation: forgets the step count and invalidates the cache."""
         self.tracker.reset()
-        if self.plan is not None:
-            self.plan.drop()
+        for lane in self._lanes:
+            if lane.plan is not None:
+                lane.plan.drop()
+        self._lane = self._lanes[0]
 
     def enter(self) -> None:
         """Takes this generation for one call; RuntimeError when another thread is inside one (``leave`` after)."""
@@ -87,25 +114,39 @@ class Generation:
         if self._epoch != epoch:
             self.reset()
             self._epoch = epoch
-        saved = (self.tracker.save(), self.plan)
+        saved = (self.tracker.save(), self._lane, [lane.plan for lane in self._lanes])
         try:
             index, num_steps, new = self.tracker.advance(timestep, value)
+            repeat = self.tracker.repeat
+            while len(self._lanes) <= repeat:
+                self._lanes.append(_Lane())
+            self._lane = self._lanes[repeat]
             if new:
                 on_new()
+                for lane in self._lanes[1:]:
+                    if lane.plan is not None:
+                        lane.plan.drop()
+                        lane.plan = None
                 self.plan = planner.start(num_steps)
+            elif repeat and self.plan is None:
+                self.plan = planner.start(num_steps)  # a step's next call, met for the first time
         except BaseException:
             self.restore(saved)
             raise
         return index, saved
 
-    def restore(self, saved: tuple[Any, GenerationPlan | None]) -> None:
-        """Puts back the step count and plan of before ``advance``.
+    def restore(self, saved: tuple[Any, ...]) -> None:
+        """Puts back the step count and plans of before ``advance``.
 
         A refused call (bad input, a build that failed) ran no graph: the generation in
         progress goes on.
         """
-        self.tracker.restore(saved[0])
-        self.plan = saved[1]
+        tracker, lane, plans = saved
+        self.tracker.restore(tracker)
+        del self._lanes[len(plans) :]
+        for each, plan in zip(self._lanes, plans, strict=True):
+            each.plan = plan
+        self._lane = lane
 
     def position(self, index: int, timestep: Any, value: float | None) -> float:
         """The step's place on the sampler's time axis (what a forecast moves the feature by)."""
@@ -169,3 +210,14 @@ class Generation:
         ):
             buffer = self.buffers[self._slot] = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         return buffer
+
+
+class _Lane:
+    """The plan and the two feature buffers of one call of each step (one guidance branch)."""
+
+    __slots__ = ("buffers", "plan", "slot")
+
+    def __init__(self) -> None:
+        self.plan: GenerationPlan | None = None
+        self.buffers: list[torch.Tensor | None] = [None, None]
+        self.slot = 0  # the buffer the next full step writes

@@ -99,6 +99,11 @@ class StepTracker:
 
     Samplers that call the U-Net several times per step (Heun, DPM2, PNDM's Runge-Kutta
     start) list one timestep entry per call, repeats included: every call is a step.
+    Pipelines that call the model once per guidance branch (Wan: the conditional call, then
+    the unconditional one, at the same timestep) make a call whose timestep is the current
+    entry again where the next entry differs: that is the same step, call ``repeat`` (1, 2,
+    ...) of it, and the generation keeps a cache per call of a step. Telling them apart reads
+    the timestep on the host: on a GPU, pass it on the CPU or as a number for such pipelines.
 
     Without a scheduler, a generation starts when the timestep does not descend; this reads
     the timestep on the host on every call. A repeated timestep then starts over (a warning
@@ -126,14 +131,15 @@ class StepTracker:
         self._index = -1
         self._last_t: float | None = None
         self._foreign: torch.Tensor | None = None  # scheduler.timesteps that did not hold the calls' timesteps
+        self.repeat = 0  # which call of its step the last call was (0: the first)
 
     def save(self) -> tuple[Any, ...]:
         """Returns the position, for ``restore`` (a refused call must not move it)."""
-        return self._timesteps, self._values, self._start, self._index, self._last_t, self._foreign
+        return self._timesteps, self._values, self._start, self._index, self._last_t, self._foreign, self.repeat
 
     def restore(self, saved: tuple[Any, ...]) -> None:
         """Goes back to a position ``save`` returned."""
-        self._timesteps, self._values, self._start, self._index, self._last_t, self._foreign = saved
+        self._timesteps, self._values, self._start, self._index, self._last_t, self._foreign, self.repeat = saved
 
     def advance(self, timestep: torch.Tensor, value: float | None = None) -> Step:
         """Returns the step of a call with ``timestep`` (shape (batch,)) and records it.
@@ -153,11 +159,24 @@ class StepTracker:
             return self._advance_by_value(timestep, value)  # until the scheduler sets new timesteps
         index = self._index + 1
         fresh = timesteps is not self._timesteps or self._start + index >= len(self._values)
-        if not fresh:
-            # A check that costs nothing on the CPU: the timestep must be the expected entry.
-            if value is None and timestep.device.type == "cpu":
-                value = float(timestep[0])
-            fresh = value is not None and value != self._values[self._start + index]
+        if timesteps is self._timesteps and self._index >= 0:
+            at = _entry_of_view(timestep, timesteps)
+            if at is not None:
+                # A view of scheduler.timesteps (what pipelines pass): its entry, with no device sync.
+                if at == self._start + self._index:
+                    self.repeat += 1  # the current entry again: another call of the same step
+                    return self._index, len(self._values) - self._start, False
+                fresh = fresh or at != self._start + index
+            else:
+                # A check that costs nothing on the CPU: the timestep must be the expected entry.
+                if value is None and timestep.device.type == "cpu":
+                    value = float(timestep[0])
+                if not fresh:
+                    fresh = value is not None and value != self._values[self._start + index]
+                if fresh and value is not None and value == self._values[self._start + self._index]:
+                    self.repeat += 1  # the current entry again, not the next: another call of the same step
+                    return self._index, len(self._values) - self._start, False
+        self.repeat = 0
         if fresh:
             located = self._locate(timesteps, timestep)
             if located is None:
@@ -239,3 +258,22 @@ class StepTracker:
         if kind != "repeat":
             message += "; counting steps by call: a generation starts where the timestep stops descending"
         logger.warning("dcfx: %s", message)
+
+
+def _entry_of_view(timestep: torch.Tensor, timesteps: torch.Tensor) -> int | None:
+    """Returns the index of ``scheduler.timesteps`` that ``timestep`` is a view of (None: not a view of one entry).
+
+    Pipelines pass ``t`` of ``for t in scheduler.timesteps`` (or ``t.expand(batch)``): a view
+    whose storage offset names its entry, read without a device sync.
+    """
+    try:
+        if timestep.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr():
+            return None
+    except (RuntimeError, NotImplementedError):
+        return None
+    if timesteps.ndim != 1 or timesteps.stride(0) != 1 or timestep.dtype != timesteps.dtype:
+        return None
+    if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.numel() > 1 and timestep.stride(0) != 0):
+        return None  # several entries, not one entry expanded
+    at = timestep.storage_offset() - timesteps.storage_offset()
+    return at if 0 <= at < timesteps.shape[0] else None

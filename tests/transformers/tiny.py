@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-MODELS = ("sd3", "flux", "pixart", "dit")
+MODELS = ("sd3", "flux", "pixart", "dit", "sana", "wan")
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Tiny:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             out = self.pipe(**self.call, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs)
-        images = out.images
+        images = out.frames if hasattr(out, "frames") else out.images
         return images if isinstance(images, torch.Tensor) else torch.as_tensor(images)
 
 
@@ -180,4 +180,87 @@ def dit(layers: int = 4, guidance: float = 4.0) -> Tiny:
     return Tiny("dit", pipe, {"class_labels": [1, 3], "guidance_scale": guidance})
 
 
-BUILDERS: dict[str, Callable[..., Tiny]] = {"sd3": sd3, "flux": flux, "pixart": pixart, "dit": dit}
+def sana(layers: int = 4, guidance: float = 4.5) -> Tiny:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=16,
+        sample_size=8,
+    ).eval()
+    pipe = SanaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    g = torch.Generator().manual_seed(1)
+    call = {
+        "prompt_embeds": torch.randn(1, 6, 16, generator=g),
+        "prompt_attention_mask": torch.ones(1, 6),
+        "negative_prompt_embeds": torch.randn(1, 6, 16, generator=g),
+        "negative_prompt_attention_mask": torch.ones(1, 6),
+        "guidance_scale": guidance,
+        "height": 128,  # latents 4x4 (no VAE: the pipeline's default scale factor of 32)
+        "width": 128,
+        "use_resolution_binning": False,
+        "negative_prompt": None,
+    }
+    return Tiny("sana", pipe, call)
+
+
+def wan(layers: int = 4, guidance: float = 5.0) -> Tiny:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    g = torch.Generator().manual_seed(1)
+    call = {
+        "prompt_embeds": torch.randn(1, 6, 16, generator=g),
+        "negative_prompt_embeds": torch.randn(1, 6, 16, generator=g),
+        "guidance_scale": guidance,
+        "height": 32,
+        "width": 32,
+        "num_frames": 5,
+    }
+    return Tiny("wan", pipe, call)
+
+
+BUILDERS: dict[str, Callable[..., Tiny]] = {
+    "sd3": sd3,
+    "flux": flux,
+    "pixart": pixart,
+    "dit": dit,
+    "sana": sana,
+    "wan": wan,
+}
