@@ -19,6 +19,10 @@ from torch import nn
 from dcfx.scalars import scalar
 
 SCALE_INPUT = "cross_attention_kwargs.scale"
+# The forward arguments that carry a LoRA "scale": U-Nets' cross_attention_kwargs, SD3's and
+# Flux's joint_attention_kwargs, other transformers' attention_kwargs. Whichever carries it,
+# the graph input is SCALE_INPUT (the name exports record).
+ATTENTION_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
 def scale_tensor(scale: object, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dcfx.adapters import SCALE_INPUT, scale_tensor
+from dcfx.adapters import ATTENTION_KWARGS, SCALE_INPUT, scale_tensor
 
 
 def unflatten(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def _flatten_value(name: str, value: Any, device: torch.device) -> list[tuple[st
         return []
     if isinstance(value, torch.Tensor):
         return [(name, value)]
-    if name == "cross_attention_kwargs" and isinstance(value, Mapping) and "scale" in value:
+    if name in ATTENTION_KWARGS and isinstance(value, Mapping) and "scale" in value:
         rest = {k: v for k, v in value.items() if k != "scale"}
         return [(SCALE_INPUT, scale_tensor(value["scale"], device)), *_flatten_value(name, rest, device)]
     if isinstance(value, (tuple, list)):
@@ -123,7 +123,7 @@ def _flatten_value(name: str, value: Any, device: torch.device) -> list[tuple[st
         return [item for k in sorted(value) for item in _flatten_value(f"{name}.{_key(name, k)}", value[k], device)]
     raise TypeError(
         f"dcfx cannot pass {name}={value!r} into a captured graph: only tensors, lists, tuples and dicts of "
-        f"tensors (or None), and cross_attention_kwargs' LoRA 'scale', are graph inputs"
+        f"tensors (or None), and the LoRA 'scale' of {', '.join(ATTENTION_KWARGS)}, are graph inputs"
     )
 
 

@@ -231,6 +231,8 @@ class ModelSpec:
             attention = dict(attention)
             scale = attention.pop("scale")
             kwargs = {**kwargs, "cross_attention_kwargs": attention}
+            if not attention and "cross_attention_kwargs" not in self.signature(model).parameters:
+                del kwargs["cross_attention_kwargs"]  # the scale came in joint_attention_kwargs or attention_kwargs
         with lora_scaled(model, scale):
             return model(**kwargs, return_dict=False)[0]
 

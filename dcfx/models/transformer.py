@@ -189,9 +189,6 @@ class TransformerSpec(ModelSpec):
 
         return Transformer2DModelOutput
 
-    def call(self, model: nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:  # noqa: D102
-        return model(**kwargs, return_dict=False)[0]
-
     def example_call(
         self, model: nn.Module, sample_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> dict[str, Any]:
