@@ -146,8 +146,16 @@ def block_ranges(model: nn.Module, sample_shape: tuple[int, ...] | None = None) 
         size = spec.default_size(model)
         sample_shape = spec.sample_shape(model, 2, size, size)
     param = next(model.parameters())
-    call = spec.example_call(model, tuple(sample_shape), param.dtype, param.device)
-    (names, tensors), _ = spec.flatten(model, (), call)
+    return block_ranges_of_call(model, spec.example_call(model, tuple(sample_shape), param.dtype, param.device))
+
+
+def block_ranges_of_call(model: nn.Module, call: Mapping[str, Any]) -> list[BlockRangeInfo]:
+    """Returns every ``(first, last)`` as ``block_ranges`` does, measured on the keyword call ``call``.
+
+    For the inputs a pipeline really passes (its prompt length, its batch with guidance).
+    """
+    spec = spec_for(model)
+    (names, tensors), _ = spec.flatten(model, (), dict(call))
     captured = capture(model, names, tensors, spec=spec)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         interpreter = _CountingInterpreter(captured, counter, "unet.")

@@ -1,0 +1,281 @@
+"""Diffusion transformers under the block-range cut: dcfx against cache-dit and the FLOP limit.
+
+One command times a transformer pipeline's denoising loop (``output_type="latent"``: no VAE, no
+text encoders, prompt embeddings passed in; classifier-free guidance on where the pipeline has
+it) for T steps, same seed and scheduler everywhere, under each variant:
+
+    plain-eager        the plain transformer
+    cachedit-eager     cache-dit 1.5.3 DBCache, F and B as dcfx's, steps_computation_mask of
+                       dcfx's uniform 1:N schedule, policy "static"
+    dcfx-eager         dcfx.compile(first=F, last=B, interval=N), eager graphs
+    plain-compile      torch.compile(pipe.transformer)
+    cachedit-compile   cache-dit as above, then cache_dit.set_compile_configs() and
+                       torch.compile(pipe.transformer), as cache-dit's documentation does
+    dcfx-inductor      dcfx.compile(..., backend="inductor")
+
+Each variant runs in a fresh process (cache-dit's compile settings are global, compile caches
+are per process); inside it, one warm-up generation (compiling where the variant compiles) and
+then ``--repeats`` timed ones, median reported. Per row: the loop's median time, the speedup
+against the same backend without cache (plain-eager for the eager variants, plain-compile for
+the compiled ones), the FLOP-ideal speedup of the steps that ran (N / (1 + (N - 1) r) over the
+schedule's full and cached steps, r from ``dcfx.branches`` on the pipeline's own call),
+measured/ideal, and the largest difference of the latents from cache-dit's at the same setting.
+
+Models: the tiny test configs (``sd3``, ``flux``, ``pixart``, ``dit``, ``sana``, ``wan``; from
+tests/transformers/tiny.py) and ``pixart-alpha``: PixArt-alpha's size (28 blocks, width 1152,
+120 T5 tokens of 4096) with random weights at 256x256 (32x32 latents).
+
+Usage:
+    python benchmarks/transformer_speed.py --models sd3,flux,pixart,dit --steps 20 --repeats 5
+    python benchmarks/transformer_speed.py --models pixart-alpha --steps 10 --repeats 3    # tens of minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+VARIANTS = ("plain-eager", "cachedit-eager", "dcfx-eager", "plain-compile", "cachedit-compile", "dcfx-inductor")
+BASELINE = {
+    "cachedit-eager": "plain-eager",
+    "dcfx-eager": "plain-eager",
+    "cachedit-compile": "plain-compile",
+    "dcfx-inductor": "plain-compile",
+}
+
+
+def pixart_alpha() -> Any:
+    """PixArt-alpha's transformer size with random weights, in its pipeline (no text encoder, no VAE run)."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from tests.transformers.tiny import Tiny, _vae
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=32,
+        num_layers=28,
+        patch_size=2,
+        attention_head_dim=72,
+        num_attention_heads=16,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=1152,
+        caption_channels=4096,
+        norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+    ).eval()
+    pipe = PixArtAlphaPipeline(
+        transformer=transformer, scheduler=DPMSolverMultistepScheduler(), vae=_vae(4), text_encoder=None, tokenizer=None
+    )
+    g = torch.Generator().manual_seed(1)
+    call = {
+        "prompt_embeds": torch.randn(1, 120, 4096, generator=g),
+        "prompt_attention_mask": torch.ones(1, 120, dtype=torch.long),
+        "negative_prompt_embeds": torch.randn(1, 120, 4096, generator=g),
+        "negative_prompt_attention_mask": torch.ones(1, 120, dtype=torch.long),
+        "guidance_scale": 4.5,
+        "height": 256,
+        "width": 256,
+        "use_resolution_binning": False,
+        "negative_prompt": None,
+    }
+    return Tiny("pixart-alpha", pipe, call)
+
+
+def build(model: str) -> Any:
+    if model == "pixart-alpha":
+        return pixart_alpha()
+    from tests.transformers.tiny import BUILDERS
+
+    return BUILDERS[model]()
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs one variant of one model in this process; returns its timings and latents' summary."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
+    import dcfx
+    from dcfx.schedule import full_step_indices
+
+    tiny = build(spec["model"])
+    tiny.pipe.set_progress_bar_config(disable=True)
+    variant, steps = spec["variant"], spec["steps"]
+    first, last, interval = spec["first"], spec["last"], spec["interval"]
+    full = full_step_indices(dcfx.DeepCacheConfig(first=first, last=last, interval=interval), steps)
+    mask = [int(i in full) for i in range(steps)]
+    start = time.perf_counter()
+    if variant.startswith("cachedit"):
+        import cache_dit
+
+        cache_dit.enable_cache(
+            tiny.pipe,
+            cache_config=cache_dit.DBCacheConfig(
+                Fn_compute_blocks=first,
+                Bn_compute_blocks=last,
+                steps_computation_mask=mask,
+                steps_computation_policy="static",
+                num_inference_steps=steps,
+                max_warmup_steps=1,
+                residual_diff_threshold=0.0,
+                enable_separate_cfg=tiny.name == "wan" and tiny.call.get("guidance_scale", 1) > 1,
+            ),
+        )
+        if variant.endswith("compile"):
+            cache_dit.set_compile_configs()
+            tiny.pipe.transformer = torch.compile(tiny.pipe.transformer)
+    elif variant == "plain-compile":
+        tiny.pipe.transformer = torch.compile(tiny.pipe.transformer)
+    elif variant.startswith("dcfx"):
+        backend = "inductor" if variant == "dcfx-inductor" else "eager"
+        dcfx.enable(tiny.pipe, first=first, last=last, interval=interval, backend=backend)
+    warm = tiny.generate(steps, seed=0)
+    warm_s = time.perf_counter() - start
+    times = []
+    for _ in range(spec["repeats"]):
+        tick = time.perf_counter()
+        out = tiny.generate(steps, seed=0)
+        times.append(time.perf_counter() - tick)
+    result = {"warm_up_s": warm_s, "loop_s": statistics.median(times), "times": times}
+    result["deterministic"] = bool(torch.equal(out, warm))
+    torch.save(out, spec["latents"])
+    if variant == "plain-eager":  # the FLOP share r of the cut on the pipeline's own call
+        from dcfx.branches import block_ranges_of_call
+
+        seen: dict[str, Any] = {}
+
+        def hook(module: Any, args: Any, kwargs: Any) -> None:
+            import inspect
+
+            seen.setdefault("call", dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments))
+
+        handle = tiny.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+        tiny.generate(1, seed=0)
+        handle.remove()
+        call = {k: v for k, v in seen["call"].items() if k != "return_dict"}
+        infos = {(i.first, i.last): i for i in block_ranges_of_call(tiny.transformer, call)}
+        result["flop_share"] = infos[(first, last)].flop_share
+    result["full_steps"], result["cached_steps"] = len(full), steps - len(full)
+    return result
+
+
+def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        return {"error": done.stderr[-2000:]}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--models", default="sd3,flux,pixart,dit")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--first", type=int, default=1)
+    parser.add_argument("--last", type=int, default=0)
+    parser.add_argument("--interval", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/transformer_speed")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))))
+        return 0
+    import torch
+    from graph_speed import machine_info
+
+    from dcfx.branches import ideal_speedup_of_counts
+
+    rows = []
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    for model in args.models.split(","):
+        results: dict[str, dict[str, Any]] = {}
+        for variant in args.variants.split(","):
+            spec = {
+                "model": model,
+                "variant": variant,
+                "first": args.first,
+                "last": args.last,
+                "interval": args.interval,
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "threads": args.threads,
+                "latents": str(tmp / f"dcfx-bench-{model}-{variant}.pt"),
+            }
+            print(f"{model} {variant} ...", file=sys.stderr, flush=True)
+            results[variant] = run_variant(spec)
+            if "error" in results[variant]:
+                print(results[variant]["error"], file=sys.stderr)
+        share = results.get("plain-eager", {}).get("flop_share")
+        for variant, r in results.items():
+            if "error" in r:
+                rows.append({"model": model, "variant": variant, "error": r["error"][-300:]})
+                continue
+            row = {"model": model, "variant": variant, "loop_s": r["loop_s"], "warm_up_s": r["warm_up_s"]}
+            base = results.get(BASELINE.get(variant, ""), {})
+            if "loop_s" in base:
+                row["speedup"] = base["loop_s"] / r["loop_s"]
+                if share is not None:
+                    row["ideal"] = ideal_speedup_of_counts(r["full_steps"], r["cached_steps"], share)
+                    row["of_ideal"] = row["speedup"] / row["ideal"]
+            peer = "cachedit-compile" if variant.endswith(("compile", "inductor")) else "cachedit-eager"
+            mine = Path(tmp / f"dcfx-bench-{model}-{variant}.pt")
+            theirs = Path(tmp / f"dcfx-bench-{model}-{peer}.pt")
+            if variant.startswith("dcfx") and mine.exists() and theirs.exists():
+                a, b = torch.load(mine), torch.load(theirs)
+                row["vs_cachedit"] = float((a - b).abs().max() / b.abs().max())
+            row["flop_share"] = share
+            rows.append(row)
+    table = table_of(args, rows)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"transformer_speed_{'_'.join(args.models.split(','))}"
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine_info(), "rows": rows}
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def table_of(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"Transformer denoising loop, F{args.first}B{args.last}, uniform 1:{args.interval}, {args.steps} steps, "
+        f"median of {args.repeats}, {args.threads} threads",
+        "",
+        "| model | variant | loop s | speedup | ideal | of ideal | r | max rel. diff to cache-dit | warm-up s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        return format(row[key], fmt) if row.get(key) is not None else ""
+
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['variant']} | failed: {row['error'][-80:]!r} | | | | | | |")
+            continue
+        lines.append(
+            f"| {row['model']} | {row['variant']} | {row['loop_s']:.3f} | {cell(row, 'speedup', '.2f')} | "
+            f"{cell(row, 'ideal', '.2f')} | {cell(row, 'of_ideal', '.2f')} | {cell(row, 'flop_share', '.3f')} | "
+            f"{cell(row, 'vs_cachedit', '.1e')} | {row['warm_up_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
