@@ -148,3 +148,19 @@ def test_block_range_bounds():
     assert BlockRange(1, 1, blocks).deep_paths() == ["transformer_blocks.1"]
     with pytest.raises(ValueError, match="first \\+ last must be at most 2"):
         BlockRange(2, 1, blocks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_inductor_equals_eager_with_one_build_per_shape(name):
+    tiny = BUILDERS[name]()
+    tiny.pipe.set_progress_bar_config(disable=True)
+    dcfx.enable(tiny.pipe, first=1, last=1, interval=3)
+    eager = tiny.generate(7, seed=1)
+    dcfx.enable(tiny.pipe, first=1, last=1, interval=3, backend="inductor")
+    runtime = tiny.pipe.transformer
+    for _ in range(2):
+        out = tiny.generate(7, seed=1)
+        torch.testing.assert_close(out, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
+    assert runtime.graph_builds == 1
+    assert runtime.stats == {"full": 6, "shallow": 8}
