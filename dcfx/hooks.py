@@ -83,7 +83,8 @@ def check_hooks(model: nn.Module) -> None:
                 raise ValueError(
                     f"{where}: the diffusers hook {name!r} ({type(hook).__name__}) keeps state across calls (a cache "
                     "or guidance hook): a compiled graph would freeze one call of it. dcfx does its own caching: "
-                    "remove the hook (unet.disable_cache() for diffusers' caches), then compile"
+                    "remove the hook (model.disable_cache() for diffusers' caches, on pipe.unet or pipe.transformer), "
+                    "then compile"
                 )
             if name == LAYERWISE_CASTING and len(module._diffusers_hook.hooks) > 1:
                 others = sorted(set(module._diffusers_hook.hooks) - {name})

@@ -118,3 +118,17 @@ def test_two_threads_generate_at_once_on_one_runtime():
         for out in outs:
             # Each thread has its own generation: its steps and cache are its own.
             torch.testing.assert_close(out, alone[seed], rtol=0, atol=1e-5 * float(alone[seed].abs().max()))
+
+
+def test_after_diffusers_first_block_cache_refused_then_exact_once_removed():
+    from diffusers import FirstBlockCacheConfig
+
+    tiny = BUILDERS["flux"]()
+    tiny.pipe.set_progress_bar_config(disable=True)
+    tiny.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    with pytest.raises(ValueError, match=r"keeps state across calls.*model\.disable_cache"):
+        dcfx.compile(tiny.transformer, first=1, last=1)
+    tiny.transformer.disable_cache()
+    want = tiny.generate(STEPS)
+    dcfx.enable(tiny.pipe, first=1, last=1, interval=1)
+    assert torch.equal(tiny.generate(STEPS), want)
