@@ -6,7 +6,14 @@ needed); ``dcfx.serve.app`` deploys it on Ray Serve (``pip install 'dcfx[serve]'
 """
 
 from dcfx.serve.engine import Engine, EngineConfig
-from dcfx.serve.models import DigitsServeModel, PreparedRequest, ServeModel, UNetServeModel, load_serve_model
+from dcfx.serve.models import (
+    DigitsServeModel,
+    PreparedRequest,
+    ServeModel,
+    TransformerServeModel,
+    UNetServeModel,
+    load_serve_model,
+)
 from dcfx.serve.request import EngineStopped, GenerationRequest, GenerationResult, QueueFull
 from dcfx.serve.schedulers import available_schedulers, make_scheduler, register_scheduler
 
@@ -20,6 +27,7 @@ __all__ = [
     "PreparedRequest",
     "QueueFull",
     "ServeModel",
+    "TransformerServeModel",
     "UNetServeModel",
     "available_schedulers",
     "load_serve_model",

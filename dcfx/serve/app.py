@@ -71,7 +71,10 @@ class ServeOptions:
         batch_sizes: Batch sizes calls are padded to (default: powers of two up to max_batch).
         max_wait: Ticks a request may wait for its cohort's next full step (None: always).
         max_queue: Requests waiting per replica at most; more are refused with a 503.
-        branch: DeepCache branch.
+        branch: DeepCache branch of a U-Net (default 0).
+        first: A diffusion transformer's blocks run first on every step (default 1).
+        last: A diffusion transformer's blocks run last on every step (default 0); a mix with
+            ``branch`` is refused.
         interval: N of the uniform 1:N schedule.
         forecast: What shallow steps read (``dcfx.available_forecasts()``): "none" (the paper's
             reuse) or "linear" (a forecast from the last two full steps).
@@ -89,7 +92,9 @@ class ServeOptions:
     batch_sizes: tuple[int, ...] | None = None
     max_wait: int | None = None
     max_queue: int = 64
-    branch: int = 0
+    branch: int | None = None
+    first: int | None = None
+    last: int | None = None
     interval: int = 5
     forecast: str = "none"
     backend: str = "eager"
@@ -112,7 +117,9 @@ class ServeOptions:
 
     def deepcache_config(self) -> DeepCacheConfig:
         """Returns the DeepCache settings of each replica's runtime."""
-        return DeepCacheConfig(branch=self.branch, interval=self.interval, forecast=self.forecast)
+        return DeepCacheConfig(
+            branch=self.branch, first=self.first, last=self.last, interval=self.interval, forecast=self.forecast
+        )
 
     def engine_config(self) -> EngineConfig:
         """Returns the engine settings of each replica."""

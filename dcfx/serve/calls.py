@@ -13,6 +13,7 @@ import collections
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -93,7 +94,7 @@ class CallBuilder:
         )
 
     def graphs(
-        self, cohort: Cohort, inputs: dict[str, torch.Tensor], padded: int
+        self, cohort: Cohort, inputs: dict[str, Any], padded: int
     ) -> tuple[CompiledPair, tuple[torch.Tensor, ...]]:
         """Returns the runtime's graph pair for ``inputs`` and their flat inputs; moves the epoch on a rebuild."""
         pair, flat = self.runtime.graphs_for(**inputs)
@@ -217,8 +218,12 @@ class CallBuilder:
             self.rows[kind][live] += 1
 
 
-def call_inputs(layout: list[Slot], padded: int, like: Generation) -> dict[str, torch.Tensor]:
-    """Returns the U-Net keyword inputs of a call: each slot's rows, then padding to ``padded``."""
+def call_inputs(layout: list[Slot], padded: int, like: Generation) -> dict[str, Any]:
+    """Returns the model's keyword inputs of a call: each slot's rows, then padding to ``padded``.
+
+    The sample goes by the model's name for it, the timestep divided as its pipelines divide
+    it; inputs every row shares (``PreparedRequest.shared``) once, as ``like`` has them.
+    """
     samples, times = [], []
     conds: dict[str, list[torch.Tensor]] = {name: [] for name in like.cond}
     rows = 0
@@ -237,6 +242,11 @@ def call_inputs(layout: list[Slot], padded: int, like: Generation) -> dict[str, 
         for name, value in gen.cond.items():
             conds[name].append(value)
     device = like.x.device
-    inputs = {"sample": torch.cat(samples), "timestep": torch.cat(times).to(device)}
+    prepared = like.prepared
+    timestep = torch.cat(times).to(device)
+    if prepared.timestep_divisor != 1:
+        timestep = timestep.to(like.x.dtype) / prepared.timestep_divisor
+    inputs = {prepared.sample_input: torch.cat(samples), "timestep": timestep}
     inputs.update({name: torch.cat(values) for name, values in conds.items()})
+    inputs.update(prepared.shared)
     return inputs

@@ -3,7 +3,8 @@
 A ``Generation`` is one request being denoised: its scheduler state, latents, step and plan
 (``dcfx.planner``), whose anchors say where its cache rows are (``dcfx.serve.rows``). A
 ``Cohort`` gathers the generations of one ``cohort_key`` (scheduler, sample size and
-conditioning layout): their steps can run as rows of one batched call.
+conditioning layout; for a transformer that is its image tokens and prompt tokens, and the
+inputs every row shares): their steps can run as rows of one batched call.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ class Generation:
         self.id = rid
         self.request = request
         self.cond = prepared.conditioning
+        self.prepared = prepared
         self.rows = prepared.rows
         self.scheduler = scheduler
         scheduler.set_timesteps(request.steps)
         self.timesteps = list(scheduler.timesteps)  # 0-d tensors, as a pipeline's loop passes them
         self.positions = [float(t) for t in self.timesteps]  # the steps on the sampler's time axis
-        self.x = prepared.noise * scheduler.init_noise_sigma
+        # Flow-matching schedulers have no init_noise_sigma and no scale_model_input: identities.
+        self.x = prepared.noise * getattr(scheduler, "init_noise_sigma", 1.0)
         self.plan = plan
         self.key = key
         self.future = future
@@ -70,12 +73,15 @@ class Generation:
         return None if step is None else step - self.step
 
     def model_input(self) -> torch.Tensor:
-        """Returns its U-Net rows of this step: (rows, C, H, W)."""
-        x = self.scheduler.scale_model_input(self.x, self.timesteps[self.step])
+        """Returns its model rows of this step: (rows, C, H, W), or a transformer's sample layout."""
+        x = self.x
+        if hasattr(self.scheduler, "scale_model_input"):
+            x = self.scheduler.scale_model_input(x, self.timesteps[self.step])
         return torch.cat([x, x]) if self.request.guided else x
 
-    def advance(self, eps: torch.Tensor) -> None:
-        """Takes the scheduler step with the U-Net's output rows ``eps``."""
+    def advance(self, out: torch.Tensor) -> None:
+        """Takes the scheduler step with the model's output rows ``out``."""
+        eps = self.prepared.prediction(out)
         if self.request.guided:
             eps_cond, eps_uncond = eps.chunk(2)
             eps = eps_uncond + self.request.guidance * (eps_cond - eps_uncond)
@@ -105,7 +111,12 @@ class Cohort:
 
 
 def cohort_key(request: GenerationRequest, prepared: PreparedRequest) -> tuple[Any, ...]:
-    """Returns what generations must share to run in one call: scheduler, sample and conditioning layout."""
+    """Returns what generations must share to run in one call: scheduler, sample and conditioning layout.
+
+    The sample's shape holds a transformer's image tokens (its latent size), the conditioning's
+    its prompt tokens; the inputs every row shares (Flux's token positions) must be equal.
+    """
     sample = prepared.noise
     cond = tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in prepared.conditioning.items()))
-    return (request.scheduler, tuple(sample.shape[1:]), sample.dtype, str(sample.device), cond)
+    key = (request.scheduler, tuple(sample.shape[1:]), sample.dtype, str(sample.device), cond)
+    return (*key, prepared.shared_key()) if prepared.shared else key

@@ -1,22 +1,27 @@
-"""What the engine serves: a U-Net with its schedulers, and how a request becomes U-Net rows.
+"""What the engine serves: a denoiser with its schedulers, and how a request becomes model rows.
 
 ``DigitsServeModel`` serves the bundled digits model (requests name class labels);
-``UNetServeModel`` any diffusers U-Net from a folder (requests carry conditioning tensors,
-results are latents). ``load_serve_model("digits" | PATH)`` picks one.
+``UNetServeModel`` any diffusers U-Net from a folder, ``TransformerServeModel`` any diffusion
+transformer dcfx cuts (requests carry conditioning tensors, results are latents: the
+transformer's own sample, Flux's packed tokens as they are). ``load_serve_model("digits" |
+PATH)`` picks one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dcfx.models import TransformerSpec, spec_for
+from dcfx.models.transformer import UNBATCHED
 from dcfx.serve.request import GenerationRequest
 from dcfx.serve.schedulers import available_schedulers, make_scheduler
 
@@ -24,21 +29,46 @@ from dcfx.serve.schedulers import available_schedulers, make_scheduler
 MAX_SIZE_FACTOR = 4
 
 
+def _identity(output: torch.Tensor) -> torch.Tensor:
+    return output
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PreparedRequest:
-    """A request as U-Net rows: its initial noise and its conditioning.
+    """A request as model rows: its initial noise, its conditioning, and how the model takes them.
 
     Attributes:
-        noise: The initial noise (images, channels, height, width), before the scheduler's
-            ``init_noise_sigma``.
-        conditioning: U-Net keyword inputs, one row per U-Net row: the images' conditional
+        noise: The initial noise (images, channels, height, width; a transformer's sample
+            layout), before the scheduler's ``init_noise_sigma``.
+        conditioning: Model keyword inputs, one row per model row: the images' conditional
             rows, then (guided requests) their unconditional rows.
-        rows: U-Net rows per step: the images, twice that when guided.
+        rows: Model rows per step: the images, twice that when guided.
+        shared: Inputs that every row of a call shares, passed once (Flux's token positions,
+            constant arguments): requests batch together only where these are equal.
+        sample_input: The forward's name of the sample ("sample"; "hidden_states").
+        timestep_divisor: What the timestep is divided by before the call (Flux: 1000).
+        prediction: The noise prediction of the model's output rows (a transformer with a
+            learned variance: its first half of the channels).
     """
 
     noise: torch.Tensor
     conditioning: dict[str, torch.Tensor]
     rows: int
+    shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    sample_input: str = "sample"
+    timestep_divisor: float = 1.0
+    prediction: Callable[[torch.Tensor], torch.Tensor] = _identity
+
+    def shared_key(self) -> tuple[Any, ...]:
+        """Returns what identifies ``shared``: names, and each tensor's shape, dtype and bytes (else its repr)."""
+        out = []
+        for name, value in sorted(self.shared.items()):
+            if isinstance(value, torch.Tensor):
+                digest = hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+                out.append((name, tuple(value.shape), str(value.dtype), digest))
+            else:
+                out.append((name, repr(value)))
+        return tuple(out)
 
 
 class ServeModel:
@@ -154,7 +184,7 @@ class UNetServeModel(ServeModel):
             raise ValueError(f"{self.name} takes conditioning tensors, not labels (labels are for the digits model)")
         cond = dict(request.conditioning or {})
         images = next(iter(cond.values())).shape[0] if cond else 1
-        accepted = [n for n in _forward_inputs(self.unet) if n not in ("sample", "timestep")]
+        accepted = self.conditioning_inputs()
         for key, value in cond.items():
             if key not in accepted:
                 raise ValueError(f"{self.name} takes no input {key!r}; conditioning inputs: {', '.join(accepted)}")
@@ -173,6 +203,13 @@ class UNetServeModel(ServeModel):
         device, dtype = self.unet.device, self.unet.dtype
         cond = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in cond.items()}
         rows = images * (2 if request.guided else 1)
+        return self._prepared(request, images, cond, rows)
+
+    def conditioning_inputs(self) -> list[str]:
+        """Returns the forward's inputs a request may carry: all but the sample and the timestep."""
+        return [n for n in _forward_inputs(self.unet) if n not in ("sample", "timestep")]
+
+    def _prepared(self, request: GenerationRequest, images: int, cond: dict[str, torch.Tensor], rows: int) -> Any:
         return PreparedRequest(self._noise(request, images), cond, rows)
 
     @property
@@ -184,6 +221,84 @@ class UNetServeModel(ServeModel):
         if not self.gives_images:
             return super().png(latents)
         return images_png(latents)
+
+
+class TransformerServeModel(UNetServeModel):
+    """A diffusion transformer (SD3, Flux, PixArt, DiT, ...): conditioning tensors in, its sample out.
+
+    Requests carry the per-image inputs (``encoder_hidden_states``, ``pooled_projections``,
+    ``class_labels``, ...); the model makes what every row shares, as its pipeline does:
+    Flux's token positions (``img_ids`` from the size, ``txt_ids`` zeros) and PixArt's empty
+    ``added_cond_kwargs``. The noise has the transformer's sample layout at the request's
+    latent size (Flux: packed tokens); the result is the final sample in that layout. Of an
+    output with twice the sample's channels (a learned variance) the first half steps the
+    sampler. Flow-matching models (SD3, Flux) want requests with ``scheduler`` "flow".
+    """
+
+    # Inputs the model makes itself, or that change how it runs rather than what it sees.
+    MADE = (
+        *("return_dict", "added_cond_kwargs", "joint_attention_kwargs", "cross_attention_kwargs", "skip_layers"),
+        *UNBATCHED,
+    )
+
+    def __init__(self, unet: nn.Module, scheduler_config: Mapping[str, Any], name: str) -> None:
+        super().__init__(unet, scheduler_config, name)
+        spec = spec_for(unet)
+        if not isinstance(spec, TransformerSpec):
+            raise TypeError(f"{type(unet).__name__} is not a diffusion transformer: serve it with UNetServeModel")
+        self.spec = spec
+
+    def sample_size(self) -> tuple[int, int]:
+        """Returns the default (height, width) of the latents: the model's ``sample_size`` (Flux: 64)."""
+        size = self.spec.default_size(self.unet)
+        return size, size
+
+    def conditioning_inputs(self) -> list[str]:  # noqa: D102
+        taken = (self.spec.sample_input, self.spec.timestep_input, *self.MADE)
+        return [n for n in _forward_inputs(self.unet) if n not in taken and not n.startswith(("controlnet", "block"))]
+
+    def _prepared(self, request: GenerationRequest, images: int, cond: dict[str, torch.Tensor], rows: int) -> Any:
+        noise = self._noise(request, images)
+        dim = self.spec.sample_dims.index("channels")
+        channels = noise.shape[dim]
+        return PreparedRequest(
+            noise,
+            cond,
+            rows,
+            shared=self._shared(self.size_of(request), noise, cond),
+            sample_input=self.spec.sample_input,
+            timestep_divisor=self.spec.timestep_divisor,
+            prediction=lambda out: out.narrow(dim, 0, channels) if out.shape[dim] == 2 * channels else out,
+        )
+
+    def _shared(self, size: tuple[int, int], noise: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        inputs = _forward_inputs(self.unet)
+        shared: dict[str, Any] = {}
+        if "added_cond_kwargs" in inputs:  # PixArt: no resolution or aspect-ratio conditioning
+            shared["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        if "img_ids" in inputs:  # Flux: (row, column) of each 2x2 latent patch; text tokens at 0
+            height, width = size
+            ids = torch.zeros(height // 2, width // 2, 3)
+            ids[..., 1] += torch.arange(height // 2)[:, None]
+            ids[..., 2] += torch.arange(width // 2)[None, :]
+            shared["img_ids"] = ids.reshape(-1, 3).to(device=noise.device, dtype=noise.dtype)
+            text = cond.get(self.spec.context_input)
+            tokens = 0 if text is None else text.shape[1]
+            shared["txt_ids"] = torch.zeros(tokens, 3, device=noise.device, dtype=noise.dtype)
+        return shared
+
+    def _noise(self, request: GenerationRequest, images: int) -> torch.Tensor:
+        height, width = self.size_of(request)
+        shape = self.spec.sample_shape(self.unet, images, height, width)
+        self.spec.check_sample_shape(self.unet, shape)
+        generator = torch.Generator().manual_seed(request.seed)
+        noise = torch.randn(shape, generator=generator)
+        return noise.to(device=self.unet.device, dtype=self.unet.dtype)
+
+    @property
+    def gives_images(self) -> bool:
+        """A transformer's samples are latents."""
+        return False
 
 
 def _forward_inputs(unet: nn.Module) -> list[str]:
@@ -207,11 +322,12 @@ def images_png(images: torch.Tensor) -> bytes:
 def load_serve_model(model: str) -> ServeModel:
     """Returns the model to serve: "digits" (bundled), a digits-style folder, or a diffusers folder.
 
-    A diffusers folder is a pipeline folder (``unet/`` and ``scheduler/``) or a U-Net folder
-    (``config.json``; its scheduler is diffusers' default DDIM then).
+    A diffusers folder is a pipeline folder (``unet/`` or ``transformer/``, and ``scheduler/``)
+    or the model's own folder (``config.json``; its scheduler is then the scheduler kind's
+    default config). A diffusion transformer is served by ``TransformerServeModel``.
 
     Raises:
-        ValueError: ``model`` is none of these, or its config names no diffusers U-Net class.
+        ValueError: ``model`` is none of these, or its config names no diffusers model class.
     """
     from dcfx.digits import load_model
 
@@ -220,18 +336,30 @@ def load_serve_model(model: str) -> ServeModel:
     path = Path(model)
     if (path / "class_tokens.safetensors").is_file():
         return DigitsServeModel(load_model(path), name=str(path))
-    unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
-    if not (unet_dir / "config.json").is_file():
+    model_dir = path
+    for sub in ("unet", "transformer"):
+        if (path / sub / "config.json").is_file():
+            model_dir = path / sub
+            break
+    if not (model_dir / "config.json").is_file():
         raise ValueError(
-            f"model {model!r} is neither 'digits' nor a diffusers folder (no config.json or unet/config.json)"
+            f"model {model!r} is neither 'digits' nor a diffusers folder (no config.json, unet/config.json or "
+            "transformer/config.json)"
         )
     import diffusers
 
-    name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "")
+    name = json.loads((model_dir / "config.json").read_text()).get("_class_name", "")
     cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"{unet_dir}/config.json names {name!r}, which is not a diffusers model class")
-    unet = cls.from_pretrained(unet_dir).eval()
+        raise ValueError(f"{model_dir}/config.json names {name!r}, which is not a diffusers model class")
+    unet = cls.from_pretrained(model_dir).eval()
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
-    return UNetServeModel(unet, {k: v for k, v in config.items() if not k.startswith("_")}, name=str(path))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        transformer = isinstance(spec_for(unet), TransformerSpec)
+    except TypeError:
+        transformer = False  # not a model dcfx cuts: compiling it says so, naming the supported ones
+    if transformer:
+        return TransformerServeModel(unet, config, name=str(path))
+    return UNetServeModel(unet, config, name=str(path))

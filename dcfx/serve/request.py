@@ -37,7 +37,8 @@ class GenerationRequest:
         steps: Denoising steps.
         guidance: Classifier-free guidance scale; 1 runs the conditional rows only.
         size: (height, width) of the U-Net's sample; None: the model's ``sample_size``.
-        scheduler: A registered scheduler kind (``dcfx.serve.available_schedulers()``): ddim, dpm, euler.
+        scheduler: A registered scheduler kind (``dcfx.serve.available_schedulers()``): ddim, dpm, euler,
+            flow (flow-matching Euler: SD3, Flux).
 
     Example:
         >>> GenerationRequest(labels=(3,), seed=7, steps=50)

@@ -39,3 +39,5 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> Any:
 register_scheduler("ddim", lambda config: diffusers.DDIMScheduler.from_config(config))
 register_scheduler("dpm", lambda config: diffusers.DPMSolverMultistepScheduler.from_config(config))
 register_scheduler("euler", lambda config: diffusers.EulerDiscreteScheduler.from_config(config))
+# The flow-matching Euler sampler of SD3 and Flux (a transformer folder's scheduler/ configures it).
+register_scheduler("flow", lambda config: diffusers.FlowMatchEulerDiscreteScheduler.from_config(config))

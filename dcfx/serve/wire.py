@@ -6,7 +6,7 @@ POST body (JSON object)::
     {"conditioning": {"encoder_hidden_states": [[[...]]]},      # other models: nested lists,
      "negative_conditioning": {...}}                            # one row per image
     "seed": 0, "steps": 50, "guidance": 1.0, "size": 16 or [16, 24],
-    "scheduler": "ddim" | "dpm" | "euler", "output": "png" | "latents"
+    "scheduler": "ddim" | "dpm" | "euler" | "flow", "output": "png" | "latents"
 
 ``output`` "png" (the default for image models) answers the images side by side as PNG bytes;
 "latents" answers ``{"shape": [...], "dtype": "float32", "data": base64 of the little-endian

@@ -1,9 +1,10 @@
 """The tuner's cost model: every candidate configuration and its latency predicted from FLOPs.
 
 A candidate is a step count k and either no cache (every one of the k steps full) or a
-DeepCache configuration: branch x interval x schedule x forecast mode. Its latency is
-predicted as T1 x (full + shallow r) / steps, T1 being a measured generation of the reference
-``steps`` full steps through dcfx's graphs and r its branch's FLOP share; a forecast mode
+DeepCache configuration: cut x interval x schedule x forecast mode, the cut being a U-Net's
+branch or a transformer's block range (``dcfx.tune.cuts``). Its latency is predicted as
+T1 x (full + shallow r) / steps, T1 being a measured generation of the reference ``steps``
+full steps through dcfx's graphs and r its cut's FLOP share; a forecast mode
 costs what reuse does (one elementwise op more per shallow step), so the prediction is the
 same and only the measurement tells them apart. Candidates that cannot pay, or cannot meet a
 latency or speedup goal even with a generous margin, are pruned before anything runs.
@@ -20,6 +21,7 @@ from dcfx.config import DeepCacheConfig
 from dcfx.forecast import available_forecasts
 from dcfx.planner import Planner
 from dcfx.schedule import get_schedule
+from dcfx.tune.cuts import Cut, cut_fields
 
 # The schedules tune searches: those set by the interval alone, or by the interval and the
 # settings ``tune`` takes for them (``center``, ``power``). Explicit and window schedules need
@@ -39,7 +41,7 @@ class Candidate:
         steps: The step count it samples with (k).
         reference_steps: The step count of the no-cache reference its quality is measured against.
         full_steps: How many of its ``steps`` are full.
-        flop_share: Its branch's FLOP share r (1.0 without cache).
+        flop_share: Its cut's FLOP share r (1.0 without cache).
         predicted_s: The cost model's latency per generation.
     """
 
@@ -59,7 +61,7 @@ class Candidate:
     def key(self) -> str:
         """The configuration and its step count as a stable string (the cache key within a workload).
 
-        No cache is one key per step count, whatever branch runs it; the step count joins the
+        No cache is one key per step count, whatever cut runs it; the step count joins the
         key only where it differs from the reference's, so that caches written before step
         counts were searched stay valid.
         """
@@ -106,7 +108,7 @@ def check_step_counts(step_counts: Iterable[int], steps: int) -> tuple[int, ...]
 
 
 def candidate_config(
-    branch: int,
+    cut: Cut,
     interval: int,
     schedule: str,
     steps: int,
@@ -120,11 +122,12 @@ def candidate_config(
     """
     fields = get_schedule(schedule).fields
     extra = {k: v for k, v in {**settings, "steps": steps}.items() if k in fields}
-    return DeepCacheConfig(branch=branch, interval=interval, schedule=schedule, forecast=forecast, **extra)  # type: ignore[arg-type]
+    named = {**cut_fields(cut), "interval": interval, "schedule": schedule, "forecast": forecast, **extra}
+    return DeepCacheConfig(**named)  # type: ignore[arg-type]
 
 
 def candidates(
-    flop_shares: dict[int, float],
+    flop_shares: Mapping[Cut, float],
     steps: int,
     intervals: Iterable[int],
     schedules: Iterable[str],
@@ -138,14 +141,15 @@ def candidates(
 
     For each step count k of ``step_counts`` (default: ``steps`` only): no cache at k steps
     where k is fewer than ``steps`` (at ``steps`` that is the reference itself), and every
-    branch x schedule x interval x forecast mode at k steps. The non-uniform schedule's
+    cut (a branch id, or a transformer's ``(first, last)``) x schedule x interval x forecast
+    mode at k steps. The non-uniform schedule's
     ``center`` is given for ``steps`` and scaled to k.
 
     The prediction scales ``full_s``, the latency of a generation of ``steps`` full steps, by
     the FLOP share of the candidate's steps: (full + shallow r) / steps. A schedule with no
     solution at a step count (a non-uniform centre outside the steps, or no power that gives N)
     is skipped (counted). No cache runs through dcfx's graphs with every step full (interval
-    1) on the first branch, so its latency compares with the others' and its config file runs
+    1) at the first cut, so its latency compares with the others' and its config file runs
     as measured.
     """
     forecasts = check_forecasts(forecasts)
@@ -155,19 +159,20 @@ def candidates(
     out, infeasible = [], 0
     for k in counts:
         if k < steps:
-            out.append(Candidate(DeepCacheConfig(branch=first, interval=1), k, steps, k, 1.0, full_s * k / steps))
+            plain = DeepCacheConfig(**cut_fields(first), interval=1)  # type: ignore[arg-type]
+            out.append(Candidate(plain, k, steps, k, 1.0, full_s * k / steps))
         settings = {"center": round(center * k / steps), "power": power}
-        for branch, r in sorted(flop_shares.items()):
+        for cut, r in sorted(flop_shares.items()):
             for schedule in schedules:
                 for interval in intervals:
                     try:
-                        plain = candidate_config(branch, interval, schedule, k, settings)
-                        full = len(Planner(plain).full_steps(k))
+                        reuse = candidate_config(cut, interval, schedule, k, settings)
+                        full = len(Planner(reuse).full_steps(k))
                     except ValueError:
                         infeasible += len(forecasts)
                         continue
                     predicted = full_s * (full + (k - full) * r) / steps
                     for forecast in forecasts:
-                        cfg = candidate_config(branch, interval, schedule, k, settings, forecast)
+                        cfg = candidate_config(cut, interval, schedule, k, settings, forecast)
                         out.append(Candidate(cfg, k, steps, full, r, predicted))
     return out, infeasible

@@ -54,7 +54,12 @@ class SearchSpace:
         quality: Goal: PSNR (dB) against no cache at least; the lowest latency is chosen.
         steps: Denoising steps of the no-cache reference: the quality of every candidate is its
             PSNR against the reference's images, and speedups are over its latency.
-        branches: Branch ids to consider (default: every branch of the model).
+        branches: U-Nets: branch ids to consider (default: every branch of the model).
+        first: Diffusion transformers: values of ``first`` (blocks run first on every step) to
+            combine with each of ``last`` (default: 1, 2, 4, ... below the block count).
+        last: Diffusion transformers: values of ``last`` (blocks run last on every step)
+            (default: 0, 1, 2, 4, ...). Pairs that leave no block to cache are skipped; see
+            ``dcfx.tune.cuts``.
         intervals: Values of N to consider.
         schedules: "uniform" and/or "non-uniform".
         forecasts: Forecast modes (``dcfx.forecast.available_forecasts()``: "none", the paper's
@@ -69,7 +74,8 @@ class SearchSpace:
 
     Raises:
         TuneSettingsError: (a ValueError) several goals, or a goal, step count, interval,
-            schedule or forecast mode that cannot be searched.
+            schedule or forecast mode that cannot be searched; ``branches`` together with
+            ``first``/``last``.
     """
 
     latency: float | None = None
@@ -77,6 +83,8 @@ class SearchSpace:
     quality: float | None = None
     steps: int = 50
     branches: Sequence[int] | None = None
+    first: Sequence[int] | None = None
+    last: Sequence[int] | None = None
     intervals: Sequence[int] = tuple(range(2, 11))
     schedules: Sequence[str] = SEARCHABLE_SCHEDULES
     forecasts: Sequence[str] = ("none", "linear")
@@ -104,8 +112,19 @@ class SearchSpace:
             object.__setattr__(self, "forecasts", check_forecasts(self.forecasts))
             if self.step_counts is not None:
                 object.__setattr__(self, "step_counts", check_step_counts(self.step_counts, self.steps))
-            if self.branches is not None:
-                object.__setattr__(self, "branches", tuple(self.branches))
+            if self.branches is not None and (self.first is not None or self.last is not None):
+                raise ValueError(
+                    f"branches={list(self.branches)} and first=/last= given together: branches= are a U-Net's skip "
+                    "branches, first= and last= a diffusion transformer's block ranges; give one or the other"
+                )
+            for name in ("branches", "first", "last"):
+                values = getattr(self, name)
+                if values is None:
+                    continue
+                values = tuple(values)
+                if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+                    raise ValueError(f"{name} must be ints >= 0, got {list(values)}")
+                object.__setattr__(self, name, values)
 
     @property
     def goal(self) -> Goal | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from dcfx.forecast import available_forecasts
 from dcfx.tune.cost import SEARCHABLE_SCHEDULES
+from dcfx.tune.cuts import cut_name
 from dcfx.tune.goal import Goal
 from dcfx.tune.measure import Measurement, Rounds
 
@@ -89,7 +90,8 @@ def label(m: Measurement) -> str:
     if not m.caches:
         return f"no cache, {m.steps} steps"
     c = m.config
-    return f"b{c['branch']} N={c['interval']} {c['schedule']} {m.forecast}, {m.steps} steps"
+    cut = cut_name(c) if c.get("first") is not None else f"b{c['branch']}"
+    return f"{cut} N={c['interval']} {c['schedule']} {m.forecast}, {m.steps} steps"
 
 
 def describe_choice(m: Measurement) -> str:
@@ -97,18 +99,25 @@ def describe_choice(m: Measurement) -> str:
     return f"{m.config if m.caches else 'no cache'} at {m.steps} steps"
 
 
+def transformer_result(result: TuneResult) -> bool:
+    """Returns whether ``result`` searched a transformer's block ranges (not a U-Net's branches)."""
+    return any(m.config.get("first") is not None for m in result.measurements)
+
+
 def frontier_table(result: TuneResult) -> str:
     """Returns the Pareto frontier as a markdown table; ± is the latency's spread.
 
-    No cache at fewer steps has no branch, schedule or forecast ("-"), N = 1 and r = 1.
+    The first column is the cut: a U-Net's branch, or a transformer's block range as F<first>B<last>.
+    No cache at fewer steps has no cut, schedule or forecast ("-"), N = 1 and r = 1.
     """
+    cut = "blocks" if transformer_result(result) else "branch"
     lines = [
-        "| branch | N | schedule | forecast | steps | r | predicted s | latency s | ± | speedup | PSNR dB | chosen |",
+        f"| {cut} | N | schedule | forecast | steps | r | predicted s | latency s | ± | speedup | PSNR dB | chosen |",
         "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for m in result.frontier:
         c = m.config
-        cached = (c["branch"], c["schedule"], m.forecast) if m.caches else ("-", "no cache", "-")
+        cached = (cut_name(c), c["schedule"], m.forecast) if m.caches else ("-", "no cache", "-")
         lines.append(
             f"| {cached[0]} | {c['interval']} | {cached[1]} | {cached[2]} | {m.steps} | {m.flop_share:.3f} "
             f"| {m.predicted_s:.3f} | {m.latency_s:.3f} | {format_spread(m.spread)} "
@@ -136,7 +145,8 @@ def summary(result: TuneResult) -> str:
         f"dcfx tune: {w['model']} ({w['model_class']}), {w['scheduler']}, {w['steps']} steps, batch {w['batch']}, "
         f"{w['size']}x{w['size']}, {w['backend']}, {w['seeds']} calibration seeds",
         f"no cache: {result.baseline_s:.3f} s ± {format_spread(result.baseline_spread)} per generation (plain "
-        f"U-Net); dcfx at N=1 (every step full, the cost model's unit): {result.full_s:.3f} s",
+        f"{'transformer' if transformer_result(result) else 'U-Net'}); "
+        f"dcfx at N=1 (every step full, the cost model's unit): {result.full_s:.3f} s",
         f"searched: forecast modes {_listed(result.space.get('forecasts'))}; step counts "
         f"{_listed(result.space.get('step_counts'))} (quality always against no cache at {w['steps']} steps)",
         f"candidates {n['candidates']} (no schedule at their step count: {n['no_schedule']}), pruned by the cost "
@@ -214,7 +224,7 @@ def write_outputs(result: TuneResult, out_dir: Path, plot: bool = True) -> list[
 def plot_pareto(result: TuneResult, path: Path) -> None:
     """Draws every measured configuration (latency ± spread against PSNR), the frontier and the choice.
 
-    Colour is the branch, the marker's shape the forecast mode (a square: no cache), its fill
+    Colour is the cut (branch, or block range), the marker's shape the forecast mode (a square: no cache), its fill
     the schedule (full: uniform, left half: non-uniform); a candidate at fewer steps than the
     reference has a black edge and its step count written beside it.
     """
@@ -233,11 +243,11 @@ def plot_pareto(result: TuneResult, path: Path) -> None:
     schedules = [s for s in SEARCHABLE_SCHEDULES if s in present] + sorted(present - set(SEARCHABLE_SCHEDULES))
     fills = dict(zip(schedules, ("full", "left", "bottom", "right", "top"), strict=False))
     colours = plt.get_cmap("tab10")
-    branch_ids = sorted({m.config["branch"] for m in cached})
+    cut_names = sorted({cut_name(m.config) for m in cached}, key=lambda n: (len(n), n))
     reference_steps = result.workload["steps"]
     for m in result.measurements:
         if m.caches:
-            colour = colours(branch_ids.index(m.config["branch"]) % 10)
+            colour = colours(cut_names.index(cut_name(m.config)) % 10)
             marker, fill = markers.get(m.forecast, "x"), fills.get(m.config["schedule"], "none")
         else:
             colour, marker, fill = "black", "s", "full"
@@ -259,8 +269,9 @@ def plot_pareto(result: TuneResult, path: Path) -> None:
         )
         if fewer:
             ax.annotate(str(m.steps), (m.latency_s, m.psnr_db), textcoords="offset points", xytext=(4, 3), fontsize=6)
-    for i, b in enumerate(branch_ids):
-        ax.scatter([], [], color=colours(i % 10), marker="o", s=28, label=f"branch {b}")
+    kind = "blocks" if transformer_result(result) else "branch"
+    for i, name in enumerate(cut_names):
+        ax.scatter([], [], color=colours(i % 10), marker="o", s=28, label=f"{kind} {name}")
 
     def key(**style: Any) -> None:  # a legend entry: a marker with no data
         ax.plot([], [], ls="", ms=6, **style)

@@ -20,8 +20,9 @@ from typing import Any
 from dcfx.api import compile as compile_unet
 from dcfx.branches import branches as list_branches
 from dcfx.config import DeepCacheConfig
-from dcfx.models import spec_for
+from dcfx.models import TransformerSpec, spec_for
 from dcfx.tune.cost import MARGIN, Candidate, candidates
+from dcfx.tune.cuts import Cut, check_knobs, cut_fields, searched_shares
 from dcfx.tune.goal import Goal, choose, pareto
 from dcfx.tune.measure import (
     Measurement,
@@ -36,7 +37,7 @@ from dcfx.tune.measure import (
 )
 from dcfx.tune.options import MeasureSettings, SearchSpace, gather, settings_errors
 from dcfx.tune.report import NO_PLOT, TuneResult, plotting_available, summary, write_config, write_outputs
-from dcfx.tune.workload import Batch, Runner, Workload, generate, load_workload
+from dcfx.tune.workload import Batch, Runner, Workload, load_workload
 from dcfx.util import weights_digest
 
 
@@ -58,7 +59,8 @@ def tune(
         model: "digits" (the bundled model), a built-in config name, a diffusers folder, or a
             ``Workload``.
         space: What to search: the goal, the reference step count, the candidates
-            (default: ``SearchSpace()``, no goal, every branch).
+            (default: ``SearchSpace()``, no goal, every branch of a U-Net; a transformer's
+            block ranges as ``dcfx.tune.cuts`` says).
         measure: How to measure: sampler, batch, seeds, backend, rounds (default: ``MeasureSettings()``).
         out: Where config.json, report.md, pareto.png and results.json go (None: nowhere). The
             plot needs matplotlib; without it, tune says so at the start and skips only the plot.
@@ -69,12 +71,14 @@ def tune(
         **settings: Any field of ``SearchSpace`` or ``MeasureSettings`` by name (``steps=50``,
             ``speedup=3.0``, ``batch=2``, ...); each replaces that field of ``space`` or ``measure``.
 
-    While candidates are timed, the graphs of every measured branch and forecast mode stay built
-    (one pair per branch and mode, sharing the model's weights; Inductor's freezing copies them
-    into each pair): switching forecasting on or off rebuilds a runtime's graphs.
+    A diffusion transformer is searched over block ranges (``first=``/``last=``) where a U-Net
+    is over branches; the rest is the same. While candidates are timed, the graphs of every
+    measured cut and forecast mode stay built (one pair per cut and mode, sharing the model's
+    weights; Inductor's freezing copies them into each pair): switching forecasting on or off
+    rebuilds a runtime's graphs.
 
     Raises:
-        TuneSettingsError: (a ValueError) bad goal (several), scheduler, model, branch, interval,
+        TuneSettingsError: (a ValueError) bad goal (several), scheduler, model, branch or block range, interval,
             schedule, forecast mode, step count, sizes or rounds; raised before anything is measured.
         TypeError: a keyword that is no setting, naming the valid ones.
     """
@@ -87,15 +91,14 @@ def tune(
             log(f"dcfx tune: {NO_PLOT}")
         work = model if isinstance(model, Workload) else load_workload(model, measure.scheduler)
         unet = work.unet
-        size = measure.size or int(unet.config.sample_size)
         spec = spec_for(unet)
+        if isinstance(spec, TransformerSpec):  # the wrong kind of cut is refused before the FLOPs are counted
+            check_knobs(True, len(spec.blocks(unet)), space.branches, space.first, space.last)
+        else:
+            check_knobs(False, len(spec.up_layers(unet)), space.branches, space.first, space.last)
+        size = measure.size or spec.default_size(unet)
         infos = list_branches(unet, spec.sample_shape(unet, measure.batch, size, size))
-        valid = [b.branch for b in infos]
-        chosen_branches = valid if space.branches is None else list(space.branches)
-        unknown = [b for b in chosen_branches if b not in valid]
-        if unknown:
-            raise ValueError(f"branches {unknown} are not branches of this model; valid: 0..{len(valid) - 1}")
-    shares = {b.branch: b.flop_share for b in infos if b.branch in chosen_branches}
+        shares = searched_shares(infos, space.branches, space.first, space.last, log)
     goal, steps, rounds, step_counts = space.goal, space.steps, measure.rounds, space.sampling_steps
 
     cache_path = None
@@ -205,7 +208,7 @@ UNIT_RATIO = (0.5, 2.0)
 
 
 def _baseline_and_unit(
-    runner: Runner, store: _Store, branch: int, rounds: Rounds, log: Callable[[str], None]
+    runner: Runner, store: _Store, cut: Cut, rounds: Rounds, log: Callable[[str], None]
 ) -> tuple[float, float]:
     """Returns the no-cache latency and the cost model's unit, timed together (or from the cache).
 
@@ -218,7 +221,7 @@ def _baseline_and_unit(
         runner.reference()
         pending[BASELINE] = runner.plain_run
     if store.get("all-full") is None:
-        pending["all-full"] = runner.cached_run(DeepCacheConfig(branch=branch, interval=1))
+        pending["all-full"] = runner.cached_run(DeepCacheConfig(**cut_fields(cut), interval=1))  # type: ignore[arg-type]
     timings = time_interleaved(pending, rounds)
     if (
         len(timings) == 2
@@ -229,7 +232,7 @@ def _baseline_and_unit(
         # beside). Every prediction and every pruning scales the unit: time both again.
         log(
             f"dcfx tune: the all-full dcfx generation measured {timings['all-full'].median_s:.3f} s against "
-            f"{timings[BASELINE].median_s:.3f} s for the plain U-Net; timing both again (is the host busy?)"
+            f"{timings[BASELINE].median_s:.3f} s for the plain model; timing both again (is the host busy?)"
         )
         timings = time_interleaved(pending, rounds, seed=1)
     for key, timing in timings.items():
@@ -239,7 +242,7 @@ def _baseline_and_unit(
     ratio = float(unit["latency_s"]) / float(baseline["latency_s"])
     if not UNIT_RATIO[0] <= ratio <= UNIT_RATIO[1]:
         log(
-            f"dcfx tune: warning: the cost model's unit is {ratio:.2f}x the plain U-Net's generation; predictions "
+            f"dcfx tune: warning: the cost model's unit is {ratio:.2f}x the plain model's generation; predictions "
             "and pruning rest on it: rerun on a quieter host (with --no-cache) if that is not expected"
         )
     return float(baseline["latency_s"]), float(unit["latency_s"])
@@ -376,14 +379,14 @@ def check_choice(
     log(f"dcfx tune: checking the choice {chosen.config} at {chosen.steps} steps with a fresh runtime ...")
     unet = work.unet
     plain_scheduler = work.scheduler()
-    reference = [generate(unet, plain_scheduler, n, c, steps) for n, c in batches]
+    reference = [work.sample(unet, plain_scheduler, n, c, steps) for n, c in batches]
     fast = compile_unet(unet, config, backend=backend, scheduler=work.scheduler())
-    outs = [generate(fast, fast.scheduler, n, c, chosen.steps) for n, c in batches]  # builds and warms up, untimed
+    outs = [work.sample(fast, fast.scheduler, n, c, chosen.steps) for n, c in batches]  # builds and warms up, untimed
 
     def run(model: Any, scheduler: Any, n_steps: int) -> Prepare:
         def prepare(r: int) -> Callable[[], object]:
             noise, cond = batches[r % len(batches)]
-            return functools.partial(generate, model, scheduler, noise, cond, n_steps)
+            return functools.partial(work.sample, model, scheduler, noise, cond, n_steps)
 
         return prepare
 

@@ -1,4 +1,10 @@
-"""What ``dcfx tune`` runs: a model, its calibration inputs, the sampling loop, and the runtimes."""
+"""What ``dcfx tune`` runs: a model, its calibration inputs, the sampling loop, and the runtimes.
+
+A workload is a U-Net (the bundled digits model, a built-in config, a diffusers folder) or a
+diffusion transformer (a diffusers folder: the transformer's own, or a pipeline's with a
+``transformer/`` subfolder), with the sampling loop its pipelines run (``generate``,
+``generate_transformer``).
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,15 @@ from torch import nn
 
 from dcfx.api import compile as dcfx_compile
 from dcfx.config import DeepCacheConfig
-from dcfx.models import spec_for
+from dcfx.models import TransformerSpec, spec_for
+from dcfx.models.transformer import UNBATCHED
 from dcfx.runtime import DeepCacheUNet
 from dcfx.zoo import BUNDLED, load_unet
 
-SCHEDULERS = ("ddim", "dpm", "euler")
+# "flow": the flow-matching Euler sampler of SD3, Flux and Wan pipelines.
+SCHEDULERS = ("ddim", "dpm", "euler", "flow")
 
-Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]  # initial noise, conditioning
+Batch = tuple[torch.Tensor, dict[str, Any]]  # initial noise, conditioning (tensors; a transformer's constants too)
 
 
 class Workload:
@@ -40,6 +48,10 @@ class Workload:
         """Returns what identifies the workload (for the cache key and the report)."""
         raise NotImplementedError
 
+    def sample(self, model: nn.Module, scheduler: Any, noise: torch.Tensor, cond: dict[str, Any], steps: int) -> Any:
+        """Returns the final sample of one generation with ``model`` (the plain model or a dcfx runtime)."""
+        return generate(model, scheduler, noise, cond, steps)
+
 
 def scheduler_class(name: str) -> Any:
     """Returns the diffusers scheduler class of ``name`` ("ddim", "dpm" or "euler")."""
@@ -49,6 +61,7 @@ def scheduler_class(name: str) -> Any:
         "ddim": diffusers.DDIMScheduler,
         "dpm": diffusers.DPMSolverMultistepScheduler,
         "euler": diffusers.EulerDiscreteScheduler,
+        "flow": diffusers.FlowMatchEulerDiscreteScheduler,
     }
     if name not in classes:
         raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
@@ -100,9 +113,9 @@ class FolderWorkload(Workload):
     ``scheduler/`` configures the scheduler.
     """
 
-    def __init__(self, model: str, scheduler: str) -> None:
+    def __init__(self, model: str, scheduler: str, denoiser: nn.Module | None = None) -> None:
         self.name = model
-        self.unet = load_unet(model)
+        self.unet = load_denoiser(model) if denoiser is None else denoiser
         self._scheduler_cls = scheduler_class(scheduler)
         self._scheduler_name = scheduler
         folder = Path(model) / "scheduler"
@@ -133,8 +146,59 @@ class FolderWorkload(Workload):
         return {"model": self.name, "scheduler": self._scheduler_name}
 
 
+class TransformerWorkload(FolderWorkload):
+    """A diffusion transformer from a diffusers folder, sampled as its pipelines sample it.
+
+    Each calibration seed draws its own conditioning (``TransformerSpec.example_call`` under
+    that seed: 8 prompt tokens of the model's text width, pooled projections) and, for a
+    class-conditional model (DiT), class ``seed % classes``. Token positions (Flux's ``img_ids``,
+    ``txt_ids``) and constant arguments are shared by the batch. A folder's ``scheduler/``
+    configures the scheduler; flow-matching models (SD3, Flux) want ``scheduler="flow"``.
+    """
+
+    def inputs(self, seeds: Sequence[int], size: int) -> Batch:  # noqa: D102
+        model = self.unet
+        spec = spec_for(model)
+        param = next(model.parameters())
+        classes = getattr(model.config, "num_embeds_ada_norm", None) or 1
+        calls = []
+        for s in seeds:
+            with torch.random.fork_rng():
+                torch.manual_seed(s)
+                call = spec.example_call(model, spec.sample_shape(model, 1, size, size), param.dtype, param.device)
+            if "class_labels" in call:
+                call["class_labels"] = torch.full_like(call["class_labels"], s % classes)
+            calls.append(call)
+        noise = torch.cat([c.pop(spec.sample_input) for c in calls])
+        cond: dict[str, Any] = {}
+        for key, value in calls[0].items():
+            if key == spec.timestep_input:
+                continue
+            batched = isinstance(value, torch.Tensor) and key not in UNBATCHED
+            cond[key] = torch.cat([c[key] for c in calls]) if batched else value
+        return noise, cond
+
+    def sample(self, model: nn.Module, scheduler: Any, noise: torch.Tensor, cond: dict[str, Any], steps: int) -> Any:  # noqa: D102
+        return generate_transformer(model, spec_for(self.unet), scheduler, noise, cond, steps)
+
+
+def load_denoiser(model: str | Path) -> nn.Module:
+    """Returns the denoiser ``model`` names (``dcfx.zoo.load_unet``); a pipeline folder's ``transformer/`` too.
+
+    Raises:
+        ValueError, TypeError: as ``dcfx.zoo.load_unet``.
+    """
+    folder = Path(model)
+    if not (folder / "unet").is_dir() and (folder / "transformer" / "config.json").is_file():
+        return load_unet(folder / "transformer")
+    return load_unet(model)
+
+
 def load_workload(model: str, scheduler: str = "ddim") -> Workload:
     """Returns the workload of ``model``: "digits" (bundled), a built-in config name, or a diffusers folder.
+
+    A folder holding a diffusion transformer (or a pipeline's ``transformer/``) gives a
+    ``TransformerWorkload``.
 
     Raises:
         ValueError: an unknown model or scheduler (``dcfx.zoo.load_unet`` says which models exist).
@@ -142,7 +206,10 @@ def load_workload(model: str, scheduler: str = "ddim") -> Workload:
     """
     if model == BUNDLED:
         return DigitsWorkload(scheduler)
-    return FolderWorkload(model, scheduler)
+    denoiser = load_denoiser(model)
+    if isinstance(spec_for(denoiser), TransformerSpec):
+        return TransformerWorkload(model, scheduler, denoiser)
+    return FolderWorkload(model, scheduler, denoiser)
 
 
 @torch.no_grad()
@@ -158,11 +225,42 @@ def generate(
     return x
 
 
+@torch.no_grad()
+def generate_transformer(
+    model: nn.Module, spec: TransformerSpec, scheduler: Any, noise: torch.Tensor, cond: dict[str, Any], steps: int
+) -> torch.Tensor:
+    """Returns the final sample of a diffusion transformer's sampling loop (a dcfx runtime or the plain model).
+
+    As diffusers' transformer pipelines call it: keyword inputs, the timestep per row (divided
+    by ``spec.timestep_divisor``, Flux's 1000, in the sample's dtype), and of an output with twice the sample's
+    channels (a learned variance: PixArt, DiT) the first half. Flow-matching schedulers have no
+    ``init_noise_sigma`` or ``scale_model_input``: both are then the identity.
+    """
+    scheduler.set_timesteps(steps)
+    sigma = getattr(scheduler, "init_noise_sigma", 1.0)
+    x = noise * sigma
+    channels = spec.sample_dims.index("channels")
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        timestep = t.expand(x.shape[0])
+        if spec.timestep_divisor != 1:
+            timestep = timestep.to(x.dtype) / spec.timestep_divisor
+        out = model(**{spec.sample_input: x_in, spec.timestep_input: timestep}, **cond, return_dict=False)[0]
+        out = prediction(out, x.shape[channels], channels)
+        x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+def prediction(output: torch.Tensor, channels: int, dim: int) -> torch.Tensor:
+    """Returns the noise prediction of a model output: its first ``channels`` along ``dim`` (a variance may follow)."""
+    return output.narrow(dim, 0, channels) if output.shape[dim] == 2 * channels else output
+
+
 class Runner:
-    """Runs a workload's calibration batches: plainly, or through one dcfx runtime per branch and forecast mode.
+    """Runs a workload's calibration batches: plainly, or through one dcfx runtime per cut and forecast mode.
 
     Each runtime is built (and compiled) and warmed up untimed on first use; it then serves
-    every schedule and step count of its branch without new graphs (``reschedule``). Forecast
+    every schedule and step count of its cut (branch, or block range) without new graphs (``reschedule``). Forecast
     modes get runtimes of their own: switching forecasting on or off rebuilds a runtime's
     graphs, which interleaved rounds would otherwise do at every switch. ``close`` drops them.
     """
@@ -178,7 +276,7 @@ class Runner:
         self._batches: list[Batch] | None = None
         self._reference: list[torch.Tensor] | None = None
         self._plain_scheduler = work.scheduler()
-        self._runtimes: dict[tuple[int, str], DeepCacheUNet] = {}
+        self._runtimes: dict[tuple[Any, str], DeepCacheUNet] = {}
 
     @property
     def batches(self) -> list[Batch]:
@@ -194,13 +292,13 @@ class Runner:
         return self._reference
 
     def runtime(self, config: DeepCacheConfig) -> DeepCacheUNet:
-        """Returns the runtime of ``config``'s branch and forecast mode, switched to ``config``."""
-        slot = (config.branch, config.forecast)
+        """Returns the runtime of ``config``'s cut and forecast mode, switched to ``config``."""
+        slot = (config.cut, config.forecast)
         fast = self._runtimes.get(slot)
         if fast is None:
             fast = dcfx_compile(self.work.unet, config, backend=self.backend, scheduler=self.work.scheduler())
             self._runtimes[slot] = fast
-            generate(fast, fast.scheduler, *self.batches[0], steps=self.steps)
+            self.work.sample(fast, fast.scheduler, *self.batches[0], steps=self.steps)
         return fast.reschedule(config)
 
     def outputs(self, config: DeepCacheConfig, steps: int | None = None) -> tuple[list[torch.Tensor], list[float]]:
@@ -230,8 +328,8 @@ class Runner:
         self._runtimes.clear()
 
     def _plain(self, b: Batch) -> Callable[[], torch.Tensor]:
-        return functools.partial(generate, self.work.unet, self._plain_scheduler, *b, self.steps)
+        return functools.partial(self.work.sample, self.work.unet, self._plain_scheduler, *b, self.steps)
 
     def _cached(self, config: DeepCacheConfig, b: Batch, steps: int | None) -> Callable[[], torch.Tensor]:
         fast = self.runtime(config)
-        return functools.partial(generate, fast, fast.scheduler, *b, steps or self.steps)
+        return functools.partial(self.work.sample, fast, fast.scheduler, *b, steps or self.steps)
