@@ -1,9 +1,11 @@
-"""DeepCache's quality on the bundled digits model: the paper's kind of metrics, offline.
+"""DeepCache's quality on the bundled digits models: the paper's kind of metrics, offline.
 
 Generates the same digits (20 per class by default, same seeds; classifier-free guidance
 optional, off by default: the bundled model is best without) with each sampler (DDIM 50,
 DPM-Solver++ (2M) 20 and Euler 30 by default) without cache, and through dcfx's runtime (eager,
-fp32) at N in 2-10 for several branches, as
+fp32) at N in 2-10 for several cuts (``--model digits``: the U-Net's skip branches;
+``--model digits-dit``: the transformer's block ranges, first F and last B blocks run every
+step, written F2B1 as cache-dit does), as
 
 - reuse: the paper's uniform 1:N, shallow steps read the cached feature (``forecast="none"``);
 - forecast: uniform 1:N, shallow steps read a first-order forecast from the last two full
@@ -31,12 +33,14 @@ quality-vs-speedup frontier (one column per sampler) and PNG grids of chosen con
 Usage:
     python benchmarks/quality.py                     # 200 digits, 3 samplers; about 2 h on a loaded 2-core host
     python benchmarks/quality.py --per-class 1 --samplers ddim:6,euler:6 --intervals 3 --branches 0 --out /tmp/q
+    python benchmarks/quality.py --model digits-dit --cuts F1B0,F2B1 --grids F2B1:5   # the transformer
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -54,7 +58,7 @@ from tqdm import tqdm
 import dcfx
 from dcfx.branches import ideal_speedup_of_counts
 from dcfx.demo import save_grid
-from dcfx.digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, ClassTokens, load_classifier, load_model
+from dcfx.digits import IMAGE_SIZE, NUM_CLASSES, ClassTokens, generate, load_classifier, load_model
 from dcfx.forecast import available_forecasts
 from dcfx.quality import accuracy, feature_stats, frechet_distance, psnr
 from dcfx.schedule import full_step_indices
@@ -121,11 +125,13 @@ def sampler_title(text: str) -> str:
 class Scenario:
     """What is generated and compared."""
 
+    model: str = "digits"  # or "digits-dit"
     samplers: tuple[str, ...] = ("ddim:50", "dpm:20", "euler:30")
     guidance: float = 1.0
     per_class: int = 20
     intervals: tuple[int, ...] = (2, 3, 5, 10)
-    branches: tuple[int, ...] = (0, 1, 2, 3)
+    branches: tuple[int, ...] = (0, 1, 2, 3)  # the U-Net's cuts
+    cuts: tuple[tuple[int, int], ...] = ((0, 1), (1, 0), (1, 1), (2, 1), (2, 2))  # the transformer's (first, last)
     schedules: tuple[str, ...] = ("uniform", "non-uniform")
     forecasts: tuple[str, ...] = ("none", "linear")
     forecast_schedules: tuple[str, ...] = ("uniform",)  # the schedules also run with forecast="linear"
@@ -134,9 +140,11 @@ class Scenario:
     power: float = 1.4
     seed: int = 0
     threads: int = 1
-    grids: tuple[tuple[int, int], ...] = ((0, 5), (0, 10), (3, 10))  # (branch, N) shown as images
+    grids: tuple[tuple[Any, int], ...] = ((0, 5), (0, 10), (3, 10))  # (branch or (first, last), N) shown as images
 
     def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if self.per_class < 1:
             raise ValueError(f"need per_class >= 1, got {self.per_class}")
         if not self.samplers:
@@ -164,12 +172,78 @@ class Scenario:
     def center(self, steps: int) -> int:
         return min(steps - 1, round(self.center_share * steps))
 
+    @property
+    def cut_keys(self) -> tuple[Any, ...]:
+        """Returns the model's cuts: branch ids of the U-Net, (first, last) pairs of the transformer."""
+        return self.branches if self.model == "digits" else self.cuts
+
+
+MODELS = {"digits": "the bundled digits U-Net", "digits-dit": "the bundled digits transformer (DiT)"}
+GRIDS = {"digits": Scenario.grids, "digits-dit": (((2, 1), 5), ((2, 1), 10), ((1, 0), 5))}
+
+
+def cut_fields(key: Any) -> dict[str, int]:
+    """Returns the DeepCacheConfig fields of a cut: a branch id, or a transformer's (first, last)."""
+    return {"branch": key} if isinstance(key, int) else {"first": key[0], "last": key[1]}
+
+
+def cut_label(key: Any) -> str:
+    """Returns how tables name a cut: b0 (a branch), F2B1 (first 2, last 1: cache-dit's notation)."""
+    return f"b{key}" if isinstance(key, int) else f"F{key[0]}B{key[1]}"
+
+
+def parse_cut(text: str) -> Any:
+    """Returns the cut key of 'F2B1' (a transformer's first and last) or '3' (a branch)."""
+    found = re.fullmatch(r"F(\d+)B(\d+)", text.strip())
+    if found:
+        return int(found[1]), int(found[2])
+    if text.strip().isdigit():
+        return int(text)
+    raise ValueError(f"a cut is a branch id (0, 1, ...) or FnBm (first n, last m blocks), got {text!r}")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The model under test: the denoiser, its sampling loop and the FLOP share of each cut."""
+
+    denoiser: nn.Module
+    scheduler_config: Mapping[str, Any]
+    draw: Callable[..., torch.Tensor]  # draw(denoiser, scheduler, labels, steps=, guidance=, seed=)
+    shares: dict[Any, float]  # cut key -> r
+
+
+def load_subject(scenario: Scenario) -> Subject:
+    """Returns the scenario's model with the FLOP shares of its cuts; raises ValueError for a cut it lacks."""
+    batch = scenario.per_class * NUM_CLASSES * (2 if scenario.guidance > 1 else 1)
+    shape = (batch, 1, IMAGE_SIZE, IMAGE_SIZE)
+    if scenario.model == "digits":
+        model = load_model()
+        infos = dcfx.branches(model.unet, shape)
+        bad = [b for b in scenario.branches if b >= len(infos)]
+        if bad:
+            raise ValueError(f"branch(es) {bad} out of range for the digits model; valid: 0..{len(infos) - 1}")
+
+        def draw_unet(unet: nn.Module, scheduler: Any, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return sample(unet, model.tokens, scheduler, labels, **kwargs)
+
+        shares = {b: infos[b].flop_share for b in scenario.branches}
+        return Subject(model.unet, model.scheduler().config, draw_unet, shares)
+    from dcfx import digits_dit
+
+    dit = digits_dit.load_model()
+    infos = {(i.first, i.last): i.flop_share for i in dcfx.branches(dit.transformer, shape)}
+    bad = [cut_label(c) for c in scenario.cuts if c not in infos]
+    if bad:
+        n = len(dit.transformer.transformer_blocks)
+        raise ValueError(f"cut(s) {bad} out of range for digits-dit ({n} blocks): first + last <= {n - 1}")
+    shares = {c: infos[c] for c in scenario.cuts}
+    return Subject(dit.transformer, dit.scheduler().config, digits_dit.generate, shares)
+
 
 def log(message: str) -> None:
     tqdm.write(f"[quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr)
 
 
-@torch.no_grad()
 def sample(
     unet: nn.Module,
     tokens: ClassTokens,
@@ -182,23 +256,9 @@ def sample(
 ) -> torch.Tensor:
     """Returns images (B, 1, 16, 16) in [-1, 1] of the digits ``labels`` with any diffusers scheduler.
 
-    ``dcfx.digits.generate`` with the scheduler's input scaling (Euler's sigmas): for DDIM the
-    two are the same computation, bit for bit.
+    ``dcfx.digits.generate``, which applies the scheduler's input scaling (Euler's sigmas).
     """
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(labels), 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    guided = guidance > 1
-    cond = tokens(torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if guided else labels)
-    scheduler.set_timesteps(steps)
-    x = x * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        eps = unet(x_in, t, encoder_hidden_states=cond).sample
-        if guided:
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-        x = scheduler.step(eps, t, x).prev_sample
-    return x.clamp(-1, 1)
+    return generate(unet, tokens, scheduler, labels, steps=steps, guidance=guidance, seed=seed)
 
 
 class Scorer:
@@ -234,17 +294,12 @@ def psnr_scores(images: torch.Tensor, reference: torch.Tensor) -> dict[str, floa
 
 def run(scenario: Scenario, out: Path) -> list[dict[str, Any]]:
     """Returns one row per sampler and configuration; writes the grids into ``out``."""
-    model = load_model()
-    config = model.scheduler().config
+    subject = load_subject(scenario)
+    config = subject.scheduler_config
     labels = torch.arange(NUM_CLASSES).repeat(scenario.per_class)
     scorer = Scorer(labels)
-    batch = len(labels) * (2 if scenario.guidance > 1 else 1)
-    infos = dcfx.branches(model.unet, (batch, 1, IMAGE_SIZE, IMAGE_SIZE))
-    bad = [b for b in scenario.branches if b >= len(infos)]
-    if bad:
-        raise ValueError(f"branch(es) {bad} out of range for the digits model; valid: 0..{len(infos) - 1}")
     methods = scenario.methods()
-    per_sampler = 1 + len(scenario.branches) * len(scenario.intervals) * (len(methods) + scenario.fewer_steps)
+    per_sampler = 1 + len(scenario.cut_keys) * len(scenario.intervals) * (len(methods) + scenario.fewer_steps)
     bar = tqdm(total=len(scenario.samplers) * per_sampler, desc="configurations", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     first_reference: torch.Tensor | None = None
@@ -253,15 +308,15 @@ def run(scenario: Scenario, out: Path) -> list[dict[str, Any]]:
         scheduler = SAMPLERS[kind].build(config)
         common = {"sampler": text, "sampler_title": sampler_title(text)}
 
-        def timed(unet: nn.Module, n_steps: int, scheduler: Any = scheduler) -> tuple[torch.Tensor, float]:
+        def timed(denoiser: nn.Module, n_steps: int, scheduler: Any = scheduler) -> tuple[torch.Tensor, float]:
             start = time.perf_counter()
-            images = sample(
-                unet, model.tokens, scheduler, labels, steps=n_steps, guidance=scenario.guidance, seed=scenario.seed
+            images = subject.draw(
+                denoiser, scheduler, labels, steps=n_steps, guidance=scenario.guidance, seed=scenario.seed
             )
             return images, time.perf_counter() - start
 
         scorer.reference = None
-        base, base_s = timed(model.unet, steps)
+        base, base_s = timed(subject.denoiser, steps)
         row = {**common, "method": "no cache", "steps": steps, "loop_s": base_s, **scorer(base)}
         if first_reference is not None:  # how far this sampler lands from the first one's images
             row["psnr_vs_first_sampler"] = psnr_scores(base, first_reference)["psnr"]
@@ -270,11 +325,11 @@ def run(scenario: Scenario, out: Path) -> list[dict[str, Any]]:
         scorer.reference = base
         bar.update()
         fewer_steps: dict[int, dict[str, Any]] = {}
-        for branch in scenario.branches:
-            r = infos[branch].flop_share
+        for key in scenario.cut_keys:
+            r, cut, label = subject.shares[key], cut_fields(key), cut_label(key)
             shown: dict[tuple[int, str], tuple[str, torch.Tensor]] = {}
             for forecast in scenario.forecasts:
-                fast = dcfx.compile(model.unet, branch=branch, interval=2, scheduler=scheduler, forecast=forecast)
+                fast = dcfx.compile(subject.denoiser, **cut, interval=2, scheduler=scheduler, forecast=forecast)
                 timed(fast, 2)  # builds the graphs for this batch, outside the timed runs
                 for schedule in scenario.schedules:
                     if (schedule, forecast) not in methods:
@@ -282,7 +337,7 @@ def run(scenario: Scenario, out: Path) -> list[dict[str, Any]]:
                     for n in scenario.intervals:
                         extra = {"center": scenario.center(steps), "power": scenario.power}
                         cfg = dcfx.DeepCacheConfig(
-                            branch=branch,
+                            **cut,
                             interval=n,
                             schedule=schedule,
                             forecast=forecast,
@@ -294,7 +349,8 @@ def run(scenario: Scenario, out: Path) -> list[dict[str, Any]]:
                             **common,
                             "method": METHODS[schedule, forecast],
                             "forecast": forecast,
-                            "branch": branch,
+                            **cut,
+                            "cut": label,
                             "interval": n,
                             "r": r,
                             "steps": steps,
@@ -306,26 +362,27 @@ def run(scenario: Scenario, out: Path) -> list[dict[str, Any]]:
                             **scorer(images),
                         }
                         rows.append(row)
-                        if schedule == "uniform" and (branch, n) in scenario.grids:
+                        if schedule == "uniform" and (key, n) in scenario.grids:
                             shown[n, forecast] = (f"{SHORT[row['method']]} ({row['psnr']:.1f} dB)", images)
                         bar.update()
                 del fast
             for n in sorted({n for n, _ in shown}):
                 panels = [("no cache", base)] + [shown[n, f] for f in scenario.forecasts if (n, f) in shown]
-                title = f"{kind}{steps}_b{branch}_n{n}"
+                title = f"{kind}{steps}_{label}_n{n}"
                 save_grid(panels, NUM_CLASSES, out / f"grid_{title}.png")
             if scenario.fewer_steps:
                 for n in scenario.intervals:
-                    full = len(full_step_indices(dcfx.DeepCacheConfig(branch=branch, interval=n), steps))
+                    full = len(full_step_indices(dcfx.DeepCacheConfig(**cut, interval=n), steps))
                     fewer = max(1, round(full + (steps - full) * r))
                     if fewer not in fewer_steps:
-                        images, seconds = timed(model.unet, fewer)
+                        images, seconds = timed(subject.denoiser, fewer)
                         fewer_steps[fewer] = {"loop_s": seconds, **scorer(images)}
                     rows.append(
                         {
                             **common,
                             "method": FEWER,
-                            "branch": branch,
+                            **cut,
+                            "cut": label,
                             "interval": n,
                             "r": r,
                             "steps": fewer,
@@ -335,7 +392,7 @@ def run(scenario: Scenario, out: Path) -> list[dict[str, Any]]:
                         }
                     )
                     bar.update()
-            log(f"{text}: branch {branch} (r = {r:.3f}) done")
+            log(f"{text}: {label} (r = {r:.3f}) done")
     bar.close()
     return rows
 
@@ -378,7 +435,7 @@ def frontier_table(rows: list[dict[str, Any]], methods: list[str], targets: tupl
             if best is None or best_fd is None:
                 cells.append("-")
                 continue
-            where = f"b{best['branch']} 1:{best['interval']}" if method != FEWER else f"{best['steps']} steps"
+            where = f"{best['cut']} 1:{best['interval']}" if method != FEWER else f"{best['steps']} steps"
             cells.append(f"{best['psnr']:.1f} dB ({where}), FD {best_fd['fd']:.1f}")
         lines.append(f"| {target:g}x | " + " | ".join(cells) + " |")
     return lines
@@ -387,13 +444,19 @@ def frontier_table(rows: list[dict[str, Any]], methods: list[str], targets: tupl
 def markdown(scenario: Scenario, rows: list[dict[str, Any]], settings: Mapping[str, Any] | None = None) -> str:
     """Returns per sampler: the no-cache scores, reuse vs forecast, the frontier and the full table."""
     digits = scenario.per_class * NUM_CLASSES
+    call = "unet, branch=b" if scenario.model == "digits" else "transformer, first=F, last=B"
     lines = [
-        f"# DeepCache quality on the bundled digits model: {digits} digits, "
+        f"# DeepCache quality on {MODELS[scenario.model]}: {digits} digits, "
         f"{', '.join(sampler_title(s) for s in scenario.samplers)}, guidance {scenario.guidance}",
         "",
-        "Generated through dcfx's runtime (`dcfx.compile(unet, branch=b, interval=N, forecast=..., "
+        f"Generated through dcfx's runtime (`dcfx.compile({call}, interval=N, forecast=..., "
         "scheduler=...)`), eager backend, fp32, the same seeds for every row.",
     ]
+    if scenario.model == "digits-dit":
+        lines.append(
+            "Cuts are named as cache-dit names them: FnBm runs the first n and the last m blocks on every "
+            "step and adds, on cached steps, the residual the middle blocks added at the last full step."
+        )
     if settings:
         lines += ["", "Run: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + "."]
     methods = [METHODS[m] for m in scenario.methods()] + ([FEWER] if scenario.fewer_steps else [])
@@ -413,28 +476,28 @@ def markdown(scenario: Scenario, rows: list[dict[str, Any]], settings: Mapping[s
             f"Scheduler: {SAMPLERS[kind].built_as}. No cache: accuracy {base['accuracy']:.1%}, "
             f"Frechet distance {base['fd']:.2f}{vs_first}, loop {base['loop_s']:.1f} s.",
         ]
-        uniform = {(r["branch"], r["interval"], r["method"]): r for r in cached}
+        uniform = {(r["cut"], r["interval"], r["method"]): r for r in cached}
         if ("uniform", "linear") in scenario.methods() and ("uniform", "none") in scenario.methods():
             lines += [
                 "",
                 "PSNR dB reuse -> forecast (uniform 1:N), FD reuse -> forecast:",
                 "",
-                "| branch (r) | " + " | ".join(f"N={n}" for n in scenario.intervals) + " |",
+                "| cut (r) | " + " | ".join(f"N={n}" for n in scenario.intervals) + " |",
                 "|---|" + "---|" * len(scenario.intervals),
             ]
-            for branch in scenario.branches:
+            for label in map(cut_label, scenario.cut_keys):
                 cells = []
                 for n in scenario.intervals:
                     a, b = (
-                        uniform[branch, n, METHODS["uniform", "none"]],
-                        uniform[branch, n, METHODS["uniform", "linear"]],
+                        uniform[label, n, METHODS["uniform", "none"]],
+                        uniform[label, n, METHODS["uniform", "linear"]],
                     )
                     cells.append(
                         f"{a['psnr']:.1f} -> {b['psnr']:.1f} ({b['psnr'] - a['psnr']:+.1f}); "
                         f"FD {a['fd']:.1f} -> {b['fd']:.1f}"
                     )
-                r = next(r["r"] for r in cached if r["branch"] == branch)
-                lines.append(f"| {branch} ({r:.3f}) | " + " | ".join(cells) + " |")
+                r = next(r["r"] for r in cached if r["cut"] == label)
+                lines.append(f"| {label} ({r:.3f}) | " + " | ".join(cells) + " |")
         lines += [
             "",
             "Frontier: the best PSNR (and the lowest FD) each method reaches at or above each FLOP-ideal speedup:",
@@ -443,15 +506,16 @@ def markdown(scenario: Scenario, rows: list[dict[str, Any]], settings: Mapping[s
                 cached, [m for m in methods if any(r["method"] == m for r in cached)], (1.5, 2, 2.5, 3, 4, 5, 6)
             ),
             "",
-            "| branch | N | method | steps (full) | FLOP-ideal speedup | PSNR dB vs no cache | accuracy | FD "
+            "| cut | N | method | steps (full) | FLOP-ideal speedup | PSNR dB vs no cache | accuracy | FD "
             "| loop s (one run) |",
             "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
         order = {m: i for i, m in enumerate(methods)}
-        for row in sorted(cached, key=lambda r: (r["branch"], r["interval"], order[r["method"]])):
+        cut_order = {cut_label(key): i for i, key in enumerate(scenario.cut_keys)}
+        for row in sorted(cached, key=lambda r: (cut_order[r["cut"]], r["interval"], order[r["method"]])):
             full = f" ({row['full_steps']})" if "full_steps" in row else ""
             lines.append(
-                f"| {row['branch']} | {row['interval']} | {row['method']} | {row['steps']}{full} | {row['ideal']:.2f}x "
+                f"| {row['cut']} | {row['interval']} | {row['method']} | {row['steps']}{full} | {row['ideal']:.2f}x "
                 f"| {row['psnr']:.1f} | {row['accuracy']:.1%} | {row['fd']:.2f} | {row['loop_s']:.1f} |"
             )
     lines += [
@@ -511,8 +575,8 @@ def plot(scenario: Scenario, rows: list[dict[str, Any]], path: Path) -> None:
         axes[0, col].set_title(f"{sampler_title(text)}: frontier of each method")
     axes[0, -1].legend(fontsize=7)
     fig.suptitle(
-        f"bundled digits model, {scenario.per_class * NUM_CLASSES} digits, branches "
-        f"{','.join(map(str, scenario.branches))}, N {','.join(map(str, scenario.intervals))} "
+        f"{MODELS[scenario.model]}, {scenario.per_class * NUM_CLASSES} digits, cuts "
+        f"{','.join(map(cut_label, scenario.cut_keys))}, N {','.join(map(str, scenario.intervals))} "
         "(faint: every configuration; line: the method's frontier)"
     )
     fig.savefig(path, dpi=110)
@@ -521,19 +585,21 @@ def plot(scenario: Scenario, rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     d = Scenario()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=d.model, choices=list(MODELS), help="the U-Net or the transformer")
     p.add_argument("--samplers", default=",".join(d.samplers), help=f"KIND:STEPS, KIND in {', '.join(SAMPLERS)}")
     p.add_argument("--steps", type=int, help="shorthand for --samplers ddim:STEPS (the benchmark before forecasting)")
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--per-class", type=int, default=d.per_class)
     p.add_argument("--intervals", default=",".join(map(str, d.intervals)))
-    p.add_argument("--branches", default=",".join(map(str, d.branches)))
+    p.add_argument("--branches", default=",".join(map(str, d.branches)), help="digits: the branches")
+    p.add_argument("--cuts", default=",".join(map(cut_label, d.cuts)), help="digits-dit: FnBm, first n and last m")
     p.add_argument("--schedules", default=",".join(d.schedules))
     p.add_argument("--forecasts", default=",".join(d.forecasts), help="none (reuse) and/or linear")
     p.add_argument(
         "--forecast-schedules", default=",".join(d.forecast_schedules), help="the schedules also run with forecast"
     )
     p.add_argument("--no-fewer-steps", action="store_true", help="leave out the fewer-steps baseline")
-    p.add_argument("--grids", default=",".join(f"{b}:{n}" for b, n in d.grids), help="BRANCH:N shown as image grids")
+    p.add_argument("--grids", help="CUT:N shown as image grids, CUT a branch or FnBm (default: three per model)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (1 is fastest on a shared host)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
@@ -547,13 +613,17 @@ def main(argv: list[str] | None = None) -> None:
         guidance=args.guidance,
         per_class=args.per_class,
         intervals=tuple(int(x) for x in items(args.intervals)),
+        model=args.model,
         branches=tuple(int(x) for x in items(args.branches)),
+        cuts=tuple(parse_cut(x) for x in items(args.cuts)),
         schedules=items(args.schedules),
         forecasts=items(args.forecasts),
         forecast_schedules=items(args.forecast_schedules),
         fewer_steps=not args.no_fewer_steps,
         seed=args.seed,
-        grids=tuple((int(b), int(n)) for b, _, n in (g.partition(":") for g in items(args.grids))),
+        grids=tuple((parse_cut(c), int(n)) for c, _, n in (g.rpartition(":") for g in items(args.grids)))
+        if args.grids
+        else GRIDS[args.model],
         threads=args.threads,
     )
     torch.set_num_threads(scenario.threads)
@@ -574,8 +644,9 @@ def main(argv: list[str] | None = None) -> None:
         "load average at start / end": f"{load_start[0]:.1f} / {machine['loadavg'][0]:.1f}" if load_start else "n/a",
         "dcfx": machine["dcfx_commit"],
     }
+    name = "quality" if scenario.model == "digits" else "quality_dit"
     write_results(
-        args.out, "quality", result, markdown(scenario, rows, settings), lambda path: plot(scenario, rows, path), log
+        args.out, name, result, markdown(scenario, rows, settings), lambda path: plot(scenario, rows, path), log
     )
 
 

@@ -12,9 +12,10 @@ from dcfx import schedule
 from dcfx.backends import check_options, get_backend
 from dcfx.builds import BuildRequest, cache_dir_from, make_build
 from dcfx.config import DeepCacheConfig
-from dcfx.export.shapes import DimRange, default_side_range, parse_dims
+from dcfx.export.axes import model_dims, spatial_multiple
+from dcfx.export.shapes import TRANSFORMER_TOKENS, DimRange, default_side_range, parse_dims
 from dcfx.hooks import check_capturable
-from dcfx.models import ModelSpec
+from dcfx.models import ModelSpec, TransformerSpec
 from dcfx.resolve import check_branch, model_spec, split_config_fields
 from dcfx.runtime import DeepCacheUNet
 from dcfx.steps import PipelineScheduler
@@ -46,7 +47,7 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
             schedule unless ``steps`` is set).
         dynamic: One graph pair for every size in ranges instead of one per input shape:
             ``True`` (batch 1-16, heights and widths from half to twice the model's size,
-            prompts of 2-308 tokens) or ``{"batch": (min, max), "height": ..., "width": ...,
+            prompts of 2-308 tokens, a transformer's 2-512) or ``{"batch": (min, max), "height": ..., "width": ...,
             "tokens": ...}`` as ``dcfx.export``'s ``shapes`` (an int is static; a prompt length
             left out is the first call's, static). Eager runs
             one symbolic capture; Inductor compiles ahead of time (AOTInductor). A call
@@ -105,22 +106,34 @@ def _from_first_call(spec: ModelSpec, unet: nn.Module, dynamic: bool | Mapping[s
 def _dynamic_dims(
     unet: nn.Module, spec: ModelSpec, dynamic: bool | Mapping[str, Any] | None
 ) -> dict[str, DimRange] | None:
+    """Returns the ranges of ``dynamic=`` as the model's inputs carry them (None: static shapes).
+
+    Image U-Nets and image transformers take batch, height, width (latent pixels, multiples of
+    the downsampling factor or patch size) and tokens (the prompt's length); a transformer on
+    packed tokens (Flux) takes heights and widths too, carried as one count of image tokens
+    (``dcfx.export.axes.model_dims``). Video models (a frames dimension) are refused.
+    """
     if dynamic is None or dynamic is False:
         return None
-    if len(spec.sample_dims) != 4:
-        raise TypeError(f"dynamic= takes image U-Nets (4-d samples); {type(unet).__name__} takes video samples")
+    if "frames" in spec.sample_dims:
+        raise TypeError(
+            f"dynamic= takes image U-Nets and image transformers; {type(unet).__name__} takes video samples "
+            f"({', '.join(spec.sample_dims)}): compile it with static shapes"
+        )
     if dynamic is not True and not isinstance(dynamic, Mapping):
         raise TypeError(f"dynamic must be True or a mapping of dimension ranges, got {dynamic!r}")
-    factor = spec.downsampling_factor(unet)
+    multiple = spatial_multiple(unet)
     size = spec.default_size(unet)
     ranges = dict(DYNAMIC_DEFAULTS) if dynamic is True else {}
-    ranges["height"] = ranges["width"] = default_side_range(size, factor)
+    if dynamic is True and isinstance(spec, TransformerSpec):
+        ranges["tokens"] = TRANSFORMER_TOKENS
+    ranges["height"] = ranges["width"] = default_side_range(size, multiple)
     ranges.update(dict(dynamic) if isinstance(dynamic, Mapping) else {})
     takes_context = spec.context_input in spec.signature(unet).parameters
     if not takes_context:
         ranges.pop("tokens", None)
     tokens = 77 if takes_context else None
-    return parse_dims(ranges, size, factor, tokens=tokens)
+    return model_dims(unet, parse_dims(ranges, size, multiple, tokens=tokens))
 
 
 def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:

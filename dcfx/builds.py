@@ -37,7 +37,7 @@ from torch import nn
 from dcfx.backends import Build, CompiledPair, available_backends, compile_lock, get_backend, warm_up
 from dcfx.config import DeepCacheConfig
 from dcfx.export.manifest import ArtifactError, read_manifest
-from dcfx.export.program import call_sizes, dynamic_axes, resize_call, trace_size
+from dcfx.export.program import build_ranged_pair, call_sizes, trace_call
 from dcfx.export.registry import get_format
 from dcfx.export.shapes import DimRange
 from dcfx.export.writer import write_export
@@ -113,9 +113,7 @@ def settle_dims(
 def _trace_tensors(
     model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dims: Mapping[str, DimRange]
 ) -> tuple[torch.Tensor, ...]:
-    sizes = call_sizes(model, names, tensors)
-    want = {name: trace_size(dim) for name, dim in dims.items()}
-    return resize_call(model, names, tensors, {**sizes, **want})
+    return trace_call(model, names, tensors, dims)
 
 
 @dataclasses.dataclass
@@ -123,7 +121,7 @@ class RangedCapture:
     """Builds one graph pair for every call inside ``dims``: a capture with symbolic sizes.
 
     For backends that run a symbolic graph at any size (eager). The graphs are traced at
-    sizes inside the ranges (``dcfx.export.program.trace_size``) and checked on the call.
+    sizes inside the ranges (``dcfx.export.program.trace_call``) and checked on the call.
     """
 
     unet: nn.Module
@@ -149,8 +147,7 @@ class RangedCapture:
             for attempt in range(2):
                 traced = _trace_tensors(self.unet, names, tensors, self.dims)
                 try:
-                    axes = dynamic_axes(self.unet, names, traced, self.dims)
-                    graphs = build_graph_pair(self.unet, self.branch, names, traced, axes, forecast=forecast)
+                    graphs = build_ranged_pair(self.unet, self.branch, names, traced, self.dims, forecast=forecast)
                     break
                 except Exception as e:
                     narrowed = narrowed_dims(e, self.dims) if attempt == 0 else None

@@ -1,4 +1,9 @@
-"""The ``dcfx`` command: ``demo``, ``branches``, ``tune``, ``export``, ``inspect``, ``serve``."""
+"""The ``dcfx`` command: ``demo``, ``branches``, ``tune``, ``export``, ``inspect``, ``serve``.
+
+Commands that cut a model take ``--branch`` (a U-Net's skip branch) or ``--first``/``--last``
+(a diffusion transformer's block range); ``--model`` is a name or a diffusers folder (a
+pipeline folder's ``unet/`` or ``transformer/``, or the model's own folder).
+"""
 
 from __future__ import annotations
 
@@ -12,20 +17,44 @@ import torch
 from torch import nn
 
 from dcfx import zoo
-from dcfx.branches import branches, format_branches
+from dcfx.branches import BlockRangeInfo, branches, format_branches
 from dcfx.digits import DEMO_PER_CLASS
+from dcfx.digits_dit import DEMO_CUT
 from dcfx.forecast import available_forecasts
 from dcfx.models import spec_for
 
-MODEL_HELP = f"{zoo.BUNDLED} (bundled, trained), a built-in config ({', '.join(zoo.CONFIGS)}), or a diffusers folder"
+MODEL_HELP = (
+    f"{zoo.BUNDLED} (bundled, trained), a built-in config ({', '.join(zoo.CONFIGS)}), or a diffusers folder "
+    "(a U-Net or a diffusion transformer)"
+)
 
 
 def load_unet(model: str) -> nn.Module:
-    """Returns the U-Net of ``--model`` (``dcfx.zoo.load_unet``); a bad name exits with its message."""
+    """Returns the denoiser of ``--model`` (a U-Net, or a pipeline folder's transformer); a bad name exits."""
+    from dcfx.tune.workload import load_denoiser
+
     try:
-        return zoo.load_unet(model)
+        return load_denoiser(model)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"dcfx: --model: {e}") from e
+
+
+def cut_fields(command: str, branch: int | None, first: int | None, last: int | None) -> dict[str, int]:
+    """Returns the DeepCacheConfig fields of ``--branch`` or ``--first``/``--last``; exits when both are given."""
+    if branch is not None and (first is not None or last is not None):
+        raise SystemExit(
+            f"dcfx {command}: --branch and --first/--last given together: --branch cuts a U-Net at a skip branch, "
+            "--first/--last cut a diffusion transformer at a block range; give one or the other"
+        )
+    named = {"branch": branch, "first": first, "last": last}
+    return {k: v for k, v in named.items() if v is not None}
+
+
+def add_cut_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds ``--branch``, ``--first`` and ``--last`` (default: branch 0 of a U-Net, first 1 last 0 of a transformer)."""
+    p.add_argument("--branch", type=int, help="U-Nets: the skip branch to cache (default 0)")
+    p.add_argument("--first", type=int, help="diffusion transformers: blocks run first on every step (default 1)")
+    p.add_argument("--last", type=int, help="diffusion transformers: blocks run last on every step (default 0)")
 
 
 def check_model(model: str) -> None:
@@ -37,7 +66,7 @@ def check_model(model: str) -> None:
 
 
 def cmd_branches(args: argparse.Namespace) -> int:
-    """Prints every branch of a model with its cache shape, FLOP share and ideal speedups."""
+    """Prints every branch of a U-Net (every block range of a transformer) with its FLOP share and ideal speedups."""
     unet = load_unet(args.model)
     shape = spec_for(unet).sample_shape(unet, args.batch, args.size, args.size)
     print(f"dcfx branches: {args.model}, sample {list(shape)}", file=sys.stderr)
@@ -45,7 +74,10 @@ def cmd_branches(args: argparse.Namespace) -> int:
     print(format_branches(infos))
     if args.layers:
         for info in infos:
-            print(f"branch {info.branch}: {', '.join(info.kept_layers)}")
+            if isinstance(info, BlockRangeInfo):
+                print(f"first {info.first} last {info.last}: cached {', '.join(info.cached)}")
+            else:
+                print(f"branch {info.branch}: {', '.join(info.kept_layers)}")
     return 0
 
 
@@ -54,7 +86,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dcfx.demo import run_demo
 
     res = run_demo(
+        model=args.model,
         branch=args.branch,
+        first=args.first,
+        last=args.last,
         interval=args.interval,
         steps=args.steps,
         per_class=args.per_class,
@@ -64,8 +99,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out=args.out,
         seed=args.seed,
     )
-    print(f"bundled digits model, {args.per_class * 10} digits, {args.steps} DDIM steps, guidance {args.guidance}")
-    print(f"dcfx {args.backend}, branch {args.branch}, 1:{args.interval} uniform")
+    digits = args.per_class * 10
+    print(f"bundled {args.model} model, {digits} digits, {args.steps} DDIM steps, guidance {args.guidance}")
+    print(f"dcfx {args.backend}, {res.cut}, 1:{args.interval} uniform")
     print(f"  graphs built in {res.build_s:.1f} s (capture, cut, {args.backend}); not in the times below")
     print(f"  denoising loop: no cache {res.base_s:.2f} s, dcfx {res.cached_s:.2f} s (median of {args.repeats})")
     print(
@@ -108,6 +144,8 @@ def _tune(args: argparse.Namespace, tune: Any) -> Any:
         speedup=args.speedup,
         quality=args.quality,
         branches=_ints(args.branches) if args.branches else None,
+        first=_ints(args.first) if args.first else None,
+        last=_ints(args.last) if args.last else None,
         intervals=_ints(args.intervals),
         schedules=tuple(args.schedules.split(",")),
         forecasts=tuple(args.forecasts.split(",")),
@@ -155,7 +193,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     shapes = {**zoo.typical_shapes(args.model), **{k: v for k, v in given.items() if v is not None}}
     options = {k: v for k, v in (("opset", args.opset), ("precision", args.precision)) if v is not None}
     config = args.config or None
-    fields = {} if config else {"branch": args.branch, "interval": args.interval}
+    cut = cut_fields("export", args.branch, args.first, args.last)
+    fields = {} if config else {**cut, "interval": args.interval}
     out = dcfx.export(
         unet,
         args.out,
@@ -202,6 +241,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    cut = cut_fields("serve", args.branch, args.first, args.last)
     try:
         from dcfx.serve.app import ServeApp, ServeOptions
     except ImportError as e:
@@ -213,7 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_sizes=_ints(args.batch_sizes) if args.batch_sizes else None,
         max_wait=args.max_wait,
         max_queue=args.max_queue,
-        branch=args.branch,
+        **cut,
         interval=args.interval,
         forecast=args.forecast,
         backend=args.backend,
@@ -239,13 +279,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """Adds the ``serve`` subcommand to the ``dcfx`` parser."""
     p = sub.add_parser("serve", help="serve a model over HTTP on Ray Serve, with DeepCache-aware step batching")
-    p.add_argument("--model", default="digits", help="digits (bundled) or a model folder (diffusers U-Net)")
+    p.add_argument(
+        "--model", default="digits", help="digits (bundled) or a model folder (a diffusers U-Net or transformer)"
+    )
     p.add_argument("--replicas", type=int, default=1, help="engine replicas (Ray Serve deployment replicas)")
     p.add_argument("--max-batch", type=int, default=16, help="U-Net rows per call at most")
     p.add_argument("--batch-sizes", help="batch sizes calls are padded to, e.g. 1,2,4,8,16 (default: powers of two)")
     p.add_argument("--max-wait", type=int, help="ticks a request may wait for phase alignment (default: always)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests per replica; more get a 503")
-    p.add_argument("--branch", type=int, default=0)
+    add_cut_arguments(p)
     p.add_argument("--interval", type=int, default=5)
     p.add_argument(
         "--forecast",
@@ -269,15 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcfx", description="DeepCache for diffusion U-Nets as a compiler pass")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("branches", help="list every skip branch: cache shape, FLOP share r, ideal speedups")
+    p = sub.add_parser(
+        "branches",
+        help="list every skip branch (a transformer: every first/last block range): FLOP share r, ideal speedups",
+    )
     p.add_argument("--model", default="sd15", help=MODEL_HELP)
     p.add_argument("--size", type=int, default=64, help="latent height and width")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--layers", action="store_true", help="also list the layers each shallow graph runs")
     p.set_defaults(func=cmd_branches)
 
-    p = sub.add_parser("demo", help="the bundled digits model without and with DeepCache: speedup, quality, a PNG")
-    p.add_argument("--branch", type=int, default=0)
+    p = sub.add_parser("demo", help="a bundled digits model without and with DeepCache: speedup, quality, a PNG")
+    p.add_argument("--model", default="digits", choices=["digits", "digits-dit"], help="the U-Net or the transformer")
+    p.add_argument("--branch", type=int, help="digits: the skip branch to cache (default 0)")
+    p.add_argument("--first", type=int, help=f"digits-dit: blocks run first on every step (default {DEMO_CUT[0]})")
+    p.add_argument("--last", type=int, help=f"digits-dit: blocks run last on every step (default {DEMO_CUT[1]})")
     p.add_argument("--interval", type=int, default=5, choices=range(1, 51), metavar="N")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--per-class", type=int, default=DEMO_PER_CLASS, help="digits generated per class (10 classes)")
@@ -292,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the export directory (appears only when complete)")
     p.add_argument("--model", default="small-sd", help=MODEL_HELP)
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt", "aoti"])
-    p.add_argument("--config", help="a DeepCacheConfig JSON file (instead of --branch/--interval)")
-    p.add_argument("--branch", type=int, default=0)
+    p.add_argument("--config", help="a DeepCacheConfig JSON file (instead of --branch or --first/--last, --interval)")
+    add_cut_arguments(p)
     p.add_argument("--interval", type=int, default=3)
     p.add_argument(
         "--batch",
@@ -317,7 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="measure configurations on this machine: Pareto frontier, best for a goal")
     p.add_argument("--model", default="digits", help=MODEL_HELP)
-    p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm", "euler"])
+    p.add_argument(
+        "--scheduler",
+        default="ddim",
+        choices=["ddim", "dpm", "euler", "flow"],
+        help="the sampler (flow: flow-matching Euler, for SD3 and Flux transformers)",
+    )
     p.add_argument("--steps", type=int, default=50, help="steps of the no-cache reference (quality and speedup)")
     p.add_argument("--batch", type=int, default=10, help="samples per generation (the latency is measured at it)")
     p.add_argument("--size", type=int, help="latent height and width (default: the model's sample_size)")
@@ -327,7 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--latency", type=float, help="goal: seconds per generation at most (best quality within)")
     goal.add_argument("--speedup", type=float, help="goal: speedup over no cache at least (best quality)")
     goal.add_argument("--quality", type=float, help="goal: PSNR dB against no cache at least (lowest latency)")
-    p.add_argument("--branches", help="branch ids, e.g. 0,1,2 or 0-3 (default: all)")
+    p.add_argument("--branches", help="U-Nets: branch ids, e.g. 0,1,2 or 0-3 (default: all)")
+    p.add_argument(
+        "--first",
+        help="diffusion transformers: values of first (blocks run first every step), e.g. 1,2,4 (default: 1,2,4,...)",
+    )
+    p.add_argument(
+        "--last",
+        help="diffusion transformers: values of last (blocks run last every step), e.g. 0-2 (default: 0,1,2,4,...); "
+        "every first x last that leaves a block to cache is searched",
+    )
     p.add_argument("--intervals", default="2-10", help="values of N, e.g. 2-10 or 2,3,5")
     p.add_argument("--schedules", default="uniform,non-uniform")
     p.add_argument(

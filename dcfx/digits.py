@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,11 +197,61 @@ def load_classifier(directory: str | Path = DATA_DIR) -> tuple[DigitClassifier, 
     return model.eval(), tensors["real.mean"].double(), tensors["real.cov"].double()
 
 
+def check_request(labels: torch.Tensor, guidance: float) -> None:
+    """Raises ValueError unless ``labels`` is a non-empty 1-d tensor of digits and ``guidance`` >= 1."""
+    if labels.dim() != 1 or labels.numel() == 0:
+        raise ValueError(f"labels must be a non-empty 1-d tensor of class ids, got shape {tuple(labels.shape)}")
+    if int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES:
+        raise ValueError(f"labels must be digits 0..{NUM_CLASSES - 1}, got {labels.tolist()}")
+    if guidance < 1:
+        raise ValueError(f"guidance must be >= 1 (1: no classifier-free guidance), got {guidance}")
+
+
+# predict(x (B, 1, 16, 16), t (a scheduler timestep), class ids (B,)) -> the predicted noise (B, 1, 16, 16)
+Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
+def denoise(
+    predict: Predict,
+    scheduler: Any,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    guidance: float = 1.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Returns images (B, 1, 16, 16) in [-1, 1] of the digits ``labels`` (B,) by any diffusers scheduler.
+
+    The sampling loop of every digits model: ``predict`` runs once per step, on the B inputs at
+    ``guidance`` 1, or with classifier-free guidance on 2B (conditional, then ``NULL_CLASS``).
+    The scheduler's input scaling (Euler's sigmas) is applied; for DDIM it is the identity.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(labels), 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    guided = guidance > 1
+    ids = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if guided else labels
+    scheduler.set_timesteps(steps)
+    x = x * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    if progress:
+        from tqdm.auto import tqdm
+
+        timesteps = tqdm(timesteps, leave=False, desc="denoising")
+    for t in timesteps:
+        eps = predict(scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t), t, ids)
+        if guided:
+            eps_cond, eps_uncond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        x = scheduler.step(eps, t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
 def generate(
     unet: nn.Module,
     tokens: ClassTokens,
-    scheduler: DDIMScheduler,
+    scheduler: Any,
     labels: torch.Tensor,
     *,
     steps: int = 50,
@@ -208,7 +259,7 @@ def generate(
     seed: int = 0,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Returns images (B, 1, 16, 16) in [-1, 1] of the digits ``labels`` (B,), by DDIM.
+    """Returns images (B, 1, 16, 16) in [-1, 1] of the digits ``labels`` (B,), by DDIM (or ``scheduler``).
 
     The U-Net runs once per step: on the B conditional inputs at ``guidance`` 1, or, with
     classifier-free guidance (``guidance`` > 1), on a batch of 2B (conditional and unconditional)
@@ -216,26 +267,9 @@ def generate(
     is weak (``docs/benchmarks/quality/quality.md``). ``unet`` may be the plain U-Net or a dcfx runtime
     compiled with ``scheduler=scheduler``. The same seed and labels give the same initial noise.
     """
-    if labels.dim() != 1 or labels.numel() == 0:
-        raise ValueError(f"labels must be a non-empty 1-d tensor of class ids, got shape {tuple(labels.shape)}")
-    if int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES:
-        raise ValueError(f"labels must be digits 0..{NUM_CLASSES - 1}, got {labels.tolist()}")
-    if guidance < 1:
-        raise ValueError(f"guidance must be >= 1 (1: no classifier-free guidance), got {guidance}")
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(labels), 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    guided = guidance > 1
-    cond = tokens(torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if guided else labels)
-    scheduler.set_timesteps(steps)
-    timesteps = scheduler.timesteps
-    if progress:
-        from tqdm.auto import tqdm
+    check_request(labels, guidance)
 
-        timesteps = tqdm(timesteps, leave=False, desc="denoising")
-    for t in timesteps:
-        eps = unet(torch.cat([x, x]) if guided else x, t, encoder_hidden_states=cond).sample
-        if guided:
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-        x = scheduler.step(eps, t, x).prev_sample
-    return x.clamp(-1, 1)
+    def predict(x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return unet(x, t, encoder_hidden_states=tokens(ids)).sample
+
+    return denoise(predict, scheduler, labels, steps=steps, guidance=guidance, seed=seed, progress=progress)

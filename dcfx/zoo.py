@@ -1,8 +1,9 @@
-"""The models dcfx can name: built-in configurations, the bundled digits model, diffusers folders.
+"""The models dcfx can name: built-in configurations, the bundled digits models, diffusers folders.
 
 ``sd15`` is the Stable Diffusion v1.5 U-Net layout (860 M parameters) and ``small-sd`` keeps its
 block structure at a width that runs in seconds on a CPU, both with seeded random weights (no
-download); ``digits`` is the trained model that ships with dcfx (``dcfx.digits``). ``load_unet``
+download); ``digits`` is the trained U-Net that ships with dcfx (``dcfx.digits``) and
+``digits-dit`` the trained diffusion transformer beside it (``dcfx.digits_dit``). ``load_unet``
 takes any of these names or a local diffusers folder: every ``dcfx`` command and ``dcfx.tune``
 load their ``--model`` through it.
 """
@@ -49,11 +50,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 BUNDLED = "digits"
+BUNDLED_DIT = "digits-dit"
 
 
 def model_names() -> list[str]:
-    """Returns the model names ``load_unet`` knows without a folder: the bundled model, then the configs."""
-    return [BUNDLED, *CONFIGS]
+    """Returns the model names ``load_unet`` knows without a folder: the bundled models, then the configs."""
+    return [BUNDLED, BUNDLED_DIT, *CONFIGS]
 
 
 def build_unet(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
@@ -73,12 +75,17 @@ def typical_shapes(model: str | os.PathLike[str]) -> dict[str, Any]:
     the digits model and folders written like it (``class_tokens.safetensors`` beside the
     U-Net) read ``dcfx.digits.TOKENS`` class tokens and generate many digits at once (the
     demo's 40, doubled by guidance), so their exports take that prompt length and those batches.
+    The digits transformer reads class labels, not a prompt: only its batches differ.
     """
     name = os.fspath(model)
     if name == BUNDLED or (os.path.isdir(name) and (Path(name) / "class_tokens.safetensors").is_file()):
         from dcfx.digits import BATCH_RANGE, TOKENS
 
         return {"tokens": TOKENS, "batch": BATCH_RANGE}
+    if name == BUNDLED_DIT:  # class labels, no prompt: only the demo's batches
+        from dcfx.digits import BATCH_RANGE
+
+        return {"batch": BATCH_RANGE}
     return {}
 
 
@@ -98,10 +105,11 @@ def check_model(model: str | os.PathLike[str]) -> None:
 
 
 def load_unet(model: str | os.PathLike[str]) -> nn.Module:
-    """Returns the U-Net named by ``model``, in eval mode.
+    """Returns the U-Net (or diffusion transformer) named by ``model``, in eval mode.
 
     Args:
-        model: ``"digits"`` (the bundled trained model), a built-in config (``"sd15"``,
+        model: ``"digits"`` (the bundled trained U-Net), ``"digits-dit"`` (the bundled trained
+            transformer, a ``DiTTransformer2DModel``), a built-in config (``"sd15"``,
             ``"small-sd"``; random weights), or a local diffusers folder: a pipeline folder
             with a ``unet/`` subfolder, or the U-Net's own folder. Its ``config.json`` names the
             class (``UNet2DConditionModel``, ``UNet2DModel``, ...).
@@ -121,6 +129,10 @@ def load_unet(model: str | os.PathLike[str]) -> nn.Module:
         from dcfx.digits import load_model
 
         return load_model().unet
+    if name == BUNDLED_DIT:
+        from dcfx.digits_dit import load_model as load_dit
+
+        return load_dit().transformer
     if name in CONFIGS:
         return build_unet(name)
     import diffusers

@@ -33,7 +33,9 @@ def test_a_built_in_config_and_a_folder(tmp_path):
 
 
 def test_bad_models_raise_value_errors_naming_the_choices(tmp_path):
-    with pytest.raises(ValueError, match=r"model 'nope' is neither a built-in model \(digits, sd15, small-sd\)"):
+    with pytest.raises(
+        ValueError, match=r"model 'nope' is neither a built-in model \(digits, digits-dit, sd15, small-sd\)"
+    ):
         load_unet("nope")
     with pytest.raises(ValueError, match="neither a built-in model"):
         check_model(tmp_path / "missing")

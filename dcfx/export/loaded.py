@@ -9,6 +9,7 @@ two feature inputs are the runtime's two feature buffers, bound where they lie).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
@@ -80,8 +81,16 @@ class ExportedModel(nn.Module):
         return self._device
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Refuses: an exported U-Net runs through ``dcfx.load``'s runtime only."""
-        raise RuntimeError("an exported U-Net has no eager forward; call the module dcfx.load returned")
+        """Refuses: an exported model runs through ``dcfx.load``'s runtime only."""
+        raise RuntimeError("an exported model has no eager forward; call the module dcfx.load returned")
+
+    def cache_context(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Returns a context that does nothing: an export has none of diffusers' cache hooks.
+
+        Pipelines of diffusion transformers (Flux) enter ``transformer.cache_context("cond")``
+        around each call, for the hooks of diffusers' own caching methods.
+        """
+        return contextlib.nullcontext()
 
     # To diffusers it is a model (ModelMixin, where diffusers is installed): a pipeline that
     # holds it and is saved calls save_pretrained, which refuses, rather than dropping the

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.export import ExportedProgram
 
 from dcfx.export.loaded import ExportedPair
 from dcfx.export.manifest import ArtifactError, GraphEntry, Manifest
@@ -71,6 +72,7 @@ class OnnxFormat:
             models = {}
             for graph, (program, _, outputs) in graphs.items():
                 path = Path(tmp) / f"{graph}.onnx"
+                drop_identity_squeezes(program)
                 torch.onnx.export(
                     program,
                     f=str(path),
@@ -111,6 +113,41 @@ class OnnxFormat:
     ) -> OnnxPair:
         """Returns the onnxruntime pair over the export in ``directory``."""
         return OnnxPair(directory, manifest, torch.device(device), providers, session_options)
+
+
+def drop_identity_squeezes(program: ExportedProgram) -> int:
+    """Removes from ``program`` (in place) the squeezes of dimensions that are never 1; returns how many.
+
+    ``aten.squeeze`` of a dimension of size 1 drops it and of any other size does nothing; the
+    ONNX exporter (checked on torch 2.13) writes an ONNX Squeeze for either, which fails at run
+    time on a size other than 1 (PixArt squeezes its token axis, which has one token only in
+    a one-token image). A dynamic size that torch.export bounds away from 1 (its dynamic sizes
+    start at 2) makes the squeeze a no-op, and it goes.
+    """
+    graph = program.graph_module.graph
+    removed = 0
+    for target in (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims):
+        for node in list(graph.find_nodes(op="call_function", target=target)):
+            source, dims = node.args[0], node.args[1]
+            value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+            if not isinstance(value, torch.Tensor):
+                continue
+            dims = [dims] if isinstance(dims, int) else list(dims)
+            if dims and all(_never_one(value.shape[d]) for d in dims):
+                node.replace_all_uses_with(source)
+                graph.erase_node(node)
+                removed += 1
+    if removed:
+        program.graph_module.recompile()
+    return removed
+
+
+def _never_one(size: Any) -> bool:
+    # A symbolic size whose bounds (over the export's ranges) exclude 1.
+    if not isinstance(size, torch.SymInt):
+        return False
+    node = size.node
+    return bool(node.shape_env.bound_sympy(node.expr).lower >= 2)
 
 
 def _set_io_shapes(model: Any, inputs: Sequence[Any], outputs: Sequence[Any]) -> None:

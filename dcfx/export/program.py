@@ -1,10 +1,11 @@
-"""The graphs of one branch as ``ExportedProgram``s over named, ranged dimensions.
+"""The graphs of one cut as ``ExportedProgram``s over named, ranged dimensions.
 
-Every deployment format starts here: the U-Net is captured with dynamic batch, height and
-width, cut into the full and the shallow graph, the forecast graph is made from the shallow
-one (``dcfx.passes.forecast``), and each graph is exported again on its own (ONNX and
-AOTInductor take an ``ExportedProgram``). Shapes are recorded as expressions over the
-dimension names (``TensorSpec``), which is all a runtime needs to size buffers.
+Every deployment format starts here: the model (a U-Net, or a diffusion transformer) is
+captured over the named dimensions (``dcfx.export.axes``), cut into the full and the shallow
+graph, the forecast graph is made from the shallow one (``dcfx.passes.forecast``), and each
+graph is exported again on its own (ONNX and AOTInductor take an ``ExportedProgram``).
+Shapes are recorded as expressions over the dimension names (``TensorSpec``), which is all a
+runtime needs to size buffers.
 """
 
 from __future__ import annotations
@@ -19,10 +20,37 @@ import torch
 from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
+from dcfx.export.axes import (
+    Axes,
+    call_sizes,
+    dynamic_axes,
+    export_dims,
+    locate,
+    named_axes,
+    resize_call,
+    trace_call,
+    trace_size,
+    trace_sizes,
+)
 from dcfx.export.shapes import DIM_NAMES, DimExpr, DimRange, TensorSpec, dtype_name
 from dcfx.models import spec_for
 from dcfx.passes import FEATURE_INPUT, GraphPair, build_graph_pair
 from dcfx.passes.forecast import COEFFICIENT_INPUT, PREVIOUS_INPUT
+
+__all__ = [
+    "OUT_SAMPLE",
+    "ProgramPair",
+    "build_ranged_pair",
+    "call_sizes",
+    "check_ranged",
+    "dynamic_axes",
+    "export_programs",
+    "resize_call",
+    "to_expr",
+    "trace_call",
+    "trace_size",
+    "trace_sizes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,41 +110,33 @@ class ProgramPair:
         }
 
 
-def trace_size(dim: DimRange) -> int:
-    """Returns the size to trace ``dim`` at: ``opt``, moved off 1 unit (export specialises 0/1)."""
-    unit = dim.multiple
-    if dim.static or dim.opt // unit >= 2:
-        return dim.opt
-    return min(2 * unit, dim.max) if dim.max // unit >= 2 else dim.opt
-
-
 def export_programs(
     model: nn.Module,
-    branch: int,
+    cut: int | tuple[int, int],
     dims: Mapping[str, DimRange],
     call: Mapping[str, Any],
     on_stage: Callable[[str], None] = lambda stage: None,
 ) -> ProgramPair:
-    """Returns the branch's full, shallow and forecast graphs exported over ``dims``, traced with ``call``.
+    """Returns the cut's full, shallow and forecast graphs exported over ``dims``, traced with ``call``.
 
     Args:
-        model: The U-Net (in the dtype and on the device of the export).
-        branch: The skip branch.
-        dims: The batch, height, width (and tokens) ranges (``parse_dims``).
-        call: Keyword arguments of a U-Net call at the trace sizes; every input has the batch
-            first, and 4-d inputs (the sample, ControlNet residuals) scale with the sample
-            (the model's sample input: ``sample``, or ``x`` for a latent-diffusion UNetModel).
+        model: The U-Net or diffusion transformer (in the dtype and on the device of the export).
+        cut: A U-Net's skip branch, or a transformer's ``(first, last)`` block range.
+        dims: The named ranges (``parse_dims``; a packed-token transformer's ``model_dims``).
+        call: Keyword arguments of a model call at the trace sizes; the named dimensions are
+            found on its inputs by ``dcfx.export.axes.named_axes``.
         on_stage: Called with the name of each stage as it starts (progress reporting).
+
+    Raises:
+        ValueError: a range one graph cannot serve (``build_ranged_pair``).
     """
     spec = spec_for(model)
     (names, tensors), _ = spec.flatten(model, (), dict(call))
-    factor = spec.downsampling_factor(model)
-    sample = tensors[names.index(spec.sample_input)]
-    torch_dims = export_dims(dims)
+    axes = named_axes(model, names, tensors)
     dynamic = dynamic_axes(model, names, tensors, dims)
-    graphs = build_graph_pair(model, branch, names, tensors, dynamic, forecast=True)
+    graphs = build_ranged_pair(model, cut, names, tensors, dims, forecast=True)
     forecast_graph = graphs.forecast
-    symbols = _symbol_names(graphs.full, names, tensors, dynamic, sample, spec.context_input)
+    symbols = _symbol_names(graphs.full, names, dynamic, axes)
     inputs = [
         _spec(n, ph.name, ph.meta["val"], symbols) for n, ph in zip(names, _placeholders(graphs.full), strict=True)
     ]
@@ -133,7 +153,7 @@ def export_programs(
         on_stage("export full graph")
         full = torch.export.export(graphs.full, tensors, dynamic_shapes=positional, strict=False)
         example_feature = graphs.full(*tensors)[1]
-        feature_axes = _feature_axes(feature, torch_dims, factor)
+        feature_axes = _feature_axes(feature, dims)
         on_stage("export shallow graph")
         shallow = torch.export.export(
             graphs.shallow, (*tensors, example_feature), dynamic_shapes=(*positional, feature_axes), strict=False
@@ -147,15 +167,14 @@ def export_programs(
             dynamic_shapes=(*positional, feature_axes, feature_axes, None),
             strict=False,
         )
-    at = names.index(spec.sample_input)
-    context_at = names.index(spec.context_input) if spec.context_input in names else None
+    where = locate(axes, names)
     narrowed = dict(dims)
     for program in (full, shallow, forecast):
-        narrowed = _narrow(narrowed, program, at, context_at)
+        narrowed = _narrow(narrowed, program, where)
     # Every recorded shape must be computable over the whole range (a runtime sizes its buffers so).
     for point in ({n: getattr(d, key) for n, d in narrowed.items()} for key in ("min", "opt", "max")):
-        for spec in (*inputs, *full_outputs, *shallow_outputs):
-            spec.size(point)
+        for tensor_spec in (*inputs, *full_outputs, *shallow_outputs):
+            tensor_spec.size(point)
     for name, dim in narrowed.items():
         if dim != dims[name]:
             logger.warning(
@@ -176,122 +195,118 @@ def export_programs(
     )
 
 
-def export_dims(dims: Mapping[str, DimRange]) -> dict[str, Any]:
-    """Returns ``torch.export`` dims for the named ranges (None for a static one).
+def build_ranged_pair(
+    model: nn.Module,
+    cut: int | tuple[int, int],
+    names: tuple[str, ...],
+    tensors: tuple[torch.Tensor, ...],
+    dims: Mapping[str, DimRange],
+    forecast: bool = False,
+) -> GraphPair:
+    """Returns the graph pair of ``cut`` captured over ``dims`` from a call at the trace sizes (``trace_call``).
 
-    Heights and widths count in units of their multiple (the downsampling factor), so that
-    every traced size stays a multiple of it.
+    The pair is checked to serve the whole ranges (``check_ranged``). torch.export's own
+    constraint violations pass through unchanged (a ranged build narrows the ranges on them).
+
+    Raises:
+        ValueError: the model cannot be traced at the trace sizes (DiT takes square latents
+            only), or the pair cannot serve the ranges.
     """
-    return {
-        name: None
-        if dim.static
-        else Dim(name if name in ("batch", "tokens") else f"{name}_units", min=_units(dim, 0), max=_units(dim, 1))
-        for name, dim in dims.items()
-    }
+    dynamic = dynamic_axes(model, names, tensors, dims)
+    try:
+        graphs = build_graph_pair(model, cut, names, tensors, dynamic, forecast=forecast)
+    except RuntimeError as e:
+        if "Constraints violated" in str(e):
+            raise
+        sizes = call_sizes(model, names, tensors)
+        raise ValueError(
+            f"{type(model).__name__} could not be traced over the ranges "
+            f"({', '.join(f'{n} {d.describe()}' for n, d in dims.items())}) at {sizes}, sizes inside them (kept apart, "
+            f"as torch.export needs): {e}. A model that takes only some of these sizes (DiT: square latents) "
+            f"needs static ones there"
+        ) from e
+    check_ranged(model, graphs, names, tensors, dims)
+    return graphs
 
 
-def dynamic_axes(
-    model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dims: Mapping[str, DimRange]
-) -> dict[str, dict[int, Any] | None]:
-    """Returns the ``torch.export`` dynamic axes of each flat input of a call over ``dims``.
+def check_ranged(
+    model: nn.Module,
+    graphs: GraphPair,
+    names: tuple[str, ...],
+    tensors: tuple[torch.Tensor, ...],
+    dims: Mapping[str, DimRange],
+) -> None:
+    """Raises ValueError where a pair captured over ``dims`` cannot serve them whole.
 
-    Every input whose first axis is the sample's batch takes the batch; 4-d inputs (the sample,
-    ControlNet residuals) take height and width, scaled by their ratio to the sample's; the
-    cross-attention states take the tokens on their second axis.
+    torch.export may fix a dynamic size at its traced value without complaint where the model
+    special-cases it (diffusers' PatchEmbed, at the model's configured size): every dynamic
+    axis of every input must come out symbolic. And a model may derive an output size from
+    something the trace fixes (DiT takes its height and width as the square root of its token
+    count): the output sample must follow the input's sizes.
     """
     spec = spec_for(model)
-    factor = spec.downsampling_factor(model)
-    sample = tensors[names.index(spec.sample_input)]
-    torch_dims = export_dims(dims)
-    return {
-        n: _dynamic_axes(t, sample, torch_dims, factor, n == spec.context_input)
-        for n, t in zip(names, tensors, strict=True)
-    }
-
-
-def call_sizes(model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> dict[str, int]:
-    """Returns the named sizes of a call: batch, height and width of the sample, tokens of the context."""
-    spec = spec_for(model)
-    sample = tensors[names.index(spec.sample_input)]
-    sizes = {"batch": int(sample.shape[0]), "height": int(sample.shape[-2]), "width": int(sample.shape[-1])}
-    if spec.context_input in names:
-        context = tensors[names.index(spec.context_input)]
-        if context.ndim == 3:
-            sizes["tokens"] = int(context.shape[1])
-    return sizes
-
-
-def resize_call(
-    model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], sizes: Mapping[str, int]
-) -> tuple[torch.Tensor, ...]:
-    """Returns the call's inputs at the named ``sizes`` (new random values where a size changes).
-
-    What a capture over dynamic dims is traced with: ``torch.export`` specialises sizes 0
-    and 1, so a call of batch 1 cannot be traced for a range that starts at 1 (``trace_size``
-    picks sizes that can).
-    """
-    now = call_sizes(model, names, tensors)
-    spec = spec_for(model)
-    resized = []
-    for name, tensor in zip(names, tensors, strict=True):
-        shape = list(tensor.shape)
-        if tensor.ndim and shape[0] == now["batch"]:
-            shape[0] = sizes["batch"]
-        if tensor.ndim == 4:
-            for axis, dim in ((2, "height"), (3, "width")):
-                ratio = now[dim] // tensor.shape[axis]
-                shape[axis] = sizes[dim] // ratio
-        if name == spec.context_input and tensor.ndim == 3 and "tokens" in sizes:
-            shape[1] = sizes["tokens"]
-        if list(tensor.shape) == shape:
-            resized.append(tensor)
-        elif tensor.dtype.is_floating_point:
-            resized.append(torch.randn(shape, dtype=tensor.dtype, device=tensor.device))
-        else:
-            resized.append(torch.zeros(shape, dtype=tensor.dtype, device=tensor.device))
-    return tuple(resized)
-
-
-def _units(dim: DimRange, upper: int) -> int:
-    return (dim.max if upper else dim.min) // dim.multiple
-
-
-def _dynamic_axes(
-    tensor: torch.Tensor, sample: torch.Tensor, torch_dims: Mapping[str, Any], factor: int, context: bool = False
-) -> dict[int, Any] | None:
-    axes: dict[int, Any] = {}
-    if tensor.ndim and tensor.shape[0] == sample.shape[0] and torch_dims["batch"] is not None:
-        axes[0] = torch_dims["batch"]
-    if context and tensor.ndim == 3 and torch_dims.get("tokens") is not None:
-        axes[1] = torch_dims["tokens"]
-    if tensor.ndim == 4:
-        for axis, name in ((2, "height"), (3, "width")):
-            if torch_dims[name] is None:
-                continue
-            ratio, rest = divmod(sample.shape[axis], tensor.shape[axis])
-            if rest or factor % ratio:
+    axes = named_axes(model, names, tensors)
+    dynamic = dynamic_axes(model, names, tensors, dims)
+    for name, node in zip(names, _placeholders(graphs.full), strict=True):
+        for axis in dynamic[name] or {}:
+            if not isinstance(node.meta["val"].shape[axis], torch.SymInt) or not _symbols(node, axis):
+                dim, size = axes[name][axis][0], tensors[names.index(name)].shape[axis]
                 raise ValueError(
-                    f"a 4-d input of spatial size {tuple(tensor.shape[2:])} does not scale with the sample "
-                    f"{tuple(sample.shape[2:])} by a power of two up to {factor}; export it with a static {name}"
+                    f"torch.export fixed the {dim} of {type(model).__name__}'s {name} at {size}, "
+                    f"the size it was traced at (the model special-cases that size): one graph cannot serve "
+                    f"{dim} {dims[dim].describe()}; give a static {dim} (shapes= or dynamic= {{{dim!r}: size}})"
                 )
-            axes[axis] = (factor // ratio) * torch_dims[name] if factor // ratio > 1 else torch_dims[name]
-    return axes or None
+    symbols = _symbol_names(graphs.full, names, dynamic, axes)
+    at = names.index(spec.sample_input)
+    sample = _placeholders(graphs.full)[at].meta["val"]
+    out = _outputs(graphs.full)[0]
+    for axis, (dim, _) in axes[spec.sample_input].items():
+        if dims.get(dim) is None or dims[dim].static:
+            continue
+        want = to_expr(sample.shape[axis], symbols)
+        try:
+            got = to_expr(out.shape[axis], symbols) if axis < out.ndim else None
+        except ValueError:  # an output size over symbols of no input axis
+            got = str(out.shape[axis])
+        if got != want:
+            raise ValueError(
+                f"{type(model).__name__}'s output {dim} does not follow its input's over a range (traced at "
+                f"{tuple(tensors[at].shape)}, the output's axis {axis} came out {got}, not {want}): the model "
+                f"derives it from something the trace fixes (DiT takes its height and width as the square root "
+                f"of its token count), so one graph cannot serve a range of {dim}s; give a static {dim} (shapes= "
+                f"or dynamic= {{{dim!r}: size}})"
+            )
 
 
-def _feature_axes(feature: TensorSpec, torch_dims: Mapping[str, Any], factor: int) -> dict[int, Any] | None:
-    # The feature's shape expressions over (batch, height, width) as torch.export dims.
+def _symbols(node: fx.Node, axis: int) -> set[Any]:
+    return set(node.meta["val"].shape[axis].node.expr.free_symbols)
+
+
+def _feature_axes(feature: TensorSpec, dims: Mapping[str, DimRange]) -> dict[int, Any] | None:
+    # The feature's shape expressions as torch.export dims: ``a * dim + b`` of one named dim where
+    # the expression is linear in one (a U-Net's height/2; a transformer's image_tokens + 7 with
+    # a static prompt); else Dim.AUTO (a residual over height*width/4 + tokens tokens), which
+    # torch.export ties to the expression it meets.
+    torch_dims = export_dims(dims)
     axes: dict[int, Any] = {}
     for axis, expr in enumerate(feature.shape):
         if isinstance(expr, int):
             continue
         value = sympy.sympify(expr)
+        axes[axis] = Dim.AUTO
+        if len(value.free_symbols) != 1:
+            continue
         (symbol,) = value.free_symbols
         name = str(symbol)
-        if name == "batch":
-            axes[axis] = torch_dims["batch"]
+        poly = sympy.Poly(value, symbol) if value.is_polynomial(symbol) else None
+        if torch_dims.get(name) is None or poly is None or poly.degree() != 1:
             continue
-        scale = value / symbol * factor  # height/2 -> factor/2 units
-        axes[axis] = int(scale) * torch_dims[name] if scale != 1 else torch_dims[name]
+        # The torch dim counts units of the multiple (heights and widths): dim = multiple * units.
+        scale = poly.coeff_monomial(symbol) * (dims[name].multiple if name in ("height", "width") else 1)
+        offset = poly.coeff_monomial(1)
+        if scale.is_Integer and offset.is_Integer and scale >= 1:
+            derived = int(scale) * torch_dims[name] if scale != 1 else torch_dims[name]
+            axes[axis] = derived + int(offset) if offset else derived
     return axes or None
 
 
@@ -305,32 +320,21 @@ def _outputs(gm: fx.GraphModule) -> list[torch.Tensor]:
     return [v.meta["val"] for v in values]
 
 
-def _symbol_names(
-    gm: fx.GraphModule,
-    names: tuple[str, ...],
-    tensors: tuple[torch.Tensor, ...],
-    dynamic: Mapping[str, Any],
-    sample: torch.Tensor,
-    context: str | None = None,
-) -> dict[str, str]:
+def _symbol_names(gm: fx.GraphModule, names: tuple[str, ...], dynamic: Mapping[str, Any], axes: Axes) -> dict[str, str]:
     # Which shape symbol of the capture is which named dimension. Every dynamic axis of every
     # input is read: torch.export may give two inputs' batch axes their own symbols.
     symbols: dict[str, str] = {}
-    for name, tensor, node in zip(names, tensors, _placeholders(gm), strict=True):
+    for name, node in zip(names, _placeholders(gm), strict=True):
         for axis in dynamic[name] or {}:
             expr = node.meta["val"].shape[axis]
             if not isinstance(expr, torch.SymInt):
                 continue
             expr = expr.node.expr
+            if len(expr.free_symbols) != 1:  # fixed by the trace (check_ranged refuses that)
+                continue
             (symbol,) = expr.free_symbols
-            if axis == 0:
-                named = "batch"
-            elif name == context and axis == 1:
-                named = "tokens"
-            else:
-                dim = "height" if axis == 2 else "width"
-                ratio = sample.shape[axis] // tensor.shape[axis]
-                named = dim if ratio == 1 else f"{dim}/{ratio}"
+            dim, divisor = axes[name][axis]
+            named = dim if divisor == 1 else f"{dim}/{divisor}"
             scale = expr / symbol  # the axis is scale * symbol
             symbols.setdefault(str(symbol), named if scale == 1 else f"({named})/{scale}")
     return symbols
@@ -361,18 +365,16 @@ def _spec(name: str, graph_name: str, value: torch.Tensor, symbols: Mapping[str,
 
 
 def _narrow(
-    dims: dict[str, DimRange], program: ExportedProgram, sample_at: int, context_at: int | None
+    dims: dict[str, DimRange], program: ExportedProgram, where: Mapping[str, tuple[int, int]]
 ) -> dict[str, DimRange]:
     # The ranges torch.export settled on for the program's named dims (it may raise a minimum).
     user_inputs = [
         n for n in program.graph.find_nodes(op="placeholder") if n.name in program.graph_signature.user_inputs
     ]
-    sample = user_inputs[sample_at].meta["val"]
-    axes = [(sample, 0, "batch"), (sample, 2, "height"), (sample, 3, "width")]
-    if context_at is not None and "tokens" in dims:
-        axes.append((user_inputs[context_at].meta["val"], 1, "tokens"))
-    for value, axis, name in axes:
-        size = value.shape[axis]
+    for name, (index, axis) in where.items():
+        if name not in dims:
+            continue
+        size = user_inputs[index].meta["val"].shape[axis]
         if not isinstance(size, torch.SymInt):
             continue
         expr = size.node.expr

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-DIM_NAMES = ("batch", "height", "width", "tokens")
+# What shapes= names; a transformer on packed tokens (Flux) carries heights and widths as one
+# count of image tokens (``dcfx.export.axes.model_dims``).
+SHAPE_NAMES = ("batch", "height", "width", "tokens")
+IMAGE_TOKENS = "image_tokens"
+DIM_NAMES = (*SHAPE_NAMES, IMAGE_TOKENS)
+# A transformer's default prompt lengths: its built-in example's length means nothing, and its
+# pipelines pad prompts to fixed lengths (PixArt 120, SD3 77 + 256, Flux 512).
+TRANSFORMER_TOKENS = (2, 77, 512)
 DimExpr = int | str
 
 
@@ -81,7 +88,8 @@ def parse_dims(
             A ``(min, max)`` range is tuned for batch 2, ``sample_size`` and ``tokens``
             (moved into the range).
         sample_size: The model's default latent size (``unet.config.sample_size``).
-        multiple: The U-Net's downsampling factor: heights and widths must be multiples of it.
+        multiple: The model's downsampling factor (a transformer's patch size; Flux's packing):
+            heights and widths must be multiples of it.
         tokens: The context length of the model's typical call; None for a model that takes no
             cross-attention states (then ``shapes`` may not name tokens).
 
@@ -89,7 +97,7 @@ def parse_dims(
         ValueError: for an unknown name, a bad range, or a height/width off the multiple.
     """
     shapes = dict(shapes or {})
-    names = DIM_NAMES if tokens is not None else DIM_NAMES[:3]
+    names = SHAPE_NAMES if tokens is not None else SHAPE_NAMES[:3]
     unknown = sorted(set(shapes) - set(names))
     if unknown:
         what = "" if tokens is not None or "tokens" not in unknown else " (this model takes no cross-attention states)"
@@ -122,8 +130,9 @@ def _parse_range(name: str, value: Any, multiple: int, preferred: int) -> DimRan
     off = [v for v in (lo, opt, hi) if v % multiple]
     if off:
         raise ValueError(
-            f"shapes[{name!r}] = {tuple(value)!r}: {off[0]} is not a multiple of {multiple}; the U-Net "
-            f"downsamples by {multiple}, so latent heights and widths must be multiples of it"
+            f"shapes[{name!r}] = {tuple(value)!r}: {off[0]} is not a multiple of {multiple}; the model "
+            f"downsamples by {multiple} (a U-Net's down blocks, a transformer's patches), so latent heights and widths "
+            "must be multiples of it"
         )
     return DimRange(name, lo, opt, hi, multiple)
 

@@ -23,6 +23,8 @@ from dcfx.export.manifest import FORECAST, GraphEntry, Manifest, atomic_director
 from dcfx.export.program import ProgramPair, export_programs
 from dcfx.export.registry import get_format
 from dcfx.export.shapes import DimRange, dtype_name
+from dcfx.models import BlockRange
+from dcfx.passes import place_of
 from dcfx.util import jsonable
 from dcfx.version import __version__
 
@@ -54,7 +56,7 @@ def write_export(
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Writes the graphs of ``model`` cut at ``cfg.branch`` in ``format`` and manifest.json to ``out_dir``.
+    """Writes the graphs of ``model`` cut at ``cfg.cut`` in ``format`` and manifest.json to ``out_dir``.
 
     ``model`` is at the graphs' dtype; ``call`` holds its keyword arguments at sizes inside
     ``dims`` (the trace sizes). The directory appears only once complete and checked.
@@ -65,7 +67,7 @@ def write_export(
     bar = _progress(progress, f"dcfx export {format}")
     try:
         bar.set("capture and cut")
-        programs = export_programs(model, cfg.branch, dict(dims), call, on_stage=bar.set)
+        programs = export_programs(model, cfg.cut, dict(dims), call, on_stage=bar.set)
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             bar.set("write files")
             format_data = fmt.write(programs, tmp, **dict(options or {}))
@@ -102,7 +104,7 @@ def _manifest(
         **spec.describe(unet),
         "config": config,
         "config_sha256": config_sha256(config),
-        "branch_layer": spec.up_layers(unet)[cfg.branch].path,  # the up layer whose input is cached
+        **_cut(unet, cfg),
         "shallow_layers": programs.graphs.kept_layers,
         "attributes": {path: v for path in _ATTRIBUTES if (v := _attribute(unet, path)) is not None},
     }
@@ -123,6 +125,15 @@ def _manifest(
         graphs=graphs,
         format_data=format_data,
     )
+
+
+def _cut(model: nn.Module, cfg: DeepCacheConfig) -> dict[str, Any]:
+    # What the shallow graph leaves out. A U-Net: the up layer whose input is cached. A
+    # transformer: the blocks whose residual is cached (cache-dit's F/B name, and the paths).
+    place = place_of(model, cfg.cut)
+    if isinstance(place, BlockRange):
+        return {"cut": place.name, "cached_blocks": place.deep_paths()}
+    return {"branch_layer": place.path}
 
 
 def _check(

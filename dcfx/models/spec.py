@@ -265,7 +265,15 @@ class ModelSpec:
             "output": output,
             "output_field": self.output_field,
             "inputs": {"sample": self.sample_input, "timestep": self.timestep_input, "context": self.context_input},
+            "sample_dims": list(self.sample_dims),
+            "timestep_divisor": self.timestep_divisor,
+            "context_width": self.context_width(model),
+            "unbatched": list(self.unbatched_inputs(model)),
         }
+
+    def unbatched_inputs(self, model: nn.Module) -> tuple[str, ...]:
+        """Returns the forward parameters whose tensors have no batch dimension (none for a U-Net)."""
+        return ()
 
     def example_call(
         self, model: nn.Module, sample_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -327,13 +335,20 @@ class StoredSpec(ModelSpec):
 
     parameters: tuple[tuple[str, bool], ...] = ()
     output_path: str = ""
+    unbatched: tuple[str, ...] = ()
+    # The text states' width as recorded (a transformer's is not in its config's U-Net keys);
+    # None with ``width_recorded`` False: a manifest from before it was recorded, read from the config.
+    stored_context_width: int | None = None
+    width_recorded: bool = False
 
     @classmethod
     def from_description(cls, model_class: type[nn.Module], description: Mapping[str, Any]) -> StoredSpec:
         """Returns the spec for ``description`` (``ModelSpec.describe``'s output)."""
-        # Manifests written before the LDM layout have no "inputs": the diffusers names.
+        # Manifests written before the LDM layout have no "inputs": the diffusers names; before
+        # transformers, no sample layout, divisor, text width or unbatched inputs: a U-Net's.
         inputs = {"sample": "sample", "timestep": "timestep", "context": "encoder_hidden_states"}
         inputs.update(description.get("inputs", {}))
+        width = description.get("context_width")
         return cls(
             model_class=model_class,
             output_field=description["output_field"],
@@ -341,9 +356,25 @@ class StoredSpec(ModelSpec):
             timestep_input=str(inputs["timestep"]),
             context_input=str(inputs["context"]),
             returns_tensor=description["output"] == TENSOR_OUTPUT,
+            sample_dims=tuple(str(d) for d in description.get("sample_dims", ModelSpec.sample_dims)),
+            timestep_divisor=float(description.get("timestep_divisor", 1.0)),
             parameters=tuple((str(name), bool(required)) for name, required in description["forward"]),
             output_path=description["output"],
+            unbatched=tuple(str(name) for name in description.get("unbatched", ())),
+            stored_context_width=None if width is None else int(width),
+            width_recorded="context_width" in description,
         )
+
+    def context_width(self, model: nn.Module) -> int | None:  # noqa: D102
+        return self.stored_context_width if self.width_recorded else super().context_width(model)
+
+    def unbatched_inputs(self, model: nn.Module) -> tuple[str, ...]:  # noqa: D102
+        return self.unbatched
+
+    def check_inputs(self, model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+        """As ``ModelSpec.check_inputs``, but inputs recorded as unbatched (Flux's token positions) have no batch."""
+        kept = [(n, t) for n, t in zip(names, tensors, strict=True) if n not in self.unbatched]
+        super().check_inputs(model, tuple(n for n, _ in kept), tuple(t for _, t in kept))
 
     def signature(self, model: nn.Module) -> inspect.Signature:  # noqa: D102
         return _stored_signature(self.parameters)
@@ -352,7 +383,7 @@ class StoredSpec(ModelSpec):
         return _import_output(self.output_path)
 
     def up_layers(self, model: nn.Module) -> list[UpLayer]:  # noqa: D102
-        raise TypeError("an exported U-Net has its branch fixed at export time; its layers are in the manifest")
+        raise TypeError("an exported model has its cut fixed at export time; its layers are in the manifest")
 
 
 @functools.cache

@@ -148,6 +148,11 @@ class TransformerSpec(ModelSpec):
     def cast(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:  # noqa: D102
         return copy.deepcopy(model).to(dtype)
 
+    def unbatched_inputs(self, model: nn.Module) -> tuple[str, ...]:
+        """Returns the forward parameters without a batch dimension (Flux's token positions), for stored specs."""
+        params = _signature(type(model)).parameters
+        return tuple(name for name in UNBATCHED if name in params)
+
     def check_sample_shape(self, model: nn.Module, shape: tuple[int, ...]) -> None:
         """Raises ValueError unless ``shape`` has this layout's rank, channels and patch multiples."""
         super().check_sample_shape(model, shape)
