@@ -59,20 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         guidances = [tiny.call["guidance_scale"]] + ([] if name == "flux" else [1.0])
         for guidance in guidances:
             tiny.call = dict(tiny.call, guidance_scale=guidance)
-            separate = name == "wan" and guidance > 1
+            separate = tiny.calls_per_step > 1
             for first, last, fields in CASES:
                 full = full_step_indices(dcfx.DeepCacheConfig(first=1, **fields), STEPS)
                 mask = [int(i in full) for i in range(STEPS)]
-                config = cache_dit.DBCacheConfig(
-                    Fn_compute_blocks=first,
-                    Bn_compute_blocks=last,
-                    steps_computation_mask=mask,
-                    steps_computation_policy="static",
-                    num_inference_steps=STEPS,
-                    max_warmup_steps=1,
-                    residual_diff_threshold=0.0,
-                    enable_separate_cfg=separate,
-                )
+                config = tiny.cache_dit_config(first, last, mask)
                 cache_dit.enable_cache(tiny.pipe, cache_config=config)
                 want = [tiny.generate(STEPS, seed=s) for s in (0, 5)]
                 cache_dit.disable_cache(tiny.pipe)

@@ -123,16 +123,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         cache_dit.enable_cache(
             tiny.pipe,
-            cache_config=cache_dit.DBCacheConfig(
-                Fn_compute_blocks=first,
-                Bn_compute_blocks=last,
-                steps_computation_mask=mask,
-                steps_computation_policy="static",
-                num_inference_steps=steps,
-                max_warmup_steps=1,
-                residual_diff_threshold=0.0,
-                enable_separate_cfg=tiny.name == "wan" and tiny.call.get("guidance_scale", 1) > 1,
-            ),
+            cache_config=tiny.cache_dit_config(first, last, mask),
         )
         if variant.endswith("compile"):
             cache_dit.set_compile_configs()

@@ -17,6 +17,7 @@ features in place of the part it skips.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 import torch
@@ -170,7 +171,7 @@ class ResidualCut:
 
         ins, outs = self._split(located)
         values = [n.meta["val"] for n in (*ins, *outs)]
-        with detect_fake_mode(values) or _no_mode():
+        with detect_fake_mode(values) or contextlib.nullcontext():
             residuals = [o.meta["val"] - i.meta["val"] for i, o in zip(ins, outs, strict=True)]
             val = residuals[0] if len(residuals) == 1 else torch.cat(residuals, dim=1)
         return [{"val": val}]
@@ -196,13 +197,17 @@ class ResidualCut:
         """Each stream leaving the cached blocks becomes ``in + residual``; the blocks are left dead."""
         ins, outs = self._split(located)
         (feature,) = features
-        for k, (i, o) in enumerate(zip(ins, outs, strict=True)):
+        bounds: list[tuple[Any, Any]] = [(0, _END)]
+        if len(ins) == 2:
+            # The first stream's token count, read from its input (static or symbolic alike).
+            first_out = outs[0] if _before(outs[0], outs[1]) else outs[1]
+            with graph.inserting_before(first_out):
+                split = graph.call_function(torch.ops.aten.sym_size.int, (ins[0].args[0], 1))
+            bounds = [(0, split), (split, _END)]
+        for (i, o), (start, end) in zip(zip(ins, outs, strict=True), bounds, strict=True):
             with graph.inserting_before(o):
                 residual = feature
                 if len(ins) > 1:
-                    # The streams' token counts, read from the input (static or symbolic alike).
-                    start = 0 if k == 0 else graph.call_function(torch.ops.aten.sym_size.int, (ins[0].args[0], 1))
-                    end = graph.call_function(torch.ops.aten.sym_size.int, (ins[0].args[0], 1)) if k == 0 else _END
                     residual = graph.call_function(torch.ops.aten.slice.Tensor, (feature, 1, start, end))
                 # in + residual, as cache-dit adds them.
                 restored = graph.call_function(torch.ops.aten.add.Tensor, (i.args[0], residual))
@@ -221,12 +226,6 @@ def _before(a: fx.Node, b: fx.Node) -> bool:
         if node is b:
             return False
     return False
-
-
-def _no_mode() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def cut_for(place: UpLayer | BlockRange) -> Cut:

@@ -41,28 +41,12 @@ def mask_of(fields: dict) -> list[int]:
 
 
 def cache_dit_latents(tiny, first: int, last: int, mask: list[int], seeds: tuple[int, ...]) -> list[torch.Tensor]:
-    config = cache_dit.DBCacheConfig(
-        Fn_compute_blocks=first,
-        Bn_compute_blocks=last,
-        steps_computation_mask=mask,
-        steps_computation_policy="static",
-        num_inference_steps=STEPS,
-        max_warmup_steps=1,
-        residual_diff_threshold=0.0,
-        # Wan calls the transformer once per guidance branch: cache-dit then keeps a residual per
-        # branch and gives both calls of step i the mask's M[i] (what dcfx does for repeated calls).
-        enable_separate_cfg=calls_per_step(tiny) > 1,
-    )
+    config = tiny.cache_dit_config(first, last, mask)
     cache_dit.enable_cache(tiny.pipe, cache_config=config)
     try:
         return [tiny.generate(STEPS, seed=seed) for seed in seeds]
     finally:
         cache_dit.disable_cache(tiny.pipe)
-
-
-def calls_per_step(tiny) -> int:
-    """How many transformer calls the pipeline makes per step: 2 where it calls once per guidance branch."""
-    return 2 if tiny.name == "wan" and tiny.call["guidance_scale"] > 1 else 1
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,7 +79,7 @@ def test_equals_cache_dit_after_cache_dit_was_on_the_same_pipeline(tiny):
                     got = tiny.generate(STEPS, seed=seed)
                     assert close(got, want) <= 1e-5, (tiny.name, first, last, fields, seed)
             full = sum(mask_of(fields))
-            calls = 4 * calls_per_step(tiny)  # 4 generations
+            calls = 4 * tiny.calls_per_step  # 4 generations
             assert tiny.pipe.transformer.stats == {"full": calls * full, "shallow": calls * (STEPS - full)}
         finally:
             dcfx.disable(tiny.pipe)

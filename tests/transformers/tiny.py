@@ -27,6 +27,30 @@ class Tiny:
     def transformer(self) -> torch.nn.Module:
         return self.pipe.transformer
 
+    @property
+    def calls_per_step(self) -> int:
+        """Transformer calls per step: 2 where the pipeline calls once per guidance branch (Wan)."""
+        return 2 if self.name == "wan" and self.call.get("guidance_scale", 1) > 1 else 1
+
+    def cache_dit_config(self, first: int, last: int, mask: list[int]) -> Any:
+        """cache-dit's DBCache with the static step ``mask`` (1: full step): what dcfx's cut equals.
+
+        Wan's two calls per step get a residual each and both read ``mask[i]``
+        (``enable_separate_cfg``), as dcfx's lanes do.
+        """
+        import cache_dit
+
+        return cache_dit.DBCacheConfig(
+            Fn_compute_blocks=first,
+            Bn_compute_blocks=last,
+            steps_computation_mask=list(mask),
+            steps_computation_policy="static",
+            num_inference_steps=len(mask),
+            max_warmup_steps=1,
+            residual_diff_threshold=0.0,
+            enable_separate_cfg=self.calls_per_step > 1,
+        )
+
     def generate(self, steps: int, seed: int = 0, **kwargs: Any) -> torch.Tensor:
         """Returns the latents of one generation."""
         generator = torch.Generator().manual_seed(seed)
