@@ -10,6 +10,7 @@ inputs every row shares): their steps can run as rows of one batched call.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -56,6 +57,7 @@ class Generation:
         self.arrived_tick = tick
         self.start_tick = -1
         self.submitted_s = time.perf_counter()
+        self.on_step: Callable[[int, int, bool], None] | None = None  # Engine.submit's progress listener
 
     @property
     def steps(self) -> int:

@@ -48,12 +48,14 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import torch
 
+from dcfx.config import DeepCacheConfig
+from dcfx.planner import GenerationPlan, Planner
 from dcfx.runtime import DeepCacheUNet
 from dcfx.serve.calls import CallBuilder, call_inputs
 from dcfx.serve.cohorts import Cohort, Generation, cohort_key
@@ -92,15 +94,43 @@ class Engine:
         runtime: A ``dcfx.compile`` runtime of ``model.unet`` (its branch and schedule are used).
         model: What requests mean for the model (``DigitsServeModel``, ``UNetServeModel``).
         config: How to batch.
+        choices: The (interval, forecast) settings requests may ask for
+            (``GenerationRequest.interval`` / ``forecast``), as ``DeepCacheConfig``s that cut
+            where the runtime does: one graph pair serves them all. The first is the default
+            of requests that name none; the runtime's own setting is always offered (and is
+            the default when ``choices`` is empty). Requests of one setting share cohorts.
+            A forecasting choice needs a runtime compiled with a forecast (its graphs).
     """
 
-    def __init__(self, runtime: DeepCacheUNet, model: ServeModel, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        runtime: DeepCacheUNet,
+        model: ServeModel,
+        config: EngineConfig | None = None,
+        choices: Iterable[DeepCacheConfig] = (),
+    ) -> None:
         if not isinstance(runtime, DeepCacheUNet):
             raise TypeError(f"runtime must be a dcfx runtime (dcfx.compile(unet, ...)), got {type(runtime).__name__}")
         if runtime.model is not model.unet:
             raise ValueError("runtime must wrap model.unet: dcfx.compile(model.unet, ...)")
         self.model = model
         self.config = config or EngineConfig()
+        own = runtime.deepcache_config
+        self._planners: dict[tuple[int, str], Planner] = {}
+        for choice in choices:
+            if not isinstance(choice, DeepCacheConfig):
+                raise TypeError(f"choices must be DeepCacheConfigs, got {type(choice).__name__}")
+            if choice.cut != own.cut:
+                raise ValueError(
+                    f"a choice must cut where the runtime does ({own.cut}), got {choice.cut}: "
+                    "only interval and forecast may differ"
+                )
+            if choice.forecast_spec.forecasts and not own.forecast_spec.forecasts:
+                raise ValueError(
+                    f"the choice forecast={choice.forecast!r} needs the forecast graph: compile the runtime with a "
+                    "forecasting config (any choice that forecasts)"
+                )
+            self._planners[(choice.interval, choice.forecast)] = Planner(choice)
         self._pending: collections.deque[Generation] = collections.deque()
         self._cohorts: dict[tuple[Any, ...], Cohort] = {}
         self._ids = itertools.count()
@@ -125,8 +155,13 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+    def submit(
+        self, request: GenerationRequest, on_step: Callable[[int, int, bool], None] | None = None
+    ) -> Future[GenerationResult]:
         """Queues ``request``; returns the future of its result.
+
+        ``on_step(step, steps, full)`` is called in the engine's thread after each of its
+        steps (``step`` counts from 1; ``full``: the step ran the full graph); it must not block.
 
         Raises:
             QueueFull: ``max_queue`` requests are already waiting (at once, never a wait).
@@ -141,11 +176,12 @@ class Engine:
             raise ValueError(
                 f"the request needs {prepared.rows} U-Net rows per step, more than max_batch {self.config.max_batch}"
             )
-        plan = self.runtime.planner.start(request.steps)  # the runtime's planner: its schedule and forecast now
-        key = cohort_key(request, prepared)
+        setting, plan = self._plan(request)
+        key = (*cohort_key(request, prepared), setting)
         future: Future[GenerationResult] = Future()
         scheduler = self.model.scheduler(request.scheduler)
         gen = Generation(next(self._ids), request, prepared, scheduler, plan, key, future, self._tick)
+        gen.on_step = on_step
         future.request_id = gen.id  # type: ignore[attr-defined]
         with self._lock:
             if self._closing:
@@ -161,6 +197,34 @@ class Engine:
             self._counts["submitted"] += 1
             self._lock.notify_all()
         return future
+
+    def choices(self) -> list[tuple[int, str]]:
+        """Returns the (interval, forecast) settings requests may ask for, the default first."""
+        own = self.runtime.deepcache_config
+        return list(dict.fromkeys([*self._planners, (own.interval, own.forecast)]))
+
+    def setting(self, interval: int | None = None, forecast: str | None = None) -> tuple[int, str]:
+        """Returns the (interval, forecast) a request asking for these runs (None: the default's).
+
+        Raises:
+            ValueError: the engine does not offer that setting, naming those it offers.
+        """
+        default = self.choices()[0]
+        setting = (default[0] if interval is None else interval, default[1] if forecast is None else forecast)
+        if setting not in self.choices():
+            offered = ", ".join(f"interval {i} forecast {f!r}" for i, f in self.choices())
+            raise ValueError(
+                f"this server does not offer interval {setting[0]} with forecast {setting[1]!r}; it offers: {offered}"
+            )
+        return setting
+
+    def _plan(self, request: GenerationRequest) -> tuple[tuple[int, str], GenerationPlan]:
+        """Returns the request's (interval, forecast) setting and its new plan."""
+        setting = self.setting(request.interval, request.forecast)
+        own = self.runtime.deepcache_config
+        if setting == (own.interval, own.forecast):  # the runtime's planner: its schedule and forecast now
+            return setting, self.runtime.planner.start(request.steps)
+        return setting, self._planners[setting].start(request.steps)
 
     def run(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
         """Returns the results of ``requests``, submitted together and run to completion here."""
@@ -315,12 +379,19 @@ class Engine:
             logger.exception("dcfx.serve: building the graphs of cohort %s failed; its generations fail", cohort.key)
             self._drop(cohort, list(cohort.running), e)
             return
+        before = {gen: gen.full_steps for gen in cohort.running if gen.on_step is not None}
         for gens, run in calls:
             try:
                 run()
             except Exception as e:
                 logger.exception("dcfx.serve: a call of cohort %s failed; its generations fail", cohort.key)
                 self._drop(cohort, [g for g in gens if g in cohort.running], e)
+        for gen, full_before in before.items():
+            if gen in cohort.running:
+                try:
+                    gen.on_step(gen.step, gen.steps, gen.full_steps > full_before)
+                except Exception:  # a listener's bug must not stop the generation
+                    logger.exception("dcfx.serve: an on_step callback failed")
         for gen in [g for g in cohort.running if g.step == g.steps]:
             self._finish(cohort, gen)
 

@@ -38,7 +38,10 @@ class GenerationRequest:
         guidance: Classifier-free guidance scale; 1 runs the conditional rows only.
         size: (height, width) of the U-Net's sample; None: the model's ``sample_size``.
         scheduler: A registered scheduler kind (``dcfx.serve.available_schedulers()``): ddim, dpm, euler,
-            flow (flow-matching Euler: SD3, Flux).
+            flow (flow-matching Euler: SD3, Flux); a served pipeline also takes "pipeline" (its own).
+        interval: DeepCache's N for this request, among those the engine offers (``Engine.choices``);
+            None: the engine's default.
+        forecast: The forecast for this request, among those the engine offers; None: the default.
 
     Example:
         >>> GenerationRequest(labels=(3,), seed=7, steps=50)
@@ -52,6 +55,8 @@ class GenerationRequest:
     guidance: float = 1.0
     size: tuple[int, int] | None = None
     scheduler: str = "ddim"
+    interval: int | None = None
+    forecast: str | None = None
 
     def __post_init__(self) -> None:
         if self.labels is not None:
@@ -88,6 +93,10 @@ class GenerationRequest:
             object.__setattr__(self, "size", size)
         if not isinstance(self.scheduler, str):
             raise TypeError(f"scheduler must be a scheduler kind (a name), got {self.scheduler!r}")
+        if self.interval is not None:
+            check_int("interval", self.interval, 1)
+        if self.forecast is not None and not isinstance(self.forecast, str):
+            raise TypeError(f"forecast must be a forecast's name, got {self.forecast!r}")
 
     @property
     def guided(self) -> bool:

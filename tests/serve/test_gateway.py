@@ -17,8 +17,9 @@ pytest.importorskip("ray.serve", reason="the serve extra: pip install 'dcfx[serv
 
 from ray.exceptions import ActorDiedError
 
-from dcfx.serve import app as app_module
-from dcfx.serve.app import Gateway, ServeOptions
+from dcfx.serve import gateway as gateway_module
+from dcfx.serve.gateway import Gateway, _error, _generated
+from dcfx.serve.options import ServeOptions
 from dcfx.serve.request import QueueFull
 
 REPLY = {"replica": "r1", "full_steps": 2, "shallow_steps": 4, "latency_s": 0.1, "latents": "x"}
@@ -47,14 +48,14 @@ class ScriptedGenerator:
 def forward(script, **options):
     generator = ScriptedGenerator(script)
     gateway = Gateway(generator, board=None, options=ServeOptions(**{"request_timeout_s": 30, **options}))
-    response = asyncio.run(gateway._forward({"label": 1}))
+    response = asyncio.run(gateway._forward(lambda: generator.generate.remote({"label": 1}), _generated, _error))
     return response, generator, gateway
 
 
 @pytest.fixture(autouse=True)
 def short_backoff(monkeypatch):
-    monkeypatch.setattr(app_module, "RETRY_BUSY_FIRST_S", 0.01)
-    monkeypatch.setattr(app_module, "RETRY_BUSY_MAX_S", 0.02)
+    monkeypatch.setattr(gateway_module, "RETRY_BUSY_FIRST_S", 0.01)
+    monkeypatch.setattr(gateway_module, "RETRY_BUSY_MAX_S", 0.02)
 
 
 def test_a_retry_after_a_death_waits_for_room_in_a_full_queue():
