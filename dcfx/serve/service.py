@@ -157,8 +157,15 @@ class PipelineService:
         return result
 
     def stats(self) -> dict[str, Any]:
-        """Returns the engine's counters and the two stages' (calls, items, items per call)."""
-        return {**self.engine.stats(), "text_encoder": self.encoder.stats(), "vae_decoder": self.decoder.stats()}
+        """Returns the engine's counters and the two stages', flat (as /stats sums them).
+
+        The stages': ``text_encoder_calls``, ``..._items``, ``..._items_per_call``, ``..._waiting``,
+        ``..._failed_calls``; ``vae_decoder_...`` alike.
+        """
+        out = self.engine.stats()
+        for prefix, stage in (("text_encoder", self.encoder), ("vae_decoder", self.decoder)):
+            out.update({f"{prefix}_{k}": v for k, v in stage.stats().items()})
+        return out
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops the stages and the engine (``Engine.close``): queued work finishes when ``drain``."""

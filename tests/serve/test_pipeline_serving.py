@@ -90,7 +90,7 @@ def test_served_images_equal_the_offline_pipeline_then_concurrent_requests_share
         # Three requests at once, the same pipeline objects after the first generations: the text
         # encoder and the VAE take what waits together; each image stays its offline image
         # (within one level of a pixel where the batch size changed the kernels).
-        calls_before = service.stats()["text_encoder"]["calls"]
+        calls_before = service.stats()["text_encoder_calls"]
         gate = threading.Event()
         service.encoder.submit(["hold"]).add_done_callback(lambda _: gate.wait(10))  # the encoder busy
         prompts = ["a red fox", "a blue car", "a green tree"]
@@ -98,8 +98,8 @@ def test_served_images_equal_the_offline_pipeline_then_concurrent_requests_share
         gate.set()
         results = [f.result(timeout=120) for f in futures]
         stats = service.stats()
-        assert stats["text_encoder"]["calls"] - calls_before <= 2  # the held call, then all three together
-        assert max(stats["text_encoder"]["items_per_call"]) >= 3  # the three requests in one call
+        assert stats["text_encoder_calls"] - calls_before <= 2  # the held call, then all three together
+        assert max(stats["text_encoder_items_per_call"]) >= 3  # the three requests in one call
         for i, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
             (expected,) = offline(folder, prompt=prompt, seed=i, num_inference_steps=10)
             assert_within_one_level(result.pngs[0], expected)
@@ -149,7 +149,7 @@ def test_progress_per_step_and_bad_requests_refused_before_any_work(folder):
             with pytest.raises(ValueError, match=match):
                 service.submit(bad)
         after = service.stats()
-        assert after["submitted"] == before["submitted"] and after["text_encoder"] == before["text_encoder"]
+        assert after["submitted"] == before["submitted"] and after["text_encoder_items"] == before["text_encoder_items"]
         # The engine took no part of them, and still serves.
         again = service.submit(ImageRequest(prompt="a red fox", seed=3, steps=7)).result(timeout=120)
         assert again.pngs == result.pngs
