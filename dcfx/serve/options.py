@@ -34,7 +34,8 @@ class ServeOptions:
         retries: Times a request is sent again when its replica died.
         request_timeout_s: Seconds a request may take before it is answered with a 504.
         warmup: Build the graphs of every batch size before a replica takes requests (digits
-            models; other models build them on first use).
+            models and pipelines served by prompt, at their default size; other models build
+            them on first use).
     """
 
     model: str = "digits"

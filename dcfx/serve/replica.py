@@ -69,7 +69,10 @@ class Generator:
         if options.warmup and isinstance(model, DigitsServeModel):
             self.engine.warmup(GenerationRequest(labels=(0,), steps=1))
         # A pipeline served by prompt: its text encoder and VAE as stages around the engine.
-        self.service = PipelineService(model, self.engine) if isinstance(model, PipelineServeModel) else None
+        pipeline = isinstance(model, PipelineServeModel)
+        self.service = PipelineService(model, self.engine, start=False) if pipeline else None
+        if options.warmup and self.service is not None:
+            self.service.warmup()
         if not self.engine.alive:
             self.engine.start()
         self.model = model

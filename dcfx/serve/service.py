@@ -60,13 +60,15 @@ class PipelineService:
 
     Args:
         model: The pipeline (``dcfx.serve.pipeline.load_pipeline``).
-        engine: The step-batching engine over ``dcfx.compile(model.unet, ...)``; the service
-            starts it when it is not running.
+        engine: The step-batching engine over ``dcfx.compile(model.unet, ...)``.
         max_items: Requests per text-encoder or VAE call at most (default: the engine's
             ``max_batch``).
+        start: Start the engine's thread now (False: the caller starts it, after ``warmup``).
     """
 
-    def __init__(self, model: PipelineServeModel, engine: Engine, max_items: int | None = None) -> None:
+    def __init__(
+        self, model: PipelineServeModel, engine: Engine, max_items: int | None = None, start: bool = True
+    ) -> None:
         if engine.model is not model:
             raise ValueError("engine must serve model: Engine(dcfx.compile(model.unet, ...), model)")
         self.model = model
@@ -78,7 +80,7 @@ class PipelineService:
         self.decoder: BatchStage[torch.Tensor, list[Any]] = BatchStage(
             "VAE decoder", model.decode, max_items=items, key=lambda x: (tuple(x.shape[1:]), x.dtype)
         )
-        if not engine.alive:
+        if start and not engine.alive:
             engine.start()
         self._lock = threading.Lock()
 
@@ -99,6 +101,17 @@ class PipelineService:
             interval=request.interval,
             forecast=request.forecast,
         )
+
+    def warmup(self, request: ImageRequest | None = None) -> None:
+        """Builds the denoiser's graph pairs that requests like ``request`` need at each batch size.
+
+        Default: the pipeline's default size, guidance and scheduler. Runs the text encoder once;
+        serving then starts without a capture on the first request.
+        """
+        request = request or ImageRequest(prompt="warm-up", seed=0, steps=1)
+        self.check(request)
+        texts = [request.prompt, request.negative_prompt or ""][: 2 if self.guidance(request) > 1 else 1]
+        self.engine.warmup(self.generation_request(request, self.model.encode(texts)))
 
     def guidance(self, request: ImageRequest) -> float:
         """Returns the request's guidance scale (the pipeline's default when it names none)."""

@@ -37,6 +37,7 @@ def offline(*args, **call) -> list[bytes]:
     finally:
         torch.set_num_threads(threads)
 
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -131,6 +131,9 @@ def test_per_request_settings_share_one_graph_pair_and_equal_their_offline_confi
 def test_progress_per_step_and_bad_requests_refused_before_any_work(folder):
     service = service_of(folder, max_batch=4, batch_sizes=(2, 4))
     try:
+        service.warmup()  # what a replica does before it takes requests: every batch size built
+        built = service.engine.runtime.graph_builds
+        assert built == 2
         steps: list[tuple[int, int, bool]] = []
         result = service.submit(
             ImageRequest(prompt="a red fox", seed=3, steps=7), on_step=lambda *a: steps.append(a)
@@ -153,6 +156,7 @@ def test_progress_per_step_and_bad_requests_refused_before_any_work(folder):
         # The engine took no part of them, and still serves.
         again = service.submit(ImageRequest(prompt="a red fox", seed=3, steps=7)).result(timeout=120)
         assert again.pngs == result.pngs
+        assert service.engine.runtime.graph_builds == built  # served without a capture
     finally:
         service.close()
 
