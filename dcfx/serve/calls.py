@@ -222,7 +222,9 @@ def call_inputs(layout: list[Slot], padded: int, like: Generation) -> dict[str, 
     """Returns the model's keyword inputs of a call: each slot's rows, then padding to ``padded``.
 
     The sample goes by the model's name for it, the timestep divided as its pipelines divide
-    it; inputs every row shares (``PreparedRequest.shared``) once, as ``like`` has them.
+    it; inputs every row shares (``PreparedRequest.shared``) once, as ``like`` has them. A
+    conditioning name ``outer.inner`` is the entry ``inner`` of the dict input ``outer`` (SDXL's
+    ``added_cond_kwargs``).
     """
     samples, times = [], []
     conds: dict[str, list[torch.Tensor]] = {name: [] for name in like.cond}
@@ -247,6 +249,11 @@ def call_inputs(layout: list[Slot], padded: int, like: Generation) -> dict[str, 
     if prepared.timestep_divisor != 1:
         timestep = timestep.to(like.x.dtype) / prepared.timestep_divisor
     inputs = {prepared.sample_input: torch.cat(samples), "timestep": timestep}
-    inputs.update({name: torch.cat(values) for name, values in conds.items()})
+    for name, values in conds.items():  # "added_cond_kwargs.time_ids": an entry of a dict input
+        outer, dot, inner = name.partition(".")
+        if dot:
+            inputs.setdefault(outer, {})[inner] = torch.cat(values)
+        else:
+            inputs[name] = torch.cat(values)
     inputs.update(prepared.shared)
     return inputs

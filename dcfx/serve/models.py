@@ -186,7 +186,7 @@ class UNetServeModel(ServeModel):
         images = next(iter(cond.values())).shape[0] if cond else 1
         accepted = self.conditioning_inputs()
         for key, value in cond.items():
-            if key not in accepted:
+            if key.partition(".")[0] not in accepted:  # "added_cond_kwargs.text_embeds": a dict input's entry
                 raise ValueError(f"{self.name} takes no input {key!r}; conditioning inputs: {', '.join(accepted)}")
             if value.shape[0] != images:
                 raise ValueError(

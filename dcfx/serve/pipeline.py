@@ -8,9 +8,11 @@ for the same prompt, seed and dcfx config (up to the kernels' rounding by batch 
 ``dcfx.serve.engine``). Between them the denoiser runs on the step-batching engine as a
 ``UNetServeModel`` (requests carry the conditioning tensors the encoder made).
 
-Families: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v-prediction). Other
-pipelines (SDXL, the transformer pipelines) are served as their denoiser, with conditioning
-tensors in and latents out, until their family is registered (``register_family``).
+Families: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v-prediction) and
+``StableDiffusionXLPipeline`` (SDXL base: two text encoders, pooled embeddings and size
+micro-conditioning). Other pipelines (the transformer pipelines, SDXL refiners) are served as
+their denoiser, with conditioning tensors in and latents out, until their family is registered
+(``register_family``).
 
 The safety checker is not loaded or run: a served image is the pipeline's image with
 ``safety_checker=None``.
@@ -51,6 +53,11 @@ class PipelineFamily:
         load_kwargs: Passed to ``from_pretrained`` (leaving out the safety checker).
         guidance: The pipeline's default guidance scale.
         steps: The pipeline's default number of steps.
+        size_inputs: ``size_inputs(pipe, height, width) -> {input name: one row}``: inputs of
+            every row that depend on the image size only (SDXL's micro-conditioning time ids).
+        zero_negative: ``zero_negative(pipe)``: whether a request without a negative prompt is
+            guided by zero embeddings rather than the empty prompt's (SDXL's
+            ``force_zeros_for_empty_prompt``).
     """
 
     denoiser: str
@@ -59,6 +66,8 @@ class PipelineFamily:
     load_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     guidance: float = 7.5
     steps: int = 50
+    size_inputs: Callable[[Any, int, int], dict[str, torch.Tensor]] | None = None
+    zero_negative: Callable[[Any], bool] = lambda pipe: False
 
 
 _FAMILIES: Registry[PipelineFamily] = Registry("pipeline family")
@@ -95,6 +104,52 @@ register_family(
 )
 
 
+def _sdxl_encode(pipe: Any, texts: list[str]) -> dict[str, torch.Tensor]:
+    embeds, _, pooled, _ = pipe.encode_prompt(texts, device=pipe.unet.device, do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeds, "added_cond_kwargs.text_embeds": pooled}
+
+
+def _sdxl_time_ids(pipe: Any, height: int, width: int) -> dict[str, torch.Tensor]:
+    # The pipeline's defaults: original and target size the image's, no crop.
+    encoder_2 = pipe.text_encoder_2
+    ids = pipe._get_add_time_ids(
+        (height, width),
+        (0, 0),
+        (height, width),
+        dtype=pipe.unet.dtype,
+        text_encoder_projection_dim=None if encoder_2 is None else encoder_2.config.projection_dim,
+    )
+    return {"added_cond_kwargs.time_ids": ids.to(pipe.unet.device)}
+
+
+def _sdxl_decode(pipe: Any, latents: torch.Tensor) -> list[Any]:
+    config = pipe.vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    images = pipe.vae.decode(latents, return_dict=False)[0]
+    if getattr(pipe, "watermark", None) is not None:
+        images = pipe.watermark.apply_watermark(images)
+    return pipe.image_processor.postprocess(images, output_type="pil")
+
+
+register_family(
+    "StableDiffusionXLPipeline",
+    PipelineFamily(
+        denoiser="unet",
+        encode=_sdxl_encode,
+        decode=_sdxl_decode,
+        guidance=5.0,
+        size_inputs=_sdxl_time_ids,
+        zero_negative=lambda pipe: bool(pipe.config.force_zeros_for_empty_prompt),
+    ),
+)
+
+
 def pipeline_class_of(folder: Path) -> str | None:
     """Returns the pipeline class a folder's model_index.json names (None: not a pipeline folder)."""
     index = folder / "model_index.json"
@@ -111,7 +166,7 @@ def prompt_servable(folder: Path) -> tuple[bool, str]:
     if name not in _FAMILIES.names():
         return False, f"{name} is not served by prompt yet (served: {', '.join(served_families())})"
     index = json.loads((folder / "model_index.json").read_text())
-    missing = [c for c in ("tokenizer", "text_encoder", "vae") if (index.get(c) or [None])[0] is None]
+    missing = [c for c in ("tokenizer", "text_encoder", "vae") if (index.get(c) or [None])[-1] is None]
     if missing:
         return False, f"the pipeline in {folder} has no {', '.join(missing)}"
     return True, ""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -82,14 +81,32 @@ class PipelineService:
         )
         if start and not engine.alive:
             engine.start()
-        self._lock = threading.Lock()
+
+    def texts(self, request: ImageRequest) -> list[str]:
+        """Returns the texts the request needs encoded: its prompt, then (guided) its negative prompt.
+
+        A guided request without a negative prompt has the empty prompt's rows, or zeros where
+        the pipeline guides so (SDXL's ``force_zeros_for_empty_prompt``).
+        """
+        texts = [request.prompt]
+        if self.guidance(request) > 1 and not (
+            request.negative_prompt is None and self.model.family.zero_negative(self.model.pipe)
+        ):
+            texts.append(request.negative_prompt or "")
+        return texts
 
     def generation_request(self, request: ImageRequest, rows: list[dict[str, torch.Tensor]]) -> GenerationRequest:
-        """Returns the engine's request for ``request`` given its prompt's (and negative's) conditioning rows."""
+        """Returns the engine's request for ``request`` given the rows of its ``texts``."""
         height, width = request.size or self.model.image_size()
         n = request.n
-        cond = {k: v.repeat_interleave(n, dim=0) for k, v in rows[0].items()}  # num_images_per_prompt
-        negative = {k: v.repeat_interleave(n, dim=0) for k, v in rows[1].items()} if len(rows) > 1 else None
+        family = self.model.family
+        sized = family.size_inputs(self.model.pipe, height, width) if family.size_inputs else {}
+        cond = {**rows[0], **sized}
+        negative = None
+        if self.guidance(request) > 1:
+            texts = rows[1] if len(rows) > 1 else {k: torch.zeros_like(v) for k, v in rows[0].items()}
+            negative = {k: v.repeat_interleave(n, dim=0) for k, v in {**texts, **sized}.items()}
+        cond = {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}  # num_images_per_prompt
         return GenerationRequest(
             conditioning=cond,
             negative_conditioning=negative,
@@ -110,8 +127,7 @@ class PipelineService:
         """
         request = request or ImageRequest(prompt="warm-up", seed=0, steps=1)
         self.check(request)
-        texts = [request.prompt, request.negative_prompt or ""][: 2 if self.guidance(request) > 1 else 1]
-        self.engine.warmup(self.generation_request(request, self.model.encode(texts)))
+        self.engine.warmup(self.generation_request(request, self.model.encode(self.texts(request))))
 
     def guidance(self, request: ImageRequest) -> float:
         """Returns the request's guidance scale (the pipeline's default when it names none)."""
@@ -141,9 +157,7 @@ class PipelineService:
         """
         self.check(request)
         result: Future[ImageResult] = Future()
-        texts = [request.prompt]
-        if self.guidance(request) > 1:
-            texts.append(request.negative_prompt or "")
+        texts = self.texts(request)
 
         def encoded(future: Future[list[dict[str, torch.Tensor]]]) -> None:
             try:

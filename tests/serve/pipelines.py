@@ -10,10 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from tests.fixtures import tiny_sd
+from tests.fixtures import tiny_sd, tiny_sdxl
 
 CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
 # Stable Diffusion 1.5's scheduler config (its folder's scheduler/scheduler_config.json).
@@ -36,7 +43,8 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def tiny_text_encoder(width: int = 8, seed: int = 1) -> CLIPTextModel:
+def tiny_text_encoder(width: int = 8, seed: int = 1, projection_dim: int | None = None) -> CLIPTextModel:
+    """A 2-layer CLIP text model over ``tiny_tokenizer``; with ``projection_dim`` SDXL's second encoder."""
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=2 + 2 * len(CHARACTERS),
@@ -48,7 +56,10 @@ def tiny_text_encoder(width: int = 8, seed: int = 1) -> CLIPTextModel:
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
+        projection_dim=projection_dim or width,
     )
+    if projection_dim is not None:
+        return CLIPTextModelWithProjection(config).eval()
     return CLIPTextModel(config).eval()
 
 
@@ -88,3 +99,27 @@ def save_tiny_sd_pipeline(folder: Path, scheduler: str = "ddim", unet=None) -> P
     """Saves ``tiny_sd_pipeline`` with ``save_pretrained``; returns the folder."""
     tiny_sd_pipeline(scheduler, unet).save_pretrained(folder)
     return folder
+
+
+def tiny_sdxl_pipeline() -> StableDiffusionXLPipeline:
+    """A tiny SDXL-layout pipeline: two text encoders (widths 4 + 4 = the U-Net's cross-attention
+    width 8; pooled projection 8), size micro-conditioning, zeros for an empty negative prompt."""
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(width=4, seed=1),
+        text_encoder_2=tiny_text_encoder(width=4, seed=3, projection_dim=8),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
+        unet=tiny_sdxl(),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

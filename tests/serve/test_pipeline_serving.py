@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 import dcfx
@@ -21,7 +21,7 @@ from dcfx.serve.engine import Engine, EngineConfig
 from dcfx.serve.images import ImageRequest, parse_images_request, response_body
 from dcfx.serve.pipeline import PipelineServeModel, load_pipeline, load_served, prompt_servable
 from dcfx.serve.service import PipelineService
-from tests.serve.pipelines import save_tiny_sd_pipeline
+from tests.serve.pipelines import save_tiny_sd_pipeline, tiny_sdxl_pipeline
 
 CONFIG = dcfx.DeepCacheConfig(branch=0, interval=3)
 
@@ -34,7 +34,10 @@ def folder(request, tmp_path_factory):
 
 def offline(folder, config=CONFIG, **call) -> list[bytes]:
     """The pipeline itself, loaded from the folder, with dcfx enabled: PNG bytes of each image."""
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    if (folder / "text_encoder_2").is_dir():
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     dcfx.enable(pipe, config)
     seed = call.pop("seed")
@@ -157,6 +160,24 @@ def test_progress_per_step_and_bad_requests_refused_before_any_work(folder):
         again = service.submit(ImageRequest(prompt="a red fox", seed=3, steps=7)).result(timeout=120)
         assert again.pngs == result.pngs
         assert service.engine.runtime.graph_builds == built  # served without a capture
+    finally:
+        service.close()
+
+
+def test_sdxl_by_prompt_pooled_embeddings_size_ids_and_zero_negative(tmp_path):
+    folder = tmp_path / "sdxl"
+    tiny_sdxl_pipeline().save_pretrained(folder)
+    service = service_of(folder, max_batch=4, batch_sizes=(2, 4))
+    try:
+        assert service.texts(ImageRequest(prompt="a fox")) == ["a fox"]  # force_zeros_for_empty_prompt
+        for negative in (None, "blurry"):
+            request = ImageRequest(prompt="a red fox", negative_prompt=negative, seed=3, steps=8)
+            served = service.submit(request).result(timeout=120)
+            expected = offline(folder, prompt="a red fox", negative_prompt=negative, seed=3, num_inference_steps=8)
+            assert served.pngs == expected
+        wide = service.submit(ImageRequest(prompt="a red fox", size=(32, 48), seed=3, steps=4)).result(timeout=120)
+        reference = offline(folder, prompt="a red fox", height=32, width=48, seed=3, num_inference_steps=4)
+        assert _pixels(wide.pngs[0]).shape == (32, 48, 3) and wide.pngs == reference  # time ids of the size
     finally:
         service.close()
 
