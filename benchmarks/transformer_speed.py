@@ -22,12 +22,14 @@ schedule's full and cached steps, r from ``dcfx.branches`` on the pipeline's own
 measured/ideal, and the largest difference of the latents from cache-dit's at the same setting.
 
 Models: the tiny test configs (``sd3``, ``flux``, ``pixart``, ``dit``, ``sana``, ``wan``; from
-tests/transformers/tiny.py) and ``pixart-alpha``: PixArt-alpha's size (28 blocks, width 1152,
-120 T5 tokens of 4096) with random weights at 256x256 (32x32 latents).
+tests/transformers/tiny.py; Python overhead dominates their loops), ``pixart-medium`` (12 blocks,
+width 384: compute-bound on a CPU) and ``pixart-alpha``: PixArt-alpha's size (28 blocks, width
+1152), both with 120 T5 tokens of 4096 and random weights at 256x256 (32x32 latents).
 
 Usage:
     python benchmarks/transformer_speed.py --models sd3,flux,pixart,dit --steps 20 --repeats 5
-    python benchmarks/transformer_speed.py --models pixart-alpha --steps 10 --repeats 3    # tens of minutes
+    python benchmarks/transformer_speed.py --models pixart-medium --steps 20 --repeats 3
+    python benchmarks/transformer_speed.py --models pixart-alpha --steps 10 --repeats 3    # hours on 2 cores
 """
 
 from __future__ import annotations
@@ -55,23 +57,31 @@ BASELINE = {
 }
 
 
-def pixart_alpha() -> Any:
-    """PixArt-alpha's transformer size with random weights, in its pipeline (no text encoder, no VAE run)."""
+# Sized PixArt configs: (blocks, heads, head dim). PixArt-alpha's own: 28 blocks of width 1152
+# (tens of minutes per 10-step generation on 2 CPU cores); "medium": 12 blocks of width 384, where
+# the loop is compute-bound on a CPU (about 0.3 s per call) and a run takes minutes.
+PIXART_SIZES = {"pixart-alpha": (28, 16, 72), "pixart-medium": (12, 6, 64)}
+
+
+def pixart_sized(name: str) -> Any:
+    """A PixArt transformer of ``PIXART_SIZES[name]`` with random weights at 256x256, in its pipeline
+    (no text encoder, no VAE run)."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 
     from tests.transformers.tiny import Tiny, _vae
 
+    layers, heads, head_dim = PIXART_SIZES[name]
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
         sample_size=32,
-        num_layers=28,
+        num_layers=layers,
         patch_size=2,
-        attention_head_dim=72,
-        num_attention_heads=16,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         in_channels=4,
         out_channels=8,
-        cross_attention_dim=1152,
+        cross_attention_dim=heads * head_dim,
         caption_channels=4096,
         norm_type="ada_norm_single",
         num_embeds_ada_norm=1000,
@@ -91,12 +101,12 @@ def pixart_alpha() -> Any:
         "use_resolution_binning": False,
         "negative_prompt": None,
     }
-    return Tiny("pixart-alpha", pipe, call)
+    return Tiny(name, pipe, call)
 
 
 def build(model: str) -> Any:
-    if model == "pixart-alpha":
-        return pixart_alpha()
+    if model in PIXART_SIZES:
+        return pixart_sized(model)
     from tests.transformers.tiny import BUILDERS
 
     return BUILDERS[model]()
@@ -210,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": args.threads,
                 "latents": str(tmp / f"dcfx-bench-{model}-{variant}.pt"),
             }
+            Path(spec["latents"]).unlink(missing_ok=True)  # no stale latents of an earlier run compared
             print(f"{model} {variant} ...", file=sys.stderr, flush=True)
             results[variant] = run_variant(spec)
             if "error" in results[variant]:
