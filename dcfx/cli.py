@@ -246,21 +246,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from dcfx.serve.app import ServeApp, ServeOptions
     except ImportError as e:
         raise SystemExit(f"dcfx serve needs Ray Serve: pip install 'dcfx[serve]' ({e})") from None
-    options = ServeOptions(
-        model=args.model,
-        replicas=args.replicas,
-        max_batch=args.max_batch,
-        batch_sizes=_ints(args.batch_sizes) if args.batch_sizes else None,
-        max_wait=args.max_wait,
-        max_queue=args.max_queue,
-        **cut,
-        interval=args.interval,
-        forecast=args.forecast,
-        backend=args.backend,
-        threads=args.threads,
-        retries=args.retries,
-        request_timeout_s=args.request_timeout,
-    )
+    try:
+        options = ServeOptions(
+            model=args.model,
+            replicas=args.replicas,
+            max_batch=args.max_batch,
+            batch_sizes=_ints(args.batch_sizes) if args.batch_sizes else None,
+            max_wait=args.max_wait,
+            max_queue=args.max_queue,
+            **cut,
+            interval=_ints(args.interval),
+            forecast=tuple(args.forecast.split(",")),
+            backend=args.backend,
+            threads=args.threads,
+            retries=args.retries,
+            request_timeout_s=args.request_timeout,
+        )
+    except (ValueError, TypeError) as e:  # a bad --interval, --forecast or batching flag
+        raise SystemExit(f"dcfx serve: {e}") from None
     app = ServeApp(options, host=args.host, port=args.port, address=args.address)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -268,7 +271,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     where = f"the Ray cluster at {args.address}" if args.address else "a local Ray instance"
     print(f"dcfx serve: starting {args.model} x {args.replicas} on {where} ...", file=sys.stderr, flush=True)
     url = app.start()
-    print(f"dcfx serve: ready at {url} (POST /generate, GET /health, GET /stats); Ctrl-C stops", flush=True)
+    routes = "POST /v1/images/generations, POST /generate, GET /health, GET /stats"
+    print(f"dcfx serve: ready at {url} ({routes}); Ctrl-C stops", flush=True)
     stop.wait()
     print(f"dcfx serve: draining (up to {args.drain_timeout:g} s), then stopping ...", file=sys.stderr, flush=True)
     unfinished = app.stop(drain_timeout_s=args.drain_timeout)
@@ -280,7 +284,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """Adds the ``serve`` subcommand to the ``dcfx`` parser."""
     p = sub.add_parser("serve", help="serve a model over HTTP on Ray Serve, with DeepCache-aware step batching")
     p.add_argument(
-        "--model", default="digits", help="digits (bundled) or a model folder (a diffusers U-Net or transformer)"
+        "--model",
+        default="digits",
+        help="digits (bundled), a diffusers pipeline folder (served by prompt: POST /v1/images/generations, "
+        "for the pipelines dcfx serves by prompt) or a model folder (a U-Net or transformer: tensors in)",
     )
     p.add_argument("--replicas", type=int, default=1, help="engine replicas (Ray Serve deployment replicas)")
     p.add_argument("--max-batch", type=int, default=16, help="U-Net rows per call at most")
@@ -288,12 +295,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-wait", type=int, help="ticks a request may wait for phase alignment (default: always)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests per replica; more get a 503")
     add_cut_arguments(p)
-    p.add_argument("--interval", type=int, default=5)
+    p.add_argument(
+        "--interval",
+        default="5",
+        help='N of the 1:N schedule; several (3,5) let each request choose ("interval"), the first is the default',
+    )
     p.add_argument(
         "--forecast",
         default="none",
-        choices=available_forecasts(),
-        help="what shallow steps read: none (the paper's reuse) or linear (a forecast from the last two full steps)",
+        help=f"what shallow steps read: {', '.join(available_forecasts())} (none: the paper's reuse; linear: a "
+        "forecast from the last two full steps); several (none,linear) let each request choose, the first is the "
+        "default",
     )
     p.add_argument("--backend", default="eager", help="a registered backend: eager or inductor")
     p.add_argument("--threads", type=int, help="torch threads per replica (default: cores / replicas)")

@@ -68,3 +68,32 @@ def test_demo_on_the_bundled_model_reports_speed_and_quality(capsys, tmp_path):
 def test_demo_rejects_a_bad_branch(tmp_path):
     with pytest.raises(ValueError, match=r"valid: 0\.\.8"):
         main(["demo", "--branch", "9", "--steps", "2", "--per-class", "1", "--out", str(tmp_path / "x.png")])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--forecast", "none,bogus"], "dcfx serve: unknown forecast 'bogus'; registered: linear, none"),
+        (["--interval", "3,0"], "dcfx serve: interval must be an int >= 1, got 0"),
+    ],
+)
+def test_serve_refuses_bad_settings_before_starting_anything(flags, message):
+    pytest.importorskip("ray.serve", reason="the serve extra")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main(["serve", *flags])
+
+
+def test_serve_options_offer_every_interval_forecast_pair_on_a_forecasting_runtime():
+    pytest.importorskip("ray.serve", reason="the serve extra")
+    from dcfx.serve.options import ServeOptions
+
+    options = ServeOptions(interval=(3, 5), forecast=("none", "linear"))
+    assert [(c.interval, c.forecast) for c in options.choices()] == [
+        (3, "none"),
+        (3, "linear"),
+        (5, "none"),
+        (5, "linear"),
+    ]
+    # The runtime is built with the first forecasting setting: its graphs include the forecast graph.
+    assert (options.deepcache_config().interval, options.deepcache_config().forecast) == (3, "linear")
+    assert ServeOptions(interval=5).deepcache_config().forecast == "none"

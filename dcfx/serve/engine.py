@@ -55,7 +55,6 @@ from typing import Any
 import torch
 
 from dcfx.config import DeepCacheConfig
-from dcfx.planner import GenerationPlan, Planner
 from dcfx.runtime import DeepCacheUNet
 from dcfx.serve.calls import CallBuilder, call_inputs
 from dcfx.serve.cohorts import Cohort, Generation, cohort_key
@@ -63,6 +62,7 @@ from dcfx.serve.config import EngineConfig
 from dcfx.serve.models import ServeModel
 from dcfx.serve.request import EngineStopped, GenerationRequest, GenerationResult, QueueFull
 from dcfx.serve.rows import release
+from dcfx.serve.settings import Settings
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -115,22 +115,7 @@ class Engine:
             raise ValueError("runtime must wrap model.unet: dcfx.compile(model.unet, ...)")
         self.model = model
         self.config = config or EngineConfig()
-        own = runtime.deepcache_config
-        self._planners: dict[tuple[int, str], Planner] = {}
-        for choice in choices:
-            if not isinstance(choice, DeepCacheConfig):
-                raise TypeError(f"choices must be DeepCacheConfigs, got {type(choice).__name__}")
-            if choice.cut != own.cut:
-                raise ValueError(
-                    f"a choice must cut where the runtime does ({own.cut}), got {choice.cut}: "
-                    "only interval and forecast may differ"
-                )
-            if choice.forecast_spec.forecasts and not own.forecast_spec.forecasts:
-                raise ValueError(
-                    f"the choice forecast={choice.forecast!r} needs the forecast graph: compile the runtime with a "
-                    "forecasting config (any choice that forecasts)"
-                )
-            self._planners[(choice.interval, choice.forecast)] = Planner(choice)
+        self.settings = Settings(runtime, choices)
         self._pending: collections.deque[Generation] = collections.deque()
         self._cohorts: dict[tuple[Any, ...], Cohort] = {}
         self._ids = itertools.count()
@@ -176,7 +161,7 @@ class Engine:
             raise ValueError(
                 f"the request needs {prepared.rows} U-Net rows per step, more than max_batch {self.config.max_batch}"
             )
-        setting, plan = self._plan(request)
+        setting, plan = self.settings.start(request.interval, request.forecast, request.steps)
         key = (*cohort_key(request, prepared), setting)
         future: Future[GenerationResult] = Future()
         scheduler = self.model.scheduler(request.scheduler)
@@ -200,31 +185,11 @@ class Engine:
 
     def choices(self) -> list[tuple[int, str]]:
         """Returns the (interval, forecast) settings requests may ask for, the default first."""
-        own = self.runtime.deepcache_config
-        return list(dict.fromkeys([*self._planners, (own.interval, own.forecast)]))
+        return self.settings.choices()
 
     def setting(self, interval: int | None = None, forecast: str | None = None) -> tuple[int, str]:
-        """Returns the (interval, forecast) a request asking for these runs (None: the default's).
-
-        Raises:
-            ValueError: the engine does not offer that setting, naming those it offers.
-        """
-        default = self.choices()[0]
-        setting = (default[0] if interval is None else interval, default[1] if forecast is None else forecast)
-        if setting not in self.choices():
-            offered = ", ".join(f"interval {i} forecast {f!r}" for i, f in self.choices())
-            raise ValueError(
-                f"this server does not offer interval {setting[0]} with forecast {setting[1]!r}; it offers: {offered}"
-            )
-        return setting
-
-    def _plan(self, request: GenerationRequest) -> tuple[tuple[int, str], GenerationPlan]:
-        """Returns the request's (interval, forecast) setting and its new plan."""
-        setting = self.setting(request.interval, request.forecast)
-        own = self.runtime.deepcache_config
-        if setting == (own.interval, own.forecast):  # the runtime's planner: its schedule and forecast now
-            return setting, self.runtime.planner.start(request.steps)
-        return setting, self._planners[setting].start(request.steps)
+        """Returns the setting a request asking for these runs (ValueError: not offered, naming those that are)."""
+        return self.settings.resolve(interval, forecast)
 
     def run(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
         """Returns the results of ``requests``, submitted together and run to completion here."""

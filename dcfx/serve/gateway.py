@@ -64,15 +64,9 @@ class Gateway:
         )
 
     async def _generate(self, request: Request) -> Response:
-        if self.draining:
-            return _error(503, "the server is shutting down and takes no new requests")
-        self.counts["requests"] += 1
-        try:
-            payload = json.loads(await request.body())
-            parse_request(payload)  # a bad body is answered here, without a replica
-        except (ValueError, TypeError) as e:
-            self.counts["bad_request"] += 1
-            return _error(400, f"bad request: {e}")
+        payload = await self._accept(request, parse_request, _error)
+        if isinstance(payload, Response):
+            return payload
         self.ongoing += 1
         try:
             return await self._forward(lambda: self.generator.generate.remote(payload), _generated, _error)
@@ -81,15 +75,9 @@ class Gateway:
 
     async def _images(self, request: Request) -> Response:
         """``POST /v1/images/generations``: the images API (``dcfx.serve.images``), errors in its shape."""
-        if self.draining:
-            return _images_error(503, "the server is shutting down and takes no new requests")
-        self.counts["requests"] += 1
-        try:
-            payload = json.loads(await request.body())
-            parse_images_request(payload)  # a bad body is answered here, without a replica
-        except (ValueError, TypeError) as e:
-            self.counts["bad_request"] += 1
-            return _images_error(400, f"bad request: {e}")
+        payload = await self._accept(request, parse_images_request, _images_error)
+        if isinstance(payload, Response):
+            return payload
         self.ongoing += 1
         try:
             if payload.get("stream"):
@@ -97,6 +85,21 @@ class Gateway:
             return await self._forward(lambda: self.generator.images.remote(payload), _images_answer, _images_error)
         finally:
             self.ongoing -= 1
+
+    async def _accept(
+        self, request: Request, parse: Callable[[Any], Any], error: Callable[[int, str], Response]
+    ) -> dict[str, Any] | Response:
+        """Returns the request's JSON body, or the answer when draining or the body is bad (no replica asked)."""
+        if self.draining:
+            return error(503, "the server is shutting down and takes no new requests")
+        self.counts["requests"] += 1
+        try:
+            payload = json.loads(await request.body())
+            parse(payload)
+        except (ValueError, TypeError) as e:
+            self.counts["bad_request"] += 1
+            return error(400, f"bad request: {e}")
+        return payload
 
     async def _stream(self, payload: dict[str, Any]) -> Response:
         """Answers server-sent events; errors before the first event get a status code, later ones an event."""

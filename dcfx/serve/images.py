@@ -41,6 +41,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from dcfx.serve.request import check_sampling
 from dcfx.util import check_int
 
 ROUTE = "/v1/images/generations"
@@ -117,12 +118,7 @@ class ImageRequest:
                 raise ValueError(
                     f"guidance must be a number >= 1 (1: no classifier-free guidance), got {self.guidance!r}"
                 )
-        if not isinstance(self.scheduler, str):
-            raise TypeError(f"scheduler must be a scheduler kind (a name), got {self.scheduler!r}")
-        if self.interval is not None:
-            check_int("interval", self.interval, 1)
-        if self.forecast is not None and not isinstance(self.forecast, str):
-            raise TypeError(f"forecast must be a forecast's name, got {self.forecast!r}")
+        check_sampling(self.scheduler, self.interval, self.forecast)
         if not isinstance(self.stream, bool):
             raise TypeError(f"stream must be true or false, got {self.stream!r}")
 

@@ -19,6 +19,16 @@ class EngineStopped(RuntimeError):
     """The engine stopped before the request finished, or refuses new requests while it stops."""
 
 
+def check_sampling(scheduler: object, interval: object, forecast: object) -> None:
+    """Raises TypeError/ValueError for a request's bad scheduler kind, interval or forecast name."""
+    if not isinstance(scheduler, str):
+        raise TypeError(f"scheduler must be a scheduler kind (a name), got {scheduler!r}")
+    if interval is not None:
+        check_int("interval", interval, 1)
+    if forecast is not None and not isinstance(forecast, str):
+        raise TypeError(f"forecast must be a forecast's name, got {forecast!r}")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class GenerationRequest:
     """One generation: what it is conditioned on, its noise seed and its sampling settings.
@@ -91,12 +101,7 @@ class GenerationRequest:
             for side in size:
                 check_int("size", side, 1)
             object.__setattr__(self, "size", size)
-        if not isinstance(self.scheduler, str):
-            raise TypeError(f"scheduler must be a scheduler kind (a name), got {self.scheduler!r}")
-        if self.interval is not None:
-            check_int("interval", self.interval, 1)
-        if self.forecast is not None and not isinstance(self.forecast, str):
-            raise TypeError(f"forecast must be a forecast's name, got {self.forecast!r}")
+        check_sampling(self.scheduler, self.interval, self.forecast)
 
     @property
     def guided(self) -> bool:
