@@ -31,10 +31,8 @@ MODEL_HELP = (
 
 def load_unet(model: str) -> nn.Module:
     """Returns the denoiser of ``--model`` (a U-Net, or a pipeline folder's transformer); a bad name exits."""
-    from dcfx.tune.workload import load_denoiser
-
     try:
-        return load_denoiser(model)
+        return zoo.load_unet(model)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"dcfx: --model: {e}") from e
 

@@ -75,9 +75,9 @@ def export(
             square latents) is refused a range of them by name.
         dtype: The graphs' dtype (default: the model's); a copy of the model is cast.
         example: Keyword arguments of one model call at sizes inside the ranges, for inputs the
-            built-in example lacks (ControlNet residuals; PixArt's ``encoder_attention_mask``)
-            or sizes it guesses; default: a typical call. It is resized (new values) where
-            dynamic dimensions meet at one size or at the model's own size (``trace_sizes``).
+            built-in example lacks (ControlNet residuals) or sizes it guesses; default: a typical
+            call. It is resized (new values) where dynamic dimensions meet at one size or at the
+            model's own size (``trace_sizes``).
         overwrite: Replace an existing ``out_dir`` (once the new export is complete).
         progress: Show a progress bar on stderr.
         **kwargs: DeepCacheConfig fields, then format options (onnx: ``opset``; tensorrt:

@@ -4,8 +4,9 @@
 block structure at a width that runs in seconds on a CPU, both with seeded random weights (no
 download); ``digits`` is the trained U-Net that ships with dcfx (``dcfx.digits``) and
 ``digits-dit`` the trained diffusion transformer beside it (``dcfx.digits_dit``). ``load_unet``
-takes any of these names or a local diffusers folder: every ``dcfx`` command and ``dcfx.tune``
-load their ``--model`` through it.
+takes any of these names or a local diffusers folder (a U-Net's or a transformer's, or a
+pipeline's holding one): every ``dcfx`` command and ``dcfx.tune`` load their ``--model``
+through it.
 """
 
 from __future__ import annotations
@@ -89,10 +90,17 @@ def typical_shapes(model: str | os.PathLike[str]) -> dict[str, Any]:
     return {}
 
 
-def unet_folder(model: str | os.PathLike[str]) -> Path:
-    """Returns the folder holding a diffusers U-Net's config.json: ``model``/unet when it exists, else ``model``."""
-    sub = Path(model) / "unet"
-    return sub if sub.is_dir() else Path(model)
+# A pipeline folder's subfolders that hold its denoiser, in the order they are looked for.
+DENOISER_FOLDERS = ("unet", "transformer")
+
+
+def denoiser_folder(model: str | os.PathLike[str]) -> Path:
+    """Returns the folder of a denoiser's config.json: a pipeline's ``unet/`` or ``transformer/``, else ``model``."""
+    for name in DENOISER_FOLDERS:
+        sub = Path(model) / name
+        if sub.is_dir():
+            return sub
+    return Path(model)
 
 
 def check_model(model: str | os.PathLike[str]) -> None:
@@ -111,8 +119,9 @@ def load_unet(model: str | os.PathLike[str]) -> nn.Module:
         model: ``"digits"`` (the bundled trained U-Net), ``"digits-dit"`` (the bundled trained
             transformer, a ``DiTTransformer2DModel``), a built-in config (``"sd15"``,
             ``"small-sd"``; random weights), or a local diffusers folder: a pipeline folder
-            with a ``unet/`` subfolder, or the U-Net's own folder. Its ``config.json`` names the
-            class (``UNet2DConditionModel``, ``UNet2DModel``, ...).
+            with a ``unet/`` or a ``transformer/`` subfolder, or the model's own folder. Its
+            ``config.json`` names the class (``UNet2DConditionModel``, ``UNet2DModel``,
+            ``SD3Transformer2DModel``, ...).
 
     Example:
         >>> load_unet("digits").config.sample_size
@@ -137,7 +146,7 @@ def load_unet(model: str | os.PathLike[str]) -> nn.Module:
         return build_unet(name)
     import diffusers
 
-    folder = unet_folder(name)
+    folder = denoiser_folder(name)
     try:
         with open(folder / "config.json", encoding="utf-8") as f:
             class_name = json.load(f).get("_class_name", "")

@@ -13,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from dcfx.digits import load_model
 from dcfx.zoo import check_model, load_unet
 from tests.fixtures import tiny_unet
+from tests.transformers.tiny import BUILDERS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +31,17 @@ def test_a_built_in_config_and_a_folder(tmp_path):
     tiny_unet(layers_per_block=1).save_pretrained(tmp_path / "pipe" / "unet")
     for folder in (tmp_path / "pipe", tmp_path / "pipe" / "unet"):  # a pipeline folder or the U-Net's own
         assert load_unet(folder).config.layers_per_block == 1
+
+
+def test_a_transformer_pipeline_folder(tmp_path):
+    tiny = BUILDERS["dit"]()
+    tiny.pipe.save_pretrained(tmp_path / "pipe")  # transformer/, vae/, scheduler/ and model_index.json
+    want = tiny.transformer.state_dict()
+    for folder in (tmp_path / "pipe", tmp_path / "pipe" / "transformer"):  # a pipeline folder or the model's own
+        model = load_unet(folder)
+        assert type(model).__name__ == "DiTTransformer2DModel" and not model.training
+        assert model.state_dict().keys() == want.keys()
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
 
 
 def test_bad_models_raise_value_errors_naming_the_choices(tmp_path):

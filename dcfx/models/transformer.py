@@ -197,7 +197,13 @@ class TransformerSpec(ModelSpec):
     def example_call(
         self, model: nn.Module, sample_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> dict[str, Any]:
-        """Returns keyword arguments of a typical call with a sample of ``sample_shape``."""
+        """Returns keyword arguments of a typical call with a sample of ``sample_shape``.
+
+        The inputs are those the model's pipeline passes: 8 prompt tokens (with their mask, all
+        ones, where the model takes one: PixArt, Sana, as their tokenizers give it), and for a
+        model with embedded guidance (Flux-dev) the guidance scale per row in float32, as
+        ``FluxPipeline`` passes it.
+        """
         cfg = model.config
         batch = sample_shape[0]
         params = _signature(type(model)).parameters
@@ -215,6 +221,10 @@ class TransformerSpec(ModelSpec):
         if "img_ids" in params:  # Flux: positions of the image and text tokens
             call["img_ids"] = torch.zeros(sample_shape[1], 3, dtype=dtype, device=device)
             call["txt_ids"] = torch.zeros(8, 3, dtype=dtype, device=device)
+        if "encoder_attention_mask" in params and "encoder_hidden_states" in call:  # PixArt, Sana: the prompt's mask
+            call["encoder_attention_mask"] = torch.ones(batch, 8, dtype=torch.long, device=device)
+        if "guidance" in params and getattr(cfg, "guidance_embeds", False):  # Flux-dev, Sana-Sprint: embedded guidance
+            call["guidance"] = torch.full((batch,), 3.5, device=device)
         if "added_cond_kwargs" in params:
             call["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
         return call

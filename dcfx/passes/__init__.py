@@ -74,7 +74,7 @@ def partition(captured: fx.GraphModule, ctx: PassContext, passes: tuple[Pass, ..
         shallow=shallow,
         feature_shape=tuple(feature.shape),
         feature_dtype=feature.dtype,
-        kept_layers=kept_layers(shallow, ctx.module_prefix, ctx.spec.layer_depth),
+        kept_layers=kept_layers(shallow, ctx.model, ctx.module_prefix, ctx.spec.layer_depth),
         forecast=graphs.get("forecast"),
     )
 

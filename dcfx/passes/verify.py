@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import fx
+from torch import fx, nn
 
 from dcfx.models import BlockRange
 from dcfx.passes.context import Graphs, PassContext
@@ -14,12 +14,16 @@ def deep_modules(ctx: PassContext) -> list[str]:
     return ctx.layer.deep_paths()
 
 
-def kept_layers(gm: fx.GraphModule, prefix: str, depth: int = 4) -> list[str]:
-    """Returns the layers a graph runs, in execution order: ``conv_in``, ``down_blocks.0.resnets.1``...
+def kept_layers(gm: fx.GraphModule, model: nn.Module, prefix: str, depth: int = 4) -> list[str]:
+    """Returns the layers of ``model`` a graph runs, in execution order: ``conv_in``, ``down_blocks.0.resnets.1``...
 
     ``depth`` is how many parts of a path under a ``*_blocks`` list name a layer
     (``ModelSpec.layer_depth``: 4 for ``up_blocks.1.resnets.0``, 2 for ``output_blocks.5``).
+    Only paths of ``model``'s submodules count: nodes torch.export adds after tracing (the
+    shape checks of a capture over ranges) may carry a stand-in module stack, such as
+    ``_empty_nn_module_stack_from_metadata_hook`` (torch 2.13), that names no module.
     """
+    modules = {name for name, _ in model.named_modules()}
     layers: dict[str, None] = {}
     for node in gm.graph.nodes:
         path = module_path(node, prefix)
@@ -30,9 +34,9 @@ def kept_layers(gm: fx.GraphModule, prefix: str, depth: int = 4) -> list[str]:
             layer = ".".join(parts[:depth])
             # Glue of a block (its cat, its upsample size) is no layer, nor a submodule of a layer
             # called from outside it (DiT's head calls block 0's embedding).
-            if len(parts) >= depth and ran_in(node, layer, prefix):
+            if len(parts) >= depth and ran_in(node, layer, prefix) and layer in modules:
                 layers.setdefault(layer)
-        else:
+        elif parts[0] in modules:
             layers.setdefault(parts[0])
     return list(layers)
 

@@ -115,7 +115,7 @@ class FolderWorkload(Workload):
 
     def __init__(self, model: str, scheduler: str, denoiser: nn.Module | None = None) -> None:
         self.name = model
-        self.unet = load_denoiser(model) if denoiser is None else denoiser
+        self.unet = load_unet(model) if denoiser is None else denoiser
         self._scheduler_cls = scheduler_class(scheduler)
         self._scheduler_name = scheduler
         folder = Path(model) / "scheduler"
@@ -150,10 +150,11 @@ class TransformerWorkload(FolderWorkload):
     """A diffusion transformer from a diffusers folder, sampled as its pipelines sample it.
 
     Each calibration seed draws its own conditioning (``TransformerSpec.example_call`` under
-    that seed: 8 prompt tokens of the model's text width, pooled projections) and, for a
-    class-conditional model (DiT), class ``seed % classes``. Token positions (Flux's ``img_ids``,
-    ``txt_ids``) and constant arguments are shared by the batch. A folder's ``scheduler/``
-    configures the scheduler; flow-matching models (SD3, Flux) want ``scheduler="flow"``.
+    that seed, what the model's pipeline passes: 8 prompt tokens of the model's text width,
+    their mask, pooled projections, an embedded guidance scale) and, for a class-conditional
+    model (DiT), class ``seed % classes``. Token positions (Flux's ``img_ids``, ``txt_ids``)
+    and constant arguments are shared by the batch. A folder's ``scheduler/`` configures the
+    scheduler; flow-matching models (SD3, Flux) want ``scheduler="flow"``.
     """
 
     def inputs(self, seeds: Sequence[int], size: int) -> Batch:  # noqa: D102
@@ -182,18 +183,6 @@ class TransformerWorkload(FolderWorkload):
         return generate_transformer(model, spec_for(self.unet), scheduler, noise, cond, steps)
 
 
-def load_denoiser(model: str | Path) -> nn.Module:
-    """Returns the denoiser ``model`` names (``dcfx.zoo.load_unet``); a pipeline folder's ``transformer/`` too.
-
-    Raises:
-        ValueError, TypeError: as ``dcfx.zoo.load_unet``.
-    """
-    folder = Path(model)
-    if not (folder / "unet").is_dir() and (folder / "transformer" / "config.json").is_file():
-        return load_unet(folder / "transformer")
-    return load_unet(model)
-
-
 def load_workload(model: str, scheduler: str = "ddim") -> Workload:
     """Returns the workload of ``model``: "digits" (bundled), a built-in config name, or a diffusers folder.
 
@@ -206,7 +195,7 @@ def load_workload(model: str, scheduler: str = "ddim") -> Workload:
     """
     if model == BUNDLED:
         return DigitsWorkload(scheduler)
-    denoiser = load_denoiser(model)
+    denoiser = load_unet(model)
     if isinstance(spec_for(denoiser), TransformerSpec):
         return TransformerWorkload(model, scheduler, denoiser)
     return FolderWorkload(model, scheduler, denoiser)

@@ -6,7 +6,7 @@ import torch
 from dcfx.passes import FEATURE_INPUT, partition
 from dcfx.passes.cuts import in_module, module_path
 from dcfx.passes.locate import find_cache_feature
-from dcfx.passes.verify import deep_modules
+from dcfx.passes.verify import deep_modules, kept_layers
 from tests.passes.micro import micro_context
 
 
@@ -55,6 +55,19 @@ def test_shallow_graph_of_branch_0_keeps_only_the_shallow_layers():
     for node in pair.shallow.graph.nodes:
         for path in deep_modules(ctx):
             assert not in_module(node, path, ctx.module_prefix), node
+
+
+def test_kept_layers_are_the_models_modules_only():
+    # torch.export's shape checks over ranges (inserted after tracing) carry this stand-in
+    # module stack (torch 2.13): it names no module, so no layer.
+    model, ctx, _, gm = micro_context(0)
+    shallow = partition(gm, ctx).shallow
+    stand_in = "_empty_nn_module_stack_from_metadata_hook"
+    placeholder = next(iter(shallow.graph.find_nodes(op="placeholder")))
+    with shallow.graph.inserting_after(placeholder):
+        check = shallow.graph.call_function(torch.ops.aten.sym_size.int, (placeholder, 0))
+    check.meta["nn_module_stack"] = {stand_in: (stand_in, stand_in)}
+    assert kept_layers(shallow, model, ctx.module_prefix) == ["time", "conv_in", "up_blocks.1.resnets.1", "conv_out"]
 
 
 def test_full_graph_returns_sample_and_feature():

@@ -9,6 +9,7 @@ latents: fp32, eager, within 1e-5 of the output's scale.
 
 As a user would: on one pipeline, cache-dit first (enabled, generations, disabled: it leaves
 a patched forward behind on Flux), then dcfx on the same objects, generations back to back.
+The fast tier checks one cut on every model; the other cuts and schedules are in the slow tier.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
 cache_dit = pytest.importorskip("cache_dit")
 
 STEPS = 8
-# (first, last, dcfx schedule fields): uniform 1:3, uniform 1:2, and a non-uniform mask.
+# (first, last, dcfx schedule fields): uniform 1:3, uniform 1:2, and a non-uniform mask. The
+# first runs in the fast tier on every model, the others in the slow tier.
 CASES = (
-    (1, 1, {"interval": 3}),
-    (2, 0, {"interval": 2}),
-    (1, 2, {"schedule": "explicit", "full_steps": (0, 1, 4, 6)}),
+    pytest.param(1, 1, {"interval": 3}, id="F1B1-uniform"),
+    pytest.param(2, 0, {"interval": 2}, id="F2B0-uniform", marks=pytest.mark.slow),
+    pytest.param(
+        1, 2, {"schedule": "explicit", "full_steps": (0, 1, 4, 6)}, id="F1B2-explicit", marks=pytest.mark.slow
+    ),
 )
 
 
@@ -65,40 +69,37 @@ def test_schedules_become_the_masks_cache_dit_takes():
     assert mask_of({"schedule": "explicit", "full_steps": (0, 1, 4, 6)}) == [1, 1, 0, 0, 1, 0, 1, 0]
 
 
-def test_equals_cache_dit_after_cache_dit_was_on_the_same_pipeline(tiny):
+@pytest.mark.parametrize(("first", "last", "fields"), CASES)
+def test_equals_cache_dit_after_cache_dit_was_on_the_same_pipeline(tiny, first, last, fields):
     seeds = (0, 5)
-    expected = {}
-    for first, last, fields in CASES:
-        expected[(first, last)] = cache_dit_latents(tiny, first, last, mask_of(fields), seeds)
+    expected = cache_dit_latents(tiny, first, last, mask_of(fields), seeds)
     plain = tiny.generate(STEPS, seed=0)
-    for first, last, fields in CASES:
-        dcfx.enable(tiny.pipe, first=first, last=last, **fields)
-        try:
-            for _ in range(2):  # generations back to back, twice over
-                for seed, want in zip(seeds, expected[(first, last)], strict=True):
-                    got = tiny.generate(STEPS, seed=seed)
-                    assert close(got, want) <= 1e-5, (tiny.name, first, last, fields, seed)
-            full = sum(mask_of(fields))
-            calls = 4 * tiny.calls_per_step  # 4 generations
-            assert tiny.pipe.transformer.stats == {"full": calls * full, "shallow": calls * (STEPS - full)}
-        finally:
-            dcfx.disable(tiny.pipe)
-        # Caching changed the result (the comparison above is not of two plain runs).
-        assert close(expected[(first, last)][0], plain) > 1e-4
-
-
-def test_equals_cache_dit_without_guidance(tiny):
-    if tiny.name == "flux":
-        pytest.skip("Flux is guidance-distilled: its guidance is an input, never a second batch")
-    call = dict(tiny.call, guidance_scale=1.0)
-    saved, tiny.call = tiny.call, call
+    dcfx.enable(tiny.pipe, first=first, last=last, **fields)
     try:
-        (want,) = cache_dit_latents(tiny, 1, 1, mask_of({"interval": 3}), (2,))
-        dcfx.enable(tiny.pipe, first=1, last=1, interval=3)
-        try:
-            got = tiny.generate(STEPS, seed=2)
-        finally:
-            dcfx.disable(tiny.pipe)
+        for _ in range(2):  # generations back to back, twice over
+            for seed, want in zip(seeds, expected, strict=True):
+                got = tiny.generate(STEPS, seed=seed)
+                assert close(got, want) <= 1e-5, (tiny.name, first, last, fields, seed)
+        full = sum(mask_of(fields))
+        calls = 4 * tiny.calls_per_step  # 4 generations
+        assert tiny.pipe.transformer.stats == {"full": calls * full, "shallow": calls * (STEPS - full)}
     finally:
-        tiny.call = saved
+        dcfx.disable(tiny.pipe)
+    # Caching changed the result (the comparison above is not of two plain runs).
+    assert close(expected[0], plain) > 1e-4
+
+
+@pytest.mark.slow  # guidance on, the pipelines' default, is checked fast above
+@pytest.mark.parametrize("name", [name for name in MODELS if name != "flux"])
+def test_equals_cache_dit_without_guidance(name):
+    # Flux is guidance-distilled: its guidance is an input, never a second batch.
+    tiny = BUILDERS[name]()
+    tiny.pipe.set_progress_bar_config(disable=True)
+    tiny.call = dict(tiny.call, guidance_scale=1.0)
+    (want,) = cache_dit_latents(tiny, 1, 1, mask_of({"interval": 3}), (2,))
+    dcfx.enable(tiny.pipe, first=1, last=1, interval=3)
+    try:
+        got = tiny.generate(STEPS, seed=2)
+    finally:
+        dcfx.disable(tiny.pipe)
     assert close(got, want) <= 1e-5

@@ -40,6 +40,7 @@ def test_branches_finds_a_pipeline_folders_transformer(tmp_path, capsys):
     assert "single_transformer_blocks.1 (4)" in out[1]  # Flux: double-stream, then single-stream blocks
 
 
+@pytest.mark.slow  # a sweep, as tests/tune/test_tune_transformer.py's fast one; the flags' refusals stay fast
 def test_tune_searches_first_and_last(sd3_folder, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(
@@ -78,6 +79,7 @@ def test_tune_refuses_first_and_last_on_a_unet(tmp_path, capsys):
     assert code == 2 and "this model is a U-Net, cut at a skip branch" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an ONNX export (20 s): exports are in the slow tier (test_export.py)
 def test_export_takes_first_and_last(sd3_folder, tmp_path, capsys):
     out = tmp_path / "export"
     args = ["export", str(out), "--model", str(sd3_folder), "--first", "1", "--last", "1", "--interval", "2"]

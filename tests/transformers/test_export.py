@@ -1,8 +1,8 @@
-"""Transformer deployment: exports of SD3, Flux, PixArt and DiT loaded by dcfx.load, and ranges of sizes.
+"""Transformer deployment: exports of SD3, Flux, PixArt, DiT and Sana loaded by dcfx.load, and ranges of sizes.
 
 An export cut at a block range (first=/last=) loads into the same runtime as dcfx.enable's and
 gives the same latents in the model's own pipeline; one graph pair serves two resolutions and
-two prompt lengths; what cannot be served is refused by name. Every export takes 20-60 s (the
+two prompt lengths; what cannot be served (Wan's video) is refused by name. Every export takes 20-60 s (the
 ONNX exporter, or Inductor), so those tests are in the slow tier; ranges in process, the
 stored spec and the refusals are fast.
 """
@@ -10,7 +10,6 @@ stored spec and the refusals are fast.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 
 import pytest
@@ -27,7 +26,7 @@ from dcfx.models import StoredSpec, spec_for
 from tests.fixtures import tiny_unet
 from tests.transformers.tiny import BUILDERS, Tiny
 
-IMAGE_MODELS = ("sd3", "flux", "pixart", "dit")
+IMAGE_MODELS = ("sd3", "flux", "pixart", "dit", "sana")
 CUT = {"first": 1, "last": 1, "interval": 2}
 STEPS = 6
 RTOL = 1e-4  # relative to the latents' scale (random-weight PixArt's reach the hundreds)
@@ -38,6 +37,7 @@ SHAPES = {
     "flux": {"batch": (1, 2), "height": (8, 24), "width": (8, 24), "tokens": (3, 7, 21)},
     "pixart": {"batch": (1, 2, 4), "height": (8, 24), "width": (8, 24), "tokens": (3, 7, 21)},
     "dit": {"batch": (2, 4, 8), "height": 8, "width": 8},
+    "sana": {"batch": (1, 2, 4), "height": (4, 12), "width": (4, 12), "tokens": (3, 6, 21)},  # 4x4 latents
 }
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -50,17 +50,7 @@ def tiny(name: str) -> Tiny:
 
 def recorded_call(t: Tiny) -> dict:
     """The first transformer call of a plain two-step generation, as the pipeline makes it."""
-    seen: dict = {}
-
-    def hook(module, args, kwargs):
-        seen.setdefault("call", dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments))
-
-    handle = t.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        t.generate(2)
-    finally:
-        handle.remove()
-    return {k: v for k, v in seen["call"].items() if k != "return_dict" and v is not None}
+    return t.recorded_call()
 
 
 def prompt(t: Tiny, tokens: int, seed: int = 1) -> dict:
@@ -184,7 +174,9 @@ def test_tensorrt_plan_of_a_transformer_export(exports):
 # ---------------------------------------------------------------- ranges in process (fast)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "pixart"])
+@pytest.mark.parametrize(
+    "name", ["sd3", pytest.param("flux", marks=pytest.mark.slow), pytest.param("pixart", marks=pytest.mark.slow)]
+)
 def test_one_ranged_pair_serves_two_resolutions_and_two_prompt_lengths(name):
     ranged, static = tiny(name), tiny(name)
     dcfx.enable(ranged.pipe, **CUT, dynamic=SHAPES[name])
@@ -212,10 +204,8 @@ def test_dit_takes_a_range_of_batches_not_of_sides():
         generate(sides, sides.call, steps=2)
 
 
-def test_a_size_the_model_special_cases_is_refused_by_name():
-    # PixArt reuses its stored position embedding at its configured size (8 latent pixels):
-    # traced there, torch.export fixes the height without complaint. (trace_call keeps traces
-    # off that size; here the capture is made there on purpose.)
+def pixart_at_its_size() -> tuple:
+    """PixArt's model, flat input names, a call at its configured height (8) and ranges around it."""
     t = tiny("pixart")
     model = t.transformer
     (names, tensors), _ = spec_for(model).flatten(model, (), recorded_call(t))
@@ -226,12 +216,31 @@ def test_a_size_the_model_special_cases_is_refused_by_name():
         "tokens": DimRange("tokens", 7, 7, 7),
     }
     at = resize_call(model, names, tensors, {"batch": 2, "height": 8, "width": 18, "tokens": 7})
+    return model, names, at, dims
+
+
+def test_a_size_the_model_special_cases_is_refused_by_name():
+    # PixArt reuses its stored position embedding at its configured size (8 latent pixels):
+    # traced there, torch.export fixes the height without complaint. (trace_call keeps traces
+    # off that size; here the capture is made there on purpose.)
+    model, names, at, dims = pixart_at_its_size()
     fixed = r"torch\.export fixed the height of PixArtTransformer2DModel's hidden_states at 8"
     with pytest.raises(ValueError, match=fixed):
         build_ranged_pair(model, (1, 1), names, at, dims)
     traced = trace_call(model, names, at, dims)
-    assert traced[0].shape[2:] == (10, 12)  # off the configured size and apart: the pair serves the range
-    build_ranged_pair(model, (1, 1), names, traced, dims)
+    assert traced[0].shape[2:] == (10, 12)  # off the configured size and apart
+
+
+@pytest.mark.slow  # a second ranged capture of PixArt; SD3's ranged pair serves its range fast above
+def test_off_the_special_size_the_pair_serves_the_range():
+    model, names, at, dims = pixart_at_its_size()
+    pair = build_ranged_pair(model, (1, 1), names, trace_call(model, names, at, dims), dims)  # checks the range
+    # Its layers are the model's only: the shape checks torch.export adds over ranges carry a
+    # stand-in module stack (_empty_nn_module_stack_from_metadata_hook) that names no module.
+    assert pair.kept_layers == [
+        *("pos_embed", "adaln_single", "caption_projection"),
+        *("transformer_blocks.0", "transformer_blocks.3", "norm_out", "proj_out"),
+    ]
 
 
 # ---------------------------------------------------------------- stored spec and refusals (fast)
@@ -307,14 +316,23 @@ def test_export_refusals_come_before_any_work(tmp_path):
     small = {"height": (2, 8), "width": (2, 8)}  # packed: 1..16 image tokens, the example has 64
     with pytest.raises(ValueError, match=r"the example's 64 image tokens are outside 1\.\.16, the counts of"):
         dcfx.export(flux.transformer, tmp_path / "x", shapes=small, example=recorded_call(flux), **CUT)
-    video = r"image U-Nets and image transformers; WanTransformer3DModel takes \(batch, channels, frames"
-    with pytest.raises(TypeError, match=video):
-        dcfx.export(tiny("wan").transformer, tmp_path / "x", **CUT)
-    with pytest.raises(TypeError, match="dynamic= takes image U-Nets and image transformers"):
-        dcfx.compile(tiny("wan").transformer, dynamic=True, **CUT)
     if not HAS_TENSORRT:
         with pytest.raises(ImportError, match=r"trtexec\.sh"):
             dcfx.export(sd3.transformer, tmp_path / "trt", format="tensorrt", **CUT)
+    assert not list(tmp_path.iterdir())
+
+
+def test_wan_export_is_refused_by_name(tmp_path):
+    wan = tiny("wan").transformer
+    video = (
+        r"dcfx\.export takes image U-Nets and image transformers; WanTransformer3DModel takes "
+        r"\(batch, channels, frames, height, width\)\. Use dcfx\.compile for it \(eager or inductor\)\."
+    )
+    for fmt in ("onnx", "aoti"):
+        with pytest.raises(TypeError, match=video):
+            dcfx.export(wan, tmp_path / "x", format=fmt, **CUT)
+    with pytest.raises(TypeError, match="dynamic= takes image U-Nets and image transformers"):
+        dcfx.compile(wan, dynamic=True, **CUT)
     assert not list(tmp_path.iterdir())
 
 

@@ -33,7 +33,7 @@ def plain(tiny, **kwargs) -> torch.Tensor:
         tiny.pipe.transformer = runtime
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", pytest.param("flux", marks=pytest.mark.slow)])
 def test_changes_after_a_first_generation_are_followed(name):
     tiny = BUILDERS[name]()
     tiny.pipe.set_progress_bar_config(disable=True)

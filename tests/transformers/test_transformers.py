@@ -1,4 +1,4 @@
-"""Diffusion transformers: the block-range cut, in graphs and in pipelines, on SD3, Flux, PixArt and DiT.
+"""Diffusion transformers: the block-range cut, in graphs and in pipelines, on every tiny model and Flux-dev.
 
 What a user does, in order, on one pipeline: a plain generation, then dcfx with interval 1
 (every step full: the same latents, exactly), generations back to back, then caching.
@@ -22,9 +22,33 @@ from tests.transformers.tiny import BUILDERS, MODELS
 
 @pytest.fixture(scope="module", params=MODELS)
 def tiny(request):
-    t = BUILDERS[request.param]()
+    return build(request.param)
+
+
+def build(name: str):
+    t = BUILDERS[name]()
     t.pipe.set_progress_bar_config(disable=True)
     return t
+
+
+FAST_CUTS = {(1, name) for name in MODELS} | {(0, "sd3")}  # (first, model) of the fast graph cases
+
+
+def slow_if(slow: bool) -> tuple:
+    """The marks of a parametrised case: the slow tier where another model or cut covers the same fast."""
+    return (pytest.mark.slow,) if slow else ()
+
+
+# Wan's graphs take the longest to capture (10 s a cut under load): its cut is checked fast in
+# pipelines (interval one, cache-dit) and here in the slow tier. F1B1 runs fast on the other
+# models, F0B2 on SD3, F2B0 in the slow tier.
+GRAPH_CASES = [
+    pytest.param(
+        name, first, last, id=f"{name}-{first}-{last}", marks=slow_if(name == "wan" or (first, name) not in FAST_CUTS)
+    )
+    for name in MODELS
+    for first, last in [(1, 1), (2, 0), (0, 2)]
+]
 
 
 def _call(t):
@@ -58,8 +82,9 @@ def test_recognised_by_structure(tiny):
     assert isinstance(spec_for(copy), TransformerSpec)
 
 
-@pytest.mark.parametrize("first,last", [(1, 1), (2, 0), (0, 2)])
-def test_graphs_full_exact_shallow_adds_the_residual(tiny, first, last):
+@pytest.mark.parametrize(("name", "first", "last"), GRAPH_CASES)
+def test_graphs_full_exact_shallow_adds_the_residual(name, first, last):
+    tiny = build(name)
     model = tiny.transformer
     spec = spec_for(model)
     (names, tensors), _ = spec.flatten(model, (), _call(tiny))
@@ -92,6 +117,8 @@ def test_interval_one_is_the_plain_pipeline_exactly_back_to_back(tiny):
     assert not isinstance(tiny.pipe.transformer, dcfx.DeepCacheUNet)
 
 
+# Wan's two calls a step are counted fast by test_cache_dit.py (its stats): the slow tier here.
+@pytest.mark.parametrize("tiny", [pytest.param(name, marks=slow_if(name == "wan")) for name in MODELS], indirect=True)
 def test_caching_counts_steps_by_the_pipelines_scheduler(tiny):
     dcfx.enable(tiny.pipe, interval=3, first=1, last=0)
     try:
@@ -105,7 +132,11 @@ def test_caching_counts_steps_by_the_pipelines_scheduler(tiny):
         dcfx.disable(tiny.pipe)
 
 
-def test_block_ranges_count_the_cached_blocks(tiny):
+# One list (SD3) and two chained lists (Flux) fast; the others, Wan at its default 64x64 latents
+# (13 s under load) among them, in the slow tier.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=slow_if(name not in ("sd3", "flux"))) for name in MODELS])
+def test_block_ranges_count_the_cached_blocks(name):
+    tiny = build(name)
     infos = block_ranges(tiny.transformer)
     n = 4
     assert [(i.first, i.last) for i in infos] == [(f, b) for f in range(n) for b in range(n - f)]
@@ -150,11 +181,57 @@ def test_block_range_bounds():
         BlockRange(2, 1, blocks)
 
 
+@pytest.mark.parametrize("name", [*MODELS, "flux-dev"])
+def test_the_example_call_passes_what_the_pipeline_passes(name):
+    # What dcfx.branches, dcfx.tune and an export without example= trace: the pipeline's inputs
+    # (PixArt's and Sana's prompt mask, Flux-dev's guidance), or an export would lack them.
+    t = build(name)
+    model = t.transformer
+    spec = spec_for(model)
+    passed = t.recorded_call()
+    example = spec.example_call(model, tuple(passed["hidden_states"].shape), torch.float32, torch.device("cpu"))
+    tensors = {key: value for key, value in passed.items() if isinstance(value, torch.Tensor)}
+    assert {key for key, value in example.items() if isinstance(value, torch.Tensor)} == set(tensors)
+    assert all(example[key].ndim == value.ndim for key, value in tensors.items())
+    if "encoder_attention_mask" in example:  # the tokenizers' mask: integers, one per prompt token
+        assert example["encoder_attention_mask"].shape == example["encoder_hidden_states"].shape[:2]
+        assert example["encoder_attention_mask"].dtype == torch.long
+    if "guidance" in example:  # FluxPipeline's: float32, one per row
+        assert example["guidance"].dtype == passed["guidance"].dtype == torch.float32
+
+
+def test_flux_dev_takes_its_guidance_through_the_cut():
+    t = build("flux-dev")
+    model = t.transformer
+    spec = spec_for(model)
+    call = spec.example_call(model, spec.sample_shape(model, 2, 8, 8), torch.float32, torch.device("cpu"))
+    stronger = {**call, "guidance": call["guidance"] * 2}
+    fast = dcfx.compile(model, first=1, last=0, interval=1)
+    with torch.no_grad():
+        plain, plain_stronger = (model(**c, return_dict=False)[0] for c in (call, stronger))
+        assert torch.equal(fast(**call, return_dict=False)[0], plain)
+        assert torch.equal(fast(**stronger, return_dict=False)[0], plain_stronger)  # an input, not a constant
+    assert not torch.equal(plain, plain_stronger) and fast.graph_builds == 1
+    infos = dcfx.branches(model, spec.sample_shape(model, 2, 8, 8))  # from the example call: every cut's FLOP share
+    assert len(infos) == 10 and all(0 < info.flop_share < 1 for info in infos)
+
+    # In FluxPipeline, which passes the guidance scale to the transformer on every call.
+    plain = t.generate(4, seed=3)
+    dcfx.enable(t.pipe, first=1, last=0, interval=1)
+    try:
+        assert torch.equal(t.generate(4, seed=3), plain)
+        t.pipe.transformer = t.pipe.transformer.reschedule(interval=2)  # the same graphs
+        cached = t.generate(4, seed=3)
+        assert t.pipe.transformer.stats["shallow"] == 2 and t.pipe.transformer.graph_builds == 1  # steps 1, 3
+        assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
+    finally:
+        dcfx.disable(t.pipe)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_inductor_equals_eager_with_one_build_per_shape(name):
-    tiny = BUILDERS[name]()
-    tiny.pipe.set_progress_bar_config(disable=True)
+    tiny = build(name)
     dcfx.enable(tiny.pipe, first=1, last=1, interval=3)
     eager = tiny.generate(7, seed=1)
     dcfx.enable(tiny.pipe, first=1, last=1, interval=3, backend="inductor")

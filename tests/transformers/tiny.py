@@ -6,6 +6,7 @@ block range can be cut. Pipelines run with prompt embeddings passed in and ``out
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,23 @@ class Tiny:
             residual_diff_threshold=0.0,
             enable_separate_cfg=self.calls_per_step > 1,
         )
+
+    def recorded_call(self) -> dict[str, Any]:
+        """Returns the first transformer call of a plain two-step generation, as the pipeline makes it.
+
+        ``return_dict`` and the arguments passed as None are left out.
+        """
+        seen: dict[str, Any] = {}
+
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.setdefault("call", dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments))
+
+        handle = self.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.generate(2)
+        finally:
+            handle.remove()
+        return {k: v for k, v in seen["call"].items() if k != "return_dict" and v is not None}
 
     def generate(self, steps: int, seed: int = 0, **kwargs: Any) -> torch.Tensor:
         """Returns the latents of one generation."""
@@ -115,7 +133,8 @@ def sd3(layers: int = 4, guidance: float = 2.0) -> Tiny:
     return Tiny("sd3", pipe, call)
 
 
-def flux(layers: int = 2, single_layers: int = 2, guidance: float = 3.5) -> Tiny:
+def flux(layers: int = 2, single_layers: int = 2, guidance: float = 3.5, guidance_embeds: bool = False) -> Tiny:
+    """Flux-schnell's layout; with ``guidance_embeds`` Flux-dev's, whose transformer takes the guidance scale."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -129,6 +148,7 @@ def flux(layers: int = 2, single_layers: int = 2, guidance: float = 3.5) -> Tiny
         joint_attention_dim=32,
         pooled_projection_dim=32,
         axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
     ).eval()
     pipe = FluxPipeline(
         transformer=transformer,
@@ -147,7 +167,12 @@ def flux(layers: int = 2, single_layers: int = 2, guidance: float = 3.5) -> Tiny
         "height": 16,
         "width": 16,
     }
-    return Tiny("flux", pipe, call)
+    return Tiny("flux-dev" if guidance_embeds else "flux", pipe, call)
+
+
+def flux_dev(layers: int = 2, single_layers: int = 2, guidance: float = 3.5) -> Tiny:
+    """Flux-dev: guidance distilled into the transformer (FluxPipeline passes it a ``guidance`` tensor)."""
+    return flux(layers, single_layers, guidance, guidance_embeds=True)
 
 
 def pixart(layers: int = 4, guidance: float = 4.5) -> Tiny:
@@ -283,6 +308,7 @@ def wan(layers: int = 4, guidance: float = 5.0) -> Tiny:
 BUILDERS: dict[str, Callable[..., Tiny]] = {
     "sd3": sd3,
     "flux": flux,
+    "flux-dev": flux_dev,  # not in MODELS: its own tests (test_transformers.py)
     "pixart": pixart,
     "dit": dit,
     "sana": sana,

@@ -1,7 +1,7 @@
 """dcfx.tune on diffusion transformers: block ranges (first, last) where a U-Net has branches.
 
 The search, the cost model, the reports and the check are the U-Net's (tests/tune/test_tune.py);
-here: the cuts searched, the sampling loop (the pipeline's own), and a sweep on a tiny SD3.
+here: the cuts searched, the sampling loop (the pipeline's own), and sweeps on a tiny SD3 and Sana.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def test_the_sampling_loop_is_the_pipelines():
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["flux", "pixart", "dit"])
+# Wan's two captures take 11 s: the slow tier (its cut is checked fast in tests/transformers).
+@pytest.mark.parametrize("name", ["flux", "pixart", "dit", "sana", pytest.param("wan", marks=pytest.mark.slow)])
 def test_every_layout_samples_at_interval_one_as_plainly(name, tmp_path):
     tiny = BUILDERS[name]()
     tiny.transformer.save_pretrained(tmp_path)
@@ -127,6 +128,7 @@ def test_every_layout_samples_at_interval_one_as_plainly(name, tmp_path):
     assert cached.stats == {"full": 1, "shallow": 2}
 
 
+@pytest.mark.slow
 def test_tune_searches_block_ranges_and_checks_the_choice(sd3_work, tmp_path):
     options = {
         **{"steps": 5, "batch": 1, "size": 8, "seeds": 2, "repeats": 2, "max_rounds": 3, "tolerance": 0.5},
@@ -155,6 +157,29 @@ def test_tune_searches_block_ranges_and_checks_the_choice(sd3_work, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["chosen"] == result.chosen.config
     again = tune(sd3_work, **{**options, "verify": False})
     assert again.counts["measured"] == 0 and again.counts["cached"] == len(result.measurements)
+
+
+@pytest.mark.slow  # a second sweep (10 s); Sana's sampling loop is checked fast above
+def test_sana_tunes_its_block_ranges(tmp_path):
+    # A pipeline folder as save_pretrained writes it; Sana's prompt mask is part of each seed's conditioning.
+    tiny = BUILDERS["sana"]()
+    tiny.pipe.save_pretrained(tmp_path / "sana")
+    work = load_workload(str(tmp_path / "sana"), "flow")
+    _, cond = work.inputs([0, 1], 4)
+    assert cond["encoder_attention_mask"].shape == cond["encoder_hidden_states"].shape[:2] == (2, 8)
+    options = {
+        **{"steps": 4, "batch": 1, "size": 4, "seeds": 2, "repeats": 1, "max_rounds": 2, "tolerance": 0.5},
+        **{"first": (1,), "last": (0, 1), "intervals": (2,), "schedules": ("uniform",), "forecasts": ("none",)},
+        **{"min_speedup": 1.0, "latency": 1e3, "out": tmp_path / "out", **QUIET},
+    }
+    result = tune(work, **options)
+    assert result.workload["model_class"] == "SanaTransformer2DModel"
+    got = {(p.config["first"], p.config["last"], p.config["interval"]) for p in result.measurements}
+    assert got == {(1, 0, 2), (1, 1, 2)}
+    assert all(0 < p.psnr_db < 100 for p in result.measurements)
+    cfg = dcfx.DeepCacheConfig.load(tmp_path / "out" / "config.json")
+    assert cfg.to_dict() == result.chosen.config
+    assert result.check["psnr_db"] == pytest.approx(result.chosen.psnr_db, abs=1e-6)
 
 
 @pytest.mark.parametrize(
