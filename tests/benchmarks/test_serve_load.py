@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
 
 
+@pytest.mark.slow
 def test_serve_load_smoke(tmp_path):
     args = ["--rates", "20", "--min-requests", "5", "--max-requests", "5", "--warmup-requests", "1"]
     args += ["--steps", "10", "--max-batch", "2", "--variants", "one-at-a-time,dcfx", "--ray-rate", "0"]
@@ -34,3 +37,29 @@ def test_serve_load_smoke(tmp_path):
     assert "| 20 | dcfx |" in (tmp_path / "serve_load.md").read_text()
     assert "forecast linear" in (tmp_path / "serve_load.md").read_text()
     assert (tmp_path / "serve_load.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_serve_pipeline_load_smoke(tmp_path):
+    """The whole-pipeline benchmark: every variant serves every request, dcfx's PNGs match its offline twin's."""
+    args = ["--quick", "--loads", "0.5,3", "--steps", "6", "--sample-size", "8", "--cpu", "-1"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_pipeline_load.py"), *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "serve_pipeline_load.json").read_text())
+    variants = {r["variant"] for r in result["rows"]}
+    assert variants == {"diffusers-one-at-a-time", "diffusers-request-batching", "dcfx-one-at-a-time", "dcfx"}
+    assert len(result["rows"]) == 2 * 4 and len(result["rates"]) == 2
+    for row in result["rows"]:
+        assert row["counted"] == 8 and 0 < row["p50_s"] <= row["p99_s"] and row["throughput"] > 0
+    shares = result["stage_shares"]["shares"]
+    assert abs(sum(shares.values()) - 1) < 0.02, shares
+    # Served images: the same prompt and seed give the offline pipeline's PNG, within one level.
+    for name, c in result["images"].items():
+        assert c["images"] == 2 * 10 and c["within_one_level"] == c["images"], (name, c)
+    assert "| dcfx |" in (tmp_path / "serve_pipeline_load.md").read_text()
+    assert (tmp_path / "serve_pipeline_load.png").stat().st_size > 0
