@@ -106,29 +106,40 @@ def request_for(i: int, steps: int) -> GenerationRequest:
     return GenerationRequest(labels=(i % 10,), seed=i, steps=steps)
 
 
-def drive(engine: Engine, times: Sequence[float], steps: int) -> tuple[list[tuple[float, float]], float]:
+def drive(engine: Engine, times: Sequence[float], steps: int) -> tuple[list[tuple[float, float]], float, list[Any]]:
     """Runs the arrivals through ``engine`` in this thread.
 
-    Returns each request's (arrival, finish), and the share of a core this thread got while it
+    Returns each request's (arrival, finish); the share of a core this thread got while it
     ticked (its CPU time over the wall time of its ticks: 1.0 undisturbed, lower where other
-    processes took the core).
+    processes took the core); and each request's admission wait: (ticks it waited from its
+    submission to its first step, those ticks' seconds, seconds from its arrival to its
+    submission, i.e. the end of the tick in flight when it arrived).
     """
     start = time.perf_counter()
-    futures, submitted = [], 0
+    futures, submitted, submit_s = [], 0, []
     tick_wall = tick_cpu = 0.0
+    tick_starts: list[float] = []  # the engine's tick i began at tick_starts[i] (ticks that ran)
     while submitted < len(times) or not all(f.done() for f in futures):
         now = time.perf_counter() - start
         while submitted < len(times) and times[submitted] <= now:
             futures.append(engine.submit(request_for(submitted, steps)))
+            submit_s.append(time.perf_counter())
             submitted += 1
         wall, cpu = time.perf_counter(), time.thread_time()
         ticked = engine.tick()
         tick_wall += time.perf_counter() - wall
         tick_cpu += time.thread_time() - cpu
-        if not ticked and submitted < len(times):
+        if ticked:
+            tick_starts.append(wall)
+        elif submitted < len(times):
             time.sleep(max(0.0, times[submitted] - (time.perf_counter() - start)))
-    spans = [(start + t, f.result().finished_s) for t, f in zip(times, futures, strict=True)]
-    return spans, tick_cpu / tick_wall if tick_wall else 1.0
+    results = [f.result() for f in futures]
+    spans = [(start + t, r.finished_s) for t, r in zip(times, results, strict=True)]
+    waits = [
+        (r.waited_ticks, tick_starts[r.start_tick] - tick_starts[r.start_tick - r.waited_ticks], s - (start + t))
+        for t, r, s in zip(times, results, submit_s, strict=True)
+    ]
+    return spans, tick_cpu / tick_wall if tick_wall else 1.0, waits
 
 
 def summarize(runs: Sequence[Sequence[tuple[float, float]]], rate: float, warmup: int) -> dict[str, Any]:
@@ -226,8 +237,14 @@ def run_variant(
     runtime.reschedule(interval=interval)  # the same graphs serve every schedule of the branch
     engine = Engine(runtime, serve_model, config)
     load_before = os.getloadavg()[0]
-    spans, share = drive(engine, times, scenario.steps)
-    return {"spans": spans, "stats": engine.stats(), "load": [load_before, os.getloadavg()[0]], "core_share": share}
+    spans, share, waits = drive(engine, times, scenario.steps)
+    return {
+        "spans": spans,
+        "stats": engine.stats(),
+        "load": [load_before, os.getloadavg()[0]],
+        "core_share": share,
+        "waits": waits,
+    }
 
 
 def variant_row(name: str, rate: float, runs: Sequence[dict[str, Any]], scenario: Scenario) -> dict[str, Any]:
@@ -239,7 +256,24 @@ def variant_row(name: str, rate: float, runs: Sequence[dict[str, Any]], scenario
     row.update({k: statistics.fmean(v) for k, v in totals.items()})
     row["load_avg_1m"] = [min(r["load"][0] for r in runs), max(r["load"][1] for r in runs)]
     row["core_share"] = min(r["core_share"] for r in runs)
+    row.update(wait_summary([w for r in runs for w in r["waits"][scenario.warmup_requests :]]))
     return row
+
+
+def wait_summary(waits: Sequence[tuple[int, float, float]]) -> dict[str, float]:
+    """Returns the admission waits of counted requests: ticks (mean, max) and seconds (mean, p99).
+
+    ``wait_s``: from submission to the first step (alignment, a full cohort, the queue);
+    ``tick_in_flight_s``: from arrival to submission (the tick that was running).
+    """
+    ticks, seconds, in_flight = (sorted(column) for column in zip(*waits, strict=True))
+    return {
+        "wait_ticks_mean": statistics.fmean(ticks),
+        "wait_ticks_max": ticks[-1],
+        "wait_s_mean": statistics.fmean(seconds),
+        "wait_s_p99": percentile(seconds, 99),
+        "tick_in_flight_s_p99": percentile(in_flight, 99),
+    }
 
 
 def describe(row: dict[str, Any]) -> str:
@@ -252,6 +286,8 @@ def describe(row: dict[str, Any]) -> str:
             f"  (full {row['full_calls']:.0f} x {row['mean_full_rows']:.1f} rows, shallow {row['shallow_calls']:.0f} x "
             f"{row['mean_shallow_rows']:.1f}; core share >= {row['core_share']:.2f})"
         )
+    if "wait_ticks_mean" in row:
+        text += f"  wait {row['wait_ticks_mean']:.1f} ticks, p99 {row['wait_s_p99'] * 1e3:.0f} ms"
     return text
 
 
@@ -405,7 +441,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"= departure rate; the first {s['warmup_requests']} requests of each run not counted. Each rate ran "
         f"{s['repeats']} times per variant, the variants in a shuffled order each time on the same arrivals "
         "(latencies pooled, throughput averaged). Core share: the engine thread's CPU time over the wall time of "
-        "its ticks (the lowest of the runs; 1.0 = the core was ours). Calls per run, mean live rows per call.",
+        "its ticks (the lowest of the runs; 1.0 = the core was ours). Calls and padded rows per run, mean live rows "
+        "per call. Admission wait: engine ticks from a request's submission to its first step (alignment with its "
+        "cohort's full step, or a full cohort), and those ticks' seconds (p99 of the counted requests).",
         "",
         f"Machine: {machine['cpu_count']} CPU cores ({machine['processor']}), load average (1 min) "
         f"{machine['load_avg_start'][0]:.1f} at the start and {machine['load_avg_end'][0]:.1f} at the end (the cores "
@@ -414,13 +452,15 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"{result['wall_s'] / 60:.1f} min.",
         "",
         "| rate (req/s) | variant | throughput (req/s) | p50 (s) | p99 (s) | keeps up | full calls x rows | "
-        "shallow calls x rows | cache copies | core share | load |",
-        "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "shallow calls x rows | padded rows | cache copies | admission wait: ticks mean / max, p99 (s) | "
+        "core share | load |",
+        "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
         calls = (
             f"{r['full_calls']:.0f} x {r['mean_full_rows']:.1f} | {r['shallow_calls']:.0f} x "
-            f"{r['mean_shallow_rows']:.1f} | {r['cache_copies']:.0f} | {r['core_share']:.2f}"
+            f"{r['mean_shallow_rows']:.1f} | {r['padded_rows']:.0f} | {r['cache_copies']:.0f} | "
+            f"{r['wait_ticks_mean']:.1f} / {r['wait_ticks_max']:.0f}, {r['wait_s_p99']:.3f} | {r['core_share']:.2f}"
         )
         lines.append(
             f"| {r['offered_rate']:g} | {r['variant']} | {r['throughput']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "

@@ -193,7 +193,9 @@ def test_shallow_steps_read_the_full_calls_buffer_in_place(digits):
             wrapped[id(pair)] = SimpleNamespace(run_full=run_full, run_shallow=run_shallow)
         return wrapped[id(pair)], flat
 
-    engine.runtime = SimpleNamespace(graphs_for=recording_graphs_for, planner=runtime.planner)
+    engine.runtime = SimpleNamespace(
+        graphs_for=recording_graphs_for, planner=runtime.planner, deepcache_config=runtime.deepcache_config
+    )
     requests = [GenerationRequest(labels=(d,), seed=d, steps=9 - d) for d in range(3)]
     drive(engine, [(0, requests[0]), (2, requests[1]), (4, requests[2])])
     # One buffer, written by every full call and read in place by every shallow call.
