@@ -8,6 +8,7 @@ from dcfx.passes import capture
 from tests.fixtures import tiny_ddpm, tiny_sd
 
 
+@pytest.mark.slow
 def test_branches_of_the_sd_layout():
     unet = tiny_sd()
     infos = dcfx.branches(unet, (2, 4, 16, 16))

@@ -6,6 +6,7 @@ from PIL import Image
 from dcfx.cli import main
 
 
+@pytest.mark.slow
 def test_branches_command_prints_every_branch(capsys):
     assert main(["branches", "--model", "small-sd", "--size", "8", "--layers"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -65,6 +66,7 @@ def test_demo_on_the_bundled_model_reports_speed_and_quality(capsys, tmp_path):
         assert image.size == (2 * (10 * 17 + 1) * 4 + 12, (17 + 1) * 4 + 16)
 
 
+@pytest.mark.slow
 def test_demo_rejects_a_bad_branch(tmp_path):
     with pytest.raises(ValueError, match=r"valid: 0\.\.8"):
         main(["demo", "--branch", "9", "--steps", "2", "--per-class", "1", "--out", str(tmp_path / "x.png")])

@@ -41,6 +41,7 @@ def test_one_eager_pair_serves_every_size_in_range(unet):
     assert ranged.stats == static.stats == {"full": len(SIZES), "shallow": len(SIZES)}
 
 
+@pytest.mark.slow
 def test_ranges_without_tokens_take_the_first_calls_prompt_length(unet):
     ranged = dcfx.compile(unet, branch=0, interval=2, dynamic={"batch": (1, 3), "height": (8, 16)})
     ranged(**call_at(unet, 2, 16, 16, 4), timestep=900)  # 4 tokens, not CLIP's 77
@@ -50,6 +51,7 @@ def test_ranges_without_tokens_take_the_first_calls_prompt_length(unet):
         ranged(**call_at(unet, 1, 8, 16, 5), timestep=900)
 
 
+@pytest.mark.slow
 def test_ten_shapes_hold_one_pair(unet):
     ranged = dcfx.compile(unet, branch=0, interval=2, dynamic=RANGES)
     for i in range(10):

@@ -65,6 +65,7 @@ def test_forecast_equals_the_eager_reference(unet, branch, interval):
     torch.testing.assert_close(loop(plain, scheduler, call, x), reuse, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_new_generation_starts_with_no_history(unet):
     call = example_call(unet, batch=1, size=16)
     scheduler = DDIMScheduler()
@@ -104,6 +105,7 @@ def test_two_feature_buffers_at_fixed_addresses(unet):
     assert {b.data_ptr() for b in state.buffers} == addresses
 
 
+@pytest.mark.slow
 def test_reschedule_turns_forecasting_on_and_off(unet):
     call = example_call(unet, batch=1, size=16)
     x = noise(call)

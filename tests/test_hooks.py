@@ -93,6 +93,7 @@ def test_offloading_is_refused_by_name_at_compile(kind, tmp_path):
     assert not isinstance(pipe.unet, dcfx.DeepCacheUNet)  # nothing changed on the pipeline
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["accelerate cpu_offload", "sequential CPU offload"])
 def test_removing_the_offloading_hooks_as_the_error_says_then_works(kind, tmp_path):
     pipe = make_sd()
@@ -115,6 +116,7 @@ def test_offloading_switched_on_after_compile_is_refused_at_the_next_generation(
     assert pipe.unet.graph_builds == 1  # the graphs of the model before the change are dropped, none built
 
 
+@pytest.mark.slow
 def test_layerwise_casting_is_traced_into_the_graphs():
     pipe = make_sd()
     full_precision = run_txt2img(pipe)

@@ -62,6 +62,7 @@ def test_a_lora_scale_without_adapters_changes_nothing():
     torch.testing.assert_close(got, unet(**call).sample, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_thousand_generations_without_changes_rebuild_nothing():
     unet = tiny_unet()
     runtime = dcfx.compile(unet, branch=0, interval=2)

@@ -129,6 +129,7 @@ def test_a_pipeline_generation_abandoned_after_k_steps(how, k):
     assert calls_after_k == STEPS + k  # the abandoned generation made k U-Net calls
 
 
+@pytest.mark.slow
 def test_resolution_and_batch_changes_between_generations():
     unet = tiny_unet()
     scheduler = DDIMScheduler()
@@ -138,6 +139,7 @@ def test_resolution_and_batch_changes_between_generations():
         torch.testing.assert_close(loop(fast, scheduler, call), fresh(unet, call, branch=2, interval=3), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_shape_changes_within_a_generation_are_full_steps_of_their_own(unet):
     scheduler = DDIMScheduler()
     fast = dcfx.compile(unet, branch=0, interval=4, scheduler=scheduler)

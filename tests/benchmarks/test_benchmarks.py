@@ -140,6 +140,7 @@ def test_soak_smoke(tmp_path):
     assert all(r["rss_mb"] > 0 for r in result["rows"]) and (tmp_path / "soak.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_graph_speed_times_the_forecast_graph(tmp_path):
     run_script(
         "graph_speed.py",

@@ -22,6 +22,8 @@ from dcfx.export.manifest import FORMAT_VERSION, ArtifactError, seal
 from tests.export.conftest import SD_BRANCH, sd_unet
 from tests.fixtures import tiny_unet
 
+pytestmark = pytest.mark.slow  # exports of a whole model each; the fast tier has tests/export/test_onnx.py
+
 
 @pytest.fixture
 def copy(onnx_sd, tmp_path):
@@ -54,12 +56,10 @@ def flip_byte(path, offset=-100):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.slow
 def test_untouched_copy_loads(copy):
     assert isinstance(dcfx.load(copy), dcfx.DeepCacheUNet)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["weights.bin", "full.onnx", "shallow.onnx", "forecast.onnx", "trtexec.sh"])
 def test_altered_file(copy, no_session, name):
     flip_byte(copy / name)

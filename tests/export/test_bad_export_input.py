@@ -67,12 +67,14 @@ LOAD_CASES = [
 ]
 
 
+@pytest.mark.slow  # one ONNX export of the SD layout for the module (~30 s)
 @pytest.mark.parametrize(("name", "kwargs", "error", "match"), LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
 def test_load_refuses(onnx_sd, name, kwargs, error, match):
     with pytest.raises(error, match=match):
         dcfx.load(onnx_sd, **kwargs)
 
 
+@pytest.mark.slow  # one ONNX export of the SD layout for the module (~30 s)
 def test_load_takes_another_schedule_with_its_own_fields(onnx_sd):
     loaded = dcfx.load(onnx_sd, schedule="non-uniform", interval=2, center=3, steps=10)
     assert loaded.deepcache_config == dcfx.DeepCacheConfig(
@@ -80,6 +82,7 @@ def test_load_takes_another_schedule_with_its_own_fields(onnx_sd):
     )
 
 
+@pytest.mark.slow  # one ONNX export of the SD layout for the module (~30 s)
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [

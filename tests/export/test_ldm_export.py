@@ -23,6 +23,8 @@ from dcfx.export.manifest import read_manifest
 from dcfx.export.trt_plan import build_plan
 from tests.fixtures import tiny_ldm_class, tiny_ldm_text
 
+pytestmark = pytest.mark.slow  # exports of a whole model each; the fast tier has tests/export/test_onnx.py
+
 ATOL = 1e-4
 SHAPES = {"batch": (1, 2, 4), "height": (8, 16, 32), "width": (8, 16, 32)}
 BRANCH = 1
@@ -63,7 +65,6 @@ def ddim_like_calls(unet, batch, height, width):
     return [unet(x, torch.full((batch,), t), context=context) for t in (901, 801, 701, 601, 501)]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("batch", "height", "width"), [(1, 8, 8), (2, 16, 24), (4, 32, 32)])
 def test_onnx_matches_the_eager_runtime(onnx_ldm, batch, height, width):
     loaded = dcfx.load(onnx_ldm)
@@ -76,7 +77,6 @@ def test_onnx_matches_the_eager_runtime(onnx_ldm, batch, height, width):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
-@pytest.mark.slow
 def test_manifest_names_the_models_inputs_and_tensorrt_gets_them(onnx_ldm):
     manifest = read_manifest(onnx_ldm)
     model = manifest.model
@@ -144,7 +144,6 @@ def test_loads_in_a_process_without_ldm_or_diffusers(onnx_ldm, tmp_path):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
-@pytest.mark.slow  # two C++ compiles
 def test_aoti_export_of_a_class_conditional_model(tmp_path):
     unet = tiny_ldm_class(num_res_blocks=1)
     out = dcfx.export(

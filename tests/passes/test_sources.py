@@ -1,5 +1,7 @@
 """torch.fx keeps the source of every GraphModule it compiles; dcfx lets go of its own."""
 
+import pytest
+
 import dcfx
 from dcfx import graphs as graphs_module
 from dcfx.passes import build_graph_pair, forget_graphs
@@ -17,6 +19,7 @@ def test_a_build_keeps_only_its_two_graphs_sources():
     assert cached_sources() - before == set()
 
 
+@pytest.mark.slow
 def test_the_runtime_releases_the_sources_of_graphs_it_drops(monkeypatch):
     monkeypatch.setattr(graphs_module, "MAX_GRAPH_PAIRS", 2)
     unet = tiny_unet()

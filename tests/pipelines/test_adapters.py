@@ -74,6 +74,7 @@ def test_sd_pipeline():
     exact_then_cached(make_sd, run_txt2img, branch=0)
 
 
+@pytest.mark.slow
 def test_ip_adapter_pipeline():
     # Branch 0: its shallow graph runs IP attention processors (see the shallow-graph tests below).
     exact_then_cached(make_ip_adapter, run_ip_adapter, branch=0)
@@ -81,6 +82,7 @@ def test_ip_adapter_pipeline():
     assert max_diff(run_ip_adapter(make_ip_adapter()), run_txt2img(make_sd())) > 1e-3
 
 
+@pytest.mark.slow
 def test_ip_adapter_scale_change_is_followed(caplog):
     pipe = make_ip_adapter()
     dcfx.enable(pipe, branch=0, interval=1)
@@ -209,6 +211,7 @@ def test_ip_adapter_shallow_graphs_read_the_image_embeddings():
         assert {"encoder_hidden_states", "added_cond_kwargs_image_embeds_0"} <= used, (branch, used)
 
 
+@pytest.mark.slow
 def test_ip_adapter_sdxl_shallow_graphs_of_the_outer_branches_read_no_embeddings():
     # SDXL layout: the outer down and up blocks have no attention, so the shallow graphs of
     # branches 0-2 read neither the text nor the image embeddings; from branch 3 on they read both.
@@ -224,6 +227,7 @@ def test_ip_adapter_sdxl_shallow_graphs_of_the_outer_branches_read_no_embeddings
         assert len(embeddings) == (2 if branch >= 3 else 0), (branch, used)
 
 
+@pytest.mark.slow
 def test_t2i_adapter_shallow_graphs_read_the_residuals_of_the_skips_they_consume():
     # SD layout (L = 3): residual k is added to the output of down block k's last layer, the
     # skip that the up layer of branch 3k + 2 consumes (down block 2 adds it in place after the
@@ -268,6 +272,7 @@ def test_shallow_steps_take_adapter_inputs_fresh(adapter, branch, read):
         torch.testing.assert_close(bumped, same, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_residuals_that_stop_part_way_make_a_full_step():
     # StableDiffusionXLAdapterPipeline with adapter_conditioning_factor < 1 stops passing the
     # residuals part way: that call has other inputs than the cache was made for.

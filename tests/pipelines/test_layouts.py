@@ -18,6 +18,7 @@ def svd_unet():
     return tiny_svd_unet()
 
 
+@pytest.mark.slow
 def test_svd_branches_follow_the_video_layout(svd_unet):
     infos = dcfx.branches(svd_unet)  # default: batch 2, config's num_frames and sample_size
     # Frames fold into the batch inside the U-Net: the cache holds batch x frames rows.
@@ -56,6 +57,7 @@ def test_svd_export_is_refused_before_any_work(svd_unet, tmp_path):
     assert not (tmp_path / "svd").exists()
 
 
+@pytest.mark.slow
 def test_branches_cli_reads_the_class_from_a_folder(svd_unet, tmp_path, capsys):
     svd_unet.save_pretrained(tmp_path / "unet")
     assert main(["branches", "--model", str(tmp_path), "--size", "16"]) == 0

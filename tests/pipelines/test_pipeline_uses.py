@@ -109,6 +109,7 @@ def _base_then_refiner(base, refiner, helper_interval=None):
     return stage(refiner, image=latents, denoising_start=SPLIT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", [EulerDiscreteScheduler, DDIMScheduler], ids=["euler", "ddim"])
 def test_an_sdxl_base_and_refiner_share_one_unet(scheduler):
     base = make_sdxl()
@@ -149,6 +150,7 @@ def test_the_refiner_first_after_binding_counts_its_own_steps():
     assert refiner.unet.stats == {"full": 2, "shallow": 3}  # its 5 steps: full at 0 and 3
 
 
+@pytest.mark.slow
 def test_copies_of_a_pipeline_bound_runtime_hold_a_scheduler_of_their_own():
     pipe = make_sd()
     dcfx.enable(pipe, branch=0, interval=3)
@@ -162,6 +164,7 @@ def test_copies_of_a_pipeline_bound_runtime_hold_a_scheduler_of_their_own():
         torch.testing.assert_close(run_txt2img(other), want, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_saved_pipeline_holds_the_model_itself(tmp_path):
     pipe = make_sd()
     dcfx.enable(pipe, branch=0, interval=3)
@@ -189,6 +192,7 @@ def test_a_saved_pipeline_holds_the_model_itself(tmp_path):
     assert isinstance(pipe.unet, dcfx.DeepCacheUNet) and run_txt2img(pipe).shape == plain.shape
 
 
+@pytest.mark.slow
 def test_a_dcfx_unet_passes_the_type_checks_pipelines_make():
     pipe = make_sd()
     dcfx.enable(pipe, branch=0, interval=3)
@@ -204,6 +208,7 @@ def test_a_dcfx_unet_passes_the_type_checks_pipelines_make():
     assert (freeu - run_txt2img(pipe)).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_ip_adapter_masks_broadcast_as_the_model_broadcasts_them():
     pipe = make_ip_adapter()
     mask = torch.zeros(1, 1, 32, 32)

@@ -107,6 +107,7 @@ def test_the_stock_helper_indexes_repeated_timesteps_by_first_occurrence():
     assert (got - stock).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_the_caching_window_keeps_a_sensitive_start_full():
     # The remedy for samplers that degrade: full calls before `start` (PNDM: all 12
     # Runge-Kutta calls), 1:N after. Closer to the no-cache output.

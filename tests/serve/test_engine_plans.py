@@ -69,6 +69,7 @@ def test_batched_forecast_requests_equal_their_solo_runs_exactly(digits):
     torch.testing.assert_close(alone.latents, offline(runtime, model, requests[0]), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_reschedule_applies_to_generations_the_engine_starts_afterwards(digits):
     model, serve_model = digits
     runtime = dcfx.compile(model.unet, branch=0, interval=3)

@@ -110,6 +110,7 @@ def test_served_images_equal_the_offline_pipeline_then_concurrent_requests_share
         service.close()
 
 
+@pytest.mark.slow
 def test_per_request_settings_share_one_graph_pair_and_equal_their_offline_config(folder):
     forecasting = dcfx.DeepCacheConfig(branch=0, interval=3, forecast="linear")
     choices = [CONFIG, dcfx.DeepCacheConfig(branch=0, interval=5), forecasting]
@@ -164,6 +165,7 @@ def test_progress_per_step_and_bad_requests_refused_before_any_work(folder):
         service.close()
 
 
+@pytest.mark.slow
 def test_sdxl_by_prompt_pooled_embeddings_size_ids_and_zero_negative(tmp_path):
     folder = tmp_path / "sdxl"
     tiny_sdxl_pipeline().save_pretrained(folder)

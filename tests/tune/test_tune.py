@@ -321,6 +321,7 @@ def test_bad_arguments(tiny_work, tmp_path, kwargs, match):
         tune(tiny_work, out=tmp_path, progress=False, log=lambda msg: None, **kwargs)
 
 
+@pytest.mark.slow
 def test_cli_on_a_diffusers_folder(tmp_path, capsys):
     folder = tmp_path / "model"
     tiny_unet(layers_per_block=1).save_pretrained(folder / "unet")
