@@ -57,9 +57,11 @@ BASELINE = {
 }
 
 
-# Sized PixArt configs: (blocks, heads, head dim). PixArt-alpha's own: 28 blocks of width 1152
-# (tens of minutes per 10-step generation on 2 CPU cores); "medium": 12 blocks of width 384, where
-# the loop is compute-bound on a CPU (about 0.3 s per call) and a run takes minutes.
+# Sized PixArt configs: (blocks, heads, head dim). PixArt-alpha's own: 28 blocks of width 1152;
+# "medium": 12 blocks of width 384, where the loop is compute-bound on a CPU (about 0.25 s per
+# guided call of 32x32 latents on 2 cores) and a run takes minutes. The stand-in VAE has one
+# block (1 pixel per latent pixel): the call asks for 32x32 pixels so that the latents are
+# PixArt's at 256x256 (an 8x VAE), not 256x256 latents (64 times the tokens).
 PIXART_SIZES = {"pixart-alpha": (28, 16, 72), "pixart-medium": (12, 6, 64)}
 
 
@@ -90,14 +92,15 @@ def pixart_sized(name: str) -> Any:
         transformer=transformer, scheduler=DPMSolverMultistepScheduler(), vae=_vae(4), text_encoder=None, tokenizer=None
     )
     g = torch.Generator().manual_seed(1)
+    side = 32 * pipe.vae_scale_factor  # 32x32 latents: 256x256 pixels under PixArt's VAE (8 per latent pixel)
     call = {
         "prompt_embeds": torch.randn(1, 120, 4096, generator=g),
         "prompt_attention_mask": torch.ones(1, 120, dtype=torch.long),
         "negative_prompt_embeds": torch.randn(1, 120, 4096, generator=g),
         "negative_prompt_attention_mask": torch.ones(1, 120, dtype=torch.long),
         "guidance_scale": 4.5,
-        "height": 256,
-        "width": 256,
+        "height": side,
+        "width": side,
         "use_resolution_binning": False,
         "negative_prompt": None,
     }

@@ -229,7 +229,9 @@ class TransformerServeModel(UNetServeModel):
     Requests carry the per-image inputs (``encoder_hidden_states``, ``pooled_projections``,
     ``class_labels``, ...); the model makes what every row shares, as its pipeline does:
     Flux's token positions (``img_ids`` from the size, ``txt_ids`` zeros) and PixArt's empty
-    ``added_cond_kwargs``. The noise has the transformer's sample layout at the request's
+    ``added_cond_kwargs`` (unless the request carries its entries, ``added_cond_kwargs.resolution``
+    and ``added_cond_kwargs.aspect_ratio``, one row per image: PixArt-alpha 1024's
+    micro-conditioning). The noise has the transformer's sample layout at the request's
     latent size (Flux: packed tokens); the result is the final sample in that layout. Of an
     output with twice the sample's channels (a learned variance) the first half steps the
     sampler. Flow-matching models (SD3, Flux) want requests with ``scheduler`` "flow".
@@ -237,7 +239,7 @@ class TransformerServeModel(UNetServeModel):
 
     # Inputs the model makes itself, or that change how it runs rather than what it sees.
     MADE = (
-        *("return_dict", "added_cond_kwargs", "joint_attention_kwargs", "cross_attention_kwargs", "skip_layers"),
+        *("return_dict", "joint_attention_kwargs", "cross_attention_kwargs", "skip_layers"),
         *UNBATCHED,
     )
 
@@ -274,8 +276,8 @@ class TransformerServeModel(UNetServeModel):
     def _shared(self, size: tuple[int, int], noise: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         inputs = _forward_inputs(self.unet)
         shared: dict[str, Any] = {}
-        if "added_cond_kwargs" in inputs:  # PixArt: no resolution or aspect-ratio conditioning
-            shared["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        if "added_cond_kwargs" in inputs and not any(k.startswith("added_cond_kwargs.") for k in cond):
+            shared["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}  # PixArt without micro-conditions
         if "img_ids" in inputs:  # Flux: (row, column) of each 2x2 latent patch; text tokens at 0
             height, width = size
             ids = torch.zeros(height // 2, width // 2, 3)

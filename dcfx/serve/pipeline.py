@@ -8,11 +8,15 @@ for the same prompt, seed and dcfx config (up to the kernels' rounding by batch 
 ``dcfx.serve.engine``). Between them the denoiser runs on the step-batching engine as a
 ``UNetServeModel`` (requests carry the conditioning tensors the encoder made).
 
-Families: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v-prediction) and
+Families: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v-prediction),
 ``StableDiffusionXLPipeline`` (SDXL base: two text encoders, pooled embeddings and size
-micro-conditioning). Other pipelines (the transformer pipelines, SDXL refiners) are served as
-their denoiser, with conditioning tensors in and latents out, until their family is registered
-(``register_family``).
+micro-conditioning), ``PixArtAlphaPipeline`` and ``PixArtSigmaPipeline`` (a T5 encoder with
+its attention mask, 120 and 300 tokens; PixArt-alpha 1024's resolution and aspect-ratio
+micro-conditioning; the denoiser a transformer cut by ``first``/``last``). A PixArt image
+equals the pipeline's with ``use_resolution_binning=False``: the server generates at the size
+asked, it does not snap it to the model's aspect-ratio bins and resize back. Other pipelines
+(SD3, Flux, Sana, SDXL refiners) are served as their denoiser, with conditioning tensors in and
+latents out, until their family is registered (``register_family``).
 
 The safety checker is not loaded or run: a served image is the pipeline's image with
 ``safety_checker=None``.
@@ -30,7 +34,7 @@ from typing import Any
 import torch
 
 from dcfx.registry import Registry
-from dcfx.serve.models import ServeModel, UNetServeModel, load_serve_model
+from dcfx.serve.models import ServeModel, TransformerServeModel, UNetServeModel, load_serve_model
 from dcfx.serve.request import GenerationRequest
 from dcfx.serve.schedulers import available_schedulers, make_scheduler
 
@@ -45,7 +49,7 @@ class PipelineFamily:
     """How one kind of pipeline turns texts into conditioning rows and latents into images.
 
     Attributes:
-        denoiser: The pipeline's attribute holding the denoiser ("unet").
+        denoiser: The pipeline's attribute holding the denoiser ("unet", "transformer").
         encode: ``encode(pipe, texts) -> {input name: rows}``: one row per text, as the
             pipeline's ``encode_prompt`` makes them (a negative prompt is a text like any other).
         decode: ``decode(pipe, latents) -> images``: PIL images of the final latents, as the
@@ -150,6 +154,49 @@ register_family(
 )
 
 
+def _pixart_encoder(max_tokens: int) -> Callable[[Any, list[str]], dict[str, torch.Tensor]]:
+    def encode(pipe: Any, texts: list[str]) -> dict[str, torch.Tensor]:
+        from diffusers.utils import is_bs4_available, is_ftfy_available
+
+        # The pipeline's default clean_caption=True takes effect only where bs4 and ftfy are installed.
+        embeds, mask, _, _ = pipe.encode_prompt(
+            texts,
+            do_classifier_free_guidance=False,
+            device=pipe.transformer.device,
+            clean_caption=is_bs4_available() and is_ftfy_available(),
+            max_sequence_length=max_tokens,
+        )
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+    return encode
+
+
+def _pixart_micro_conditions(pipe: Any, height: int, width: int) -> dict[str, torch.Tensor]:
+    # PixArt-alpha at 1024 (sample_size 128) is conditioned on the image's size and aspect ratio.
+    if pipe.transformer.config.sample_size != 128:
+        return {}
+    dtype, device = pipe.text_encoder.dtype, pipe.transformer.device
+    return {
+        "added_cond_kwargs.resolution": torch.tensor([[height, width]], dtype=dtype, device=device),
+        "added_cond_kwargs.aspect_ratio": torch.tensor([[float(height / width)]], dtype=dtype, device=device),
+    }
+
+
+_PIXART = (("PixArtAlphaPipeline", 120, _pixart_micro_conditions), ("PixArtSigmaPipeline", 300, None))
+for _name, _tokens, _micro in _PIXART:
+    register_family(
+        _name,
+        PipelineFamily(
+            denoiser="transformer",
+            encode=_pixart_encoder(_tokens),
+            decode=_sd_decode,
+            guidance=4.5,
+            steps=20,
+            size_inputs=_micro,
+        ),
+    )
+
+
 def pipeline_class_of(folder: Path) -> str | None:
     """Returns the pipeline class a folder's model_index.json names (None: not a pipeline folder)."""
     index = folder / "model_index.json"
@@ -175,7 +222,8 @@ def prompt_servable(folder: Path) -> tuple[bool, str]:
 class PipelineServeModel(UNetServeModel):
     """A diffusers pipeline served by prompt: its encoder, its denoiser on the engine, its VAE.
 
-    The engine sees the denoiser (``unet``) with conditioning tensors, as ``UNetServeModel``;
+    The engine sees the denoiser (``unet``) with conditioning tensors, as ``UNetServeModel``
+    (a transformer pipeline's as ``TransformerServeModel``: ``TransformerPipelineServeModel``);
     ``encode`` and ``decode`` run in their own batching stages (``dcfx.serve.service``).
     Requests may name the folder's own scheduler as "pipeline" (the default of the images
     API) besides the registered kinds.
@@ -245,6 +293,14 @@ class PipelineServeModel(UNetServeModel):
         return out
 
 
+class TransformerPipelineServeModel(PipelineServeModel, TransformerServeModel):
+    """A transformer pipeline (PixArt) served by prompt.
+
+    ``PipelineServeModel``'s stages around a denoiser served as ``TransformerServeModel`` (its
+    sample layout, sizes and shared inputs).
+    """
+
+
 def load_pipeline(folder: Path) -> PipelineServeModel:
     """Returns the pipeline in ``folder`` served by prompt (ValueError: ``prompt_servable`` says why not)."""
     ok, why = prompt_servable(folder)
@@ -254,12 +310,12 @@ def load_pipeline(folder: Path) -> PipelineServeModel:
 
     name = pipeline_class_of(folder)
     family = _FAMILIES.get(name)
-    cls = getattr(diffusers, name)
-    pipe = cls.from_pretrained(folder, **family.load_kwargs)
+    pipe = getattr(diffusers, name).from_pretrained(folder, **family.load_kwargs)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
-    return PipelineServeModel(pipe, family, name=str(folder))
+    served = TransformerPipelineServeModel if family.denoiser == "transformer" else PipelineServeModel
+    return served(pipe, family, name=str(folder))
 
 
 def load_served(model: str) -> ServeModel:

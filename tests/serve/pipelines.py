@@ -13,12 +13,23 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 from tests.fixtures import tiny_sd, tiny_sdxl
 
@@ -34,13 +45,13 @@ SD15_SCHEDULER = {
 }
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
+def tiny_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     """A CLIP tokenizer whose tokens are single characters (77 tokens, as SD's)."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in CHARACTERS:
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
 def tiny_text_encoder(width: int = 8, seed: int = 1, projection_dim: int | None = None) -> CLIPTextModel:
@@ -120,6 +131,53 @@ def tiny_sdxl_pipeline() -> StableDiffusionXLPipeline:
         ),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_t5_encoder(width: int = 16, seed: int = 4) -> T5EncoderModel:
+    """A 1-layer T5 encoder over ``tiny_tokenizer`` (PixArt's text encoder; it attends with the padding mask)."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=2 + 2 * len(CHARACTERS),
+        d_model=width,
+        d_kv=4,
+        d_ff=2 * width,
+        num_layers=1,
+        num_heads=2,
+        pad_token_id=1,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def tiny_pixart_pipeline(sigma: bool = False, sample_size: int = 8) -> PixArtAlphaPipeline | PixArtSigmaPipeline:
+    """A tiny PixArt-alpha (or sigma) pipeline: T5 encoder of width 16, 4 blocks of width 24, the
+    two-block VAE (default image 16x16 from 8x8 latents). ``sample_size`` 128 is PixArt-alpha
+    1024's, where the pipeline conditions on the image's resolution and aspect ratio."""
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=sample_size,
+        num_layers=4,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,  # width 24: a multiple of 3, as the size micro-conditioning needs
+        in_channels=4,
+        out_channels=8,  # a learned variance, as PixArt's
+        cross_attention_dim=24,
+        caption_channels=16,
+        norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+        use_additional_conditions=sample_size == 128,
+    ).eval()
+    cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    pipe = cls(
+        tokenizer=tiny_tokenizer(300 if sigma else 120),
+        text_encoder=tiny_t5_encoder(),
+        vae=tiny_vae(),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
