@@ -11,7 +11,12 @@ it) for T steps, same seed and scheduler everywhere, under each variant:
     plain-compile      torch.compile(pipe.transformer)
     cachedit-compile   cache-dit as above, then cache_dit.set_compile_configs() and
                        torch.compile(pipe.transformer), as cache-dit's documentation does
-    dcfx-inductor      dcfx.compile(..., backend="inductor")
+    dcfx-inductor      dcfx.compile(..., backend="inductor"): its defaults (freezing, weights not
+                       prepacked: one copy of the weights per process)
+    dcfx-inductor-prepack   the same with options={"cpp.weight_prepack": True,
+                       "layout_optimization": True} (faster CPU linears, a weight copy per shape)
+    dcfx-inductor-cdconfig  cache_dit.set_compile_configs() (cache-dit's global Inductor settings),
+                       then dcfx-inductor: both compiled under the same settings
 
 Each variant runs in a fresh process (cache-dit's compile settings are global, compile caches
 are per process); inside it, one warm-up generation (compiling where the variant compiles) and
@@ -48,13 +53,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-VARIANTS = ("plain-eager", "cachedit-eager", "dcfx-eager", "plain-compile", "cachedit-compile", "dcfx-inductor")
+VARIANTS = (
+    *("plain-eager", "cachedit-eager", "dcfx-eager", "plain-compile", "cachedit-compile", "dcfx-inductor"),
+    *("dcfx-inductor-prepack", "dcfx-inductor-cdconfig"),
+)
 BASELINE = {
     "cachedit-eager": "plain-eager",
     "dcfx-eager": "plain-eager",
     "cachedit-compile": "plain-compile",
     "dcfx-inductor": "plain-compile",
+    "dcfx-inductor-prepack": "plain-compile",
+    "dcfx-inductor-cdconfig": "plain-compile",
 }
+PREPACK = {"cpp.weight_prepack": True, "layout_optimization": True}
 
 
 # Sized PixArt configs: (blocks, heads, head dim). PixArt-alpha's own: 28 blocks of width 1152;
@@ -143,9 +154,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             tiny.pipe.transformer = torch.compile(tiny.pipe.transformer)
     elif variant == "plain-compile":
         tiny.pipe.transformer = torch.compile(tiny.pipe.transformer)
-    elif variant.startswith("dcfx"):
-        backend = "inductor" if variant == "dcfx-inductor" else "eager"
-        dcfx.enable(tiny.pipe, first=first, last=last, interval=interval, backend=backend)
+    elif variant == "dcfx-eager":
+        dcfx.enable(tiny.pipe, first=first, last=last, interval=interval)
+    elif variant.startswith("dcfx-inductor"):
+        options = {"options": PREPACK} if variant == "dcfx-inductor-prepack" else {}
+        if variant == "dcfx-inductor-cdconfig":
+            import cache_dit
+
+            cache_dit.set_compile_configs()
+        dcfx.enable(tiny.pipe, first=first, last=last, interval=interval, backend="inductor", **options)
     warm = tiny.generate(steps, seed=0)
     warm_s = time.perf_counter() - start
     times = []
@@ -240,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 if share is not None:
                     row["ideal"] = ideal_speedup_of_counts(r["full_steps"], r["cached_steps"], share)
                     row["of_ideal"] = row["speedup"] / row["ideal"]
-            peer = "cachedit-compile" if variant.endswith(("compile", "inductor")) else "cachedit-eager"
+            peer = "cachedit-compile" if ("compile" in variant or "inductor" in variant) else "cachedit-eager"
             mine = Path(tmp / f"dcfx-bench-{model}-{variant}.pt")
             theirs = Path(tmp / f"dcfx-bench-{model}-{peer}.pt")
             if variant.startswith("dcfx") and mine.exists() and theirs.exists():

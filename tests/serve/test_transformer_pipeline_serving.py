@@ -98,6 +98,7 @@ def test_pixart_by_prompt_equals_the_offline_pipeline_then_concurrent_requests_s
         service.close()
 
 
+@pytest.mark.slow
 def test_pixart_1024_layout_is_conditioned_on_the_size_asked(tmp_path):
     # sample_size 128 is PixArt-alpha 1024's: the pipeline passes the image's resolution and aspect
     # ratio to the transformer; served requests of two sizes carry their own.
