@@ -12,10 +12,12 @@ Families: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v-prediction),
 ``StableDiffusionXLPipeline`` (SDXL base: two text encoders, pooled embeddings and size
 micro-conditioning), ``PixArtAlphaPipeline`` and ``PixArtSigmaPipeline`` (a T5 encoder with
 its attention mask, 120 and 300 tokens; PixArt-alpha 1024's resolution and aspect-ratio
-micro-conditioning; the denoiser a transformer cut by ``first``/``last``). A PixArt image
+micro-conditioning; the denoiser a transformer cut by ``first``/``last``) and
+``StableDiffusion3Pipeline`` (SD3, SD3.5: two CLIP encoders and T5, or T5's zeros where the
+folder has no T5, as the pipeline; flow matching with the folder's scheduler). A PixArt image
 equals the pipeline's with ``use_resolution_binning=False``: the server generates at the size
 asked, it does not snap it to the model's aspect-ratio bins and resize back. Other pipelines
-(SD3, Flux, Sana, SDXL refiners) are served as their denoiser, with conditioning tensors in and
+(Flux, Sana, SDXL refiners) are served as their denoiser, with conditioning tensors in and
 latents out, until their family is registered (``register_family``).
 
 The safety checker is not loaded or run: a served image is the pipeline's image with
@@ -62,6 +64,7 @@ class PipelineFamily:
         zero_negative: ``zero_negative(pipe)``: whether a request without a negative prompt is
             guided by zero embeddings rather than the empty prompt's (SDXL's
             ``force_zeros_for_empty_prompt``).
+        components: The folder's components a prompt needs (others may be absent: SD3's T5).
     """
 
     denoiser: str
@@ -72,6 +75,7 @@ class PipelineFamily:
     steps: int = 50
     size_inputs: Callable[[Any, int, int], dict[str, torch.Tensor]] | None = None
     zero_negative: Callable[[Any], bool] = lambda pipe: False
+    components: tuple[str, ...] = ("tokenizer", "text_encoder", "vae")
 
 
 _FAMILIES: Registry[PipelineFamily] = Registry("pipeline family")
@@ -197,6 +201,33 @@ for _name, _tokens, _micro in _PIXART:
     )
 
 
+def _sd3_encode(pipe: Any, texts: list[str]) -> dict[str, torch.Tensor]:
+    # Both CLIP encoders, and the T5 encoder's tokens (zeros when the folder has no T5, as the pipeline).
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        texts, None, None, device=pipe.transformer.device, do_classifier_free_guidance=False
+    )
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def _sd3_decode(pipe: Any, latents: torch.Tensor) -> list[Any]:
+    config = pipe.vae.config
+    images = pipe.vae.decode(latents / config.scaling_factor + config.shift_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type="pil")
+
+
+register_family(
+    "StableDiffusion3Pipeline",
+    PipelineFamily(
+        denoiser="transformer",
+        encode=_sd3_encode,
+        decode=_sd3_decode,
+        guidance=7.0,
+        steps=28,
+        components=("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae"),
+    ),
+)
+
+
 def pipeline_class_of(folder: Path) -> str | None:
     """Returns the pipeline class a folder's model_index.json names (None: not a pipeline folder)."""
     index = folder / "model_index.json"
@@ -213,7 +244,8 @@ def prompt_servable(folder: Path) -> tuple[bool, str]:
     if name not in _FAMILIES.names():
         return False, f"{name} is not served by prompt yet (served: {', '.join(served_families())})"
     index = json.loads((folder / "model_index.json").read_text())
-    missing = [c for c in ("tokenizer", "text_encoder", "vae") if (index.get(c) or [None])[-1] is None]
+    needed = _FAMILIES.get(name).components
+    missing = [c for c in needed if (index.get(c) or [None])[-1] is None]
     if missing:
         return False, f"the pipeline in {folder} has no {', '.join(missing)}"
     return True, ""
@@ -294,7 +326,7 @@ class PipelineServeModel(UNetServeModel):
 
 
 class TransformerPipelineServeModel(PipelineServeModel, TransformerServeModel):
-    """A transformer pipeline (PixArt) served by prompt.
+    """A transformer pipeline (PixArt, SD3) served by prompt.
 
     ``PipelineServeModel``'s stages around a denoiser served as ``TransformerServeModel`` (its
     sample layout, sizes and shared inputs).
@@ -310,7 +342,9 @@ def load_pipeline(folder: Path) -> PipelineServeModel:
 
     name = pipeline_class_of(folder)
     family = _FAMILIES.get(name)
-    pipe = getattr(diffusers, name).from_pretrained(folder, **family.load_kwargs)
+    index = json.loads((folder / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[-1] is None}  # saved as None (SD3's T5)
+    pipe = getattr(diffusers, name).from_pretrained(folder, **{**absent, **family.load_kwargs})
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()

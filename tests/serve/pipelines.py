@@ -15,10 +15,13 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
@@ -74,10 +77,11 @@ def tiny_text_encoder(width: int = 8, seed: int = 1, projection_dim: int | None 
     return CLIPTextModel(config).eval()
 
 
-def tiny_vae(seed: int = 2) -> AutoencoderKL:
-    """Two blocks: 2 image pixels per latent pixel per side; 4 latent channels."""
+def tiny_vae(seed: int = 2, shift_factor: float | None = None) -> AutoencoderKL:
+    """Two blocks: 2 image pixels per latent pixel per side; 4 latent channels (SD3's VAE also shifts)."""
     torch.manual_seed(seed)
     return AutoencoderKL(
+        shift_factor=shift_factor,
         block_out_channels=(8, 8),
         norm_num_groups=4,
         latent_channels=4,
@@ -178,6 +182,38 @@ def tiny_pixart_pipeline(sigma: bool = False, sample_size: int = 8) -> PixArtAlp
         vae=tiny_vae(),
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline() -> StableDiffusion3Pipeline:
+    """A tiny SD3 pipeline: two CLIP encoders with projections (widths 8 + 8: pooled 16), no T5
+    (the pipeline's zeros for its 256 tokens, width 32), 4 joint blocks of width 16, the two-block
+    VAE with a shift (default image 16x16 from 8x8 latents), flow matching."""
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=4,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        out_channels=4,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(shift_factor=0.1),
+        text_encoder=tiny_text_encoder(width=8, seed=1, projection_dim=8),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=tiny_text_encoder(width=8, seed=3, projection_dim=8),
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

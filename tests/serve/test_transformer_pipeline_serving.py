@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
+from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
 
 import dcfx
 from dcfx.serve.engine import Engine, EngineConfig
@@ -20,7 +20,7 @@ from dcfx.serve.images import ImageRequest
 from dcfx.serve.models import TransformerServeModel
 from dcfx.serve.pipeline import TransformerPipelineServeModel, load_pipeline, load_served, prompt_servable
 from dcfx.serve.service import PipelineService
-from tests.serve.pipelines import tiny_pixart_pipeline
+from tests.serve.pipelines import tiny_pixart_pipeline, tiny_sd3_pipeline
 from tests.serve.test_pipeline_serving import _pixels, _png, assert_within_one_level
 
 CONFIG = dcfx.DeepCacheConfig(first=1, last=0, interval=3)
@@ -34,14 +34,18 @@ def folder(tmp_path_factory):
 
 
 def offline(folder, config=CONFIG, **call) -> list[bytes]:
-    """The PixArt pipeline loaded from ``folder`` with dcfx enabled: PNG bytes of each image."""
-    cls = PixArtSigmaPipeline if "sigma" in folder.name else PixArtAlphaPipeline
-    pipe = cls.from_pretrained(folder)
+    """The pipeline loaded from ``folder`` with dcfx enabled: PNG bytes of each image (PixArt:
+    without resolution binning)."""
+    if "sd3" in folder.name:
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    else:
+        pipe = (PixArtSigmaPipeline if "sigma" in folder.name else PixArtAlphaPipeline).from_pretrained(folder)
+        call["use_resolution_binning"] = False
     pipe.set_progress_bar_config(disable=True)
     dcfx.enable(pipe, config)
     seed = call.pop("seed")
     with torch.no_grad():
-        images = pipe(**call, use_resolution_binning=False, generator=torch.Generator().manual_seed(seed)).images
+        images = pipe(**call, generator=torch.Generator().manual_seed(seed)).images
     return [_png(image) for image in images]
 
 
@@ -127,6 +131,29 @@ def test_pixart_sigma_by_prompt(tmp_path):
         config = dcfx.DeepCacheConfig(first=2, last=1, interval=2)
         (want,) = offline(folder, config, prompt="a fox", seed=2, num_inference_steps=6)
         assert_within_one_level(got.pngs[0], want)
+    finally:
+        service.close()
+
+
+def test_sd3_by_prompt_two_clip_encoders_and_t5_zeros(tmp_path):
+    folder = tmp_path / "sd3"
+    tiny_sd3_pipeline().save_pretrained(folder)
+    service = service_of(folder, dcfx.DeepCacheConfig(first=1, last=1, interval=3), max_batch=4, batch_sizes=(2, 4))
+    try:
+        rows = service.model.encode(["a fox"])[0]
+        assert rows["encoder_hidden_states"].shape[1:] == (77 + 256, 32) and rows["pooled_projections"].shape == (1, 16)
+        config = dcfx.DeepCacheConfig(first=1, last=1, interval=3)
+        for request, call in [
+            (ImageRequest(prompt="a red fox", seed=4, steps=7), {}),
+            (
+                ImageRequest(prompt="a red fox", negative_prompt="blurry", size=(16, 24), seed=4, steps=7),
+                {"negative_prompt": "blurry", "height": 16, "width": 24},
+            ),
+        ]:
+            got = service.submit(request).result(timeout=120)
+            (want,) = offline(folder, config, prompt="a red fox", seed=4, num_inference_steps=7, **call)
+            assert_within_one_level(got.pngs[0], want)
+            assert (got.generation.full_steps, got.generation.shallow_steps) == (3, 4)
     finally:
         service.close()
 
