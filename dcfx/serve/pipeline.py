@@ -303,6 +303,13 @@ class PipelineServeModel(UNetServeModel):
         if name != OWN_SCHEDULER and name not in available_schedulers():
             kinds = ", ".join([OWN_SCHEDULER, *available_schedulers()])
             raise ValueError(f"unknown scheduler {name!r}; valid: {kinds} ({OWN_SCHEDULER!r}: the folder's own)")
+        if name == OWN_SCHEDULER and self.scheduler_config.get("use_dynamic_shifting"):
+            # The pipeline shifts such a schedule by the image's token count (its "mu"); the engine
+            # sets timesteps by the number of steps only, so it would run another schedule.
+            raise ValueError(
+                f"the folder's scheduler ({self.scheduler_class.__name__}) shifts its timesteps by the image size "
+                "(use_dynamic_shifting); the server sets a schedule by its number of steps only: not served"
+            )
 
     def encode(self, texts: list[str]) -> list[dict[str, torch.Tensor]]:
         """Returns each text's conditioning row(s), encoded in one call of the text encoder."""

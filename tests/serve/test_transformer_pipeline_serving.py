@@ -154,6 +154,10 @@ def test_sd3_by_prompt_two_clip_encoders_and_t5_zeros(tmp_path):
             (want,) = offline(folder, config, prompt="a red fox", seed=4, num_inference_steps=7, **call)
             assert_within_one_level(got.pngs[0], want)
             assert (got.generation.full_steps, got.generation.shallow_steps) == (3, 4)
+        # A schedule the pipeline shifts by the image size is refused by name, before any work.
+        service.model.scheduler_config["use_dynamic_shifting"] = True
+        with pytest.raises(ValueError, match="use_dynamic_shifting"):
+            service.submit(ImageRequest(prompt="a red fox", seed=4, steps=7))
     finally:
         service.close()
 
