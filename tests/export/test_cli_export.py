@@ -29,6 +29,7 @@ def test_export_then_inspect(tmp_path, capsys):
     assert "all sha256 ok" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_inspect_reports_a_tampered_export(onnx_sd, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(onnx_sd, copy)

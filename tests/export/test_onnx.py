@@ -39,6 +39,7 @@ def calls(unet, batch, height, width, ts=(900, 800, 700, 600, 500), tokens=7):
     ("batch", "height", "width", "tokens"),
     [(1, 8, 8, 7), (2, 16, 24, 3), (4, 32, 32, 21), (3, 24, 8, 14)],
 )
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_matches_eager_runtime_at_several_sizes(onnx_sd, batch, height, width, tokens):
     loaded = dcfx.load(onnx_sd)
     eager = dcfx.compile(sd_unet(), branch=SD_BRANCH, interval=3)
@@ -48,6 +49,7 @@ def test_matches_eager_runtime_at_several_sizes(onnx_sd, batch, height, width, t
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_pipeline_schedule_equals_eager_runtime(onnx_sd):
     # Every U-Net call of a 10-step pipeline run with the eager runtime, replayed on the export.
     reference = make_sd_pipeline(sd_unet())
@@ -74,6 +76,7 @@ def test_pipeline_schedule_equals_eager_runtime(onnx_sd):
 
 
 @pytest.mark.parametrize(("batch", "height", "width"), [(2, 16, 16), (1, 24, 8)])
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_forecast_sampling_loop_equals_eager_runtime(onnx_sd, batch, height, width):
     x, call = forecast_case(batch, height, width)
     scheduler = DDIMScheduler()
@@ -92,6 +95,7 @@ def test_forecast_sampling_loop_equals_eager_runtime(onnx_sd, batch, height, wid
     torch.testing.assert_close(again, got, atol=0, rtol=0)
 
 
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_load_changes_the_schedule_not_the_branch(onnx_sd):
     loaded = dcfx.load(onnx_sd, interval=2)
     assert loaded.deepcache_config.interval == 2 and loaded.deepcache_config.branch == SD_BRANCH
@@ -103,6 +107,7 @@ def test_load_changes_the_schedule_not_the_branch(onnx_sd):
         dcfx.load(onnx_sd, cuda_graph=True)
 
 
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_loaded_runtime_has_no_original_to_restore_or_save(onnx_sd, tmp_path):
     pipe = make_sd_pipeline(sd_unet())
     pipe.unet = dcfx.load(onnx_sd, scheduler=pipe.scheduler)
@@ -121,6 +126,7 @@ def test_example_outside_the_shapes_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("graph", ["shallow", "forecast"])
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_shallow_weights_are_stored_once(onnx_sd, graph):
     manifest = read_manifest(onnx_sd)
     sizes = manifest.format_data["weights"]
@@ -136,6 +142,7 @@ def test_shallow_weights_are_stored_once(onnx_sd, graph):
         assert (onnx_sd / name).stat().st_size < 5e6  # graphs only; the weights live in weights.bin
 
 
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_graph_io_carries_the_dimension_names(onnx_sd):
     model = onnx.load(str(onnx_sd / "shallow.onnx"), load_external_data=False)
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
@@ -155,6 +162,7 @@ def test_graph_io_carries_the_dimension_names(onnx_sd):
     assert manifest["model"]["class"] == "UNet2DConditionModel" and manifest["deepcache"]["branch"] == SD_BRANCH
 
 
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_trtexec_script_covers_the_ranges(onnx_sd):
     script = (onnx_sd / "trtexec.sh").read_text()
     fp16 = [line for line in script.splitlines() if line.startswith("trtexec")]
@@ -171,6 +179,7 @@ def test_trtexec_script_covers_the_ranges(onnx_sd):
 
 
 @pytest.mark.parametrize(("batch", "height", "match"), [(2, 40, r"\(height\) is 40"), (2, 15, "15")])
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_inputs_outside_the_export_are_refused(onnx_sd, batch, height, match):
     loaded = dcfx.load(onnx_sd)
     with pytest.raises(ValueError, match=match):
@@ -180,6 +189,7 @@ def test_inputs_outside_the_export_are_refused(onnx_sd, batch, height, match):
     assert loaded.stats == {"full": 0, "shallow": 0}
 
 
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_runs_in_a_fresh_process_without_diffusers(onnx_sd, tmp_path):
     g = torch.Generator().manual_seed(3)
     x, ehs = torch.randn(2, 4, 16, 24, generator=g), torch.randn(2, 7, 8, generator=g)
@@ -240,6 +250,7 @@ def test_other_inputs_enter_the_export(tmp_path, layout):
 
 
 @pytest.mark.parametrize("batch", [5, 9])
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_a_batch_above_the_range_runs_in_chunks(onnx_sd, batch):
     # The export takes batches 1..4: 5 runs as 3 + 2 rows, 9 as 3 + 3 + 3, each chunk writing
     # its rows of the outputs and of the cache buffer; forecasting reads both buffers in chunks.
@@ -253,6 +264,7 @@ def test_a_batch_above_the_range_runs_in_chunks(onnx_sd, batch):
     assert loaded._state().cache.shape[0] == batch
 
 
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_a_loaded_export_refuses_to_be_pickled_or_copied(onnx_sd):
     loaded = dcfx.load(onnx_sd)
     for copy_it in (copy.deepcopy, pickle.dumps):

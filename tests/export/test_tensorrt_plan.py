@@ -15,6 +15,7 @@ from tests.export.conftest import sd_unet
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_profiles_from_the_manifest_ranges(onnx_sd):
     manifest = read_manifest(onnx_sd)
     full = profile_shapes(manifest.graphs["full"].inputs, manifest.dims)
@@ -29,6 +30,7 @@ def test_profiles_from_the_manifest_ranges(onnx_sd):
     assert list(forecast) == [*shallow, "cache_previous"]
 
 
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_engine_build_plan(onnx_sd):
     manifest = read_manifest(onnx_sd)
     plan = build_plan(manifest.graphs, manifest.dims, precision="fp32", workspace=1 << 30)
@@ -44,6 +46,7 @@ def test_engine_build_plan(onnx_sd):
         build_plan(manifest.graphs, manifest.dims, precision="int4")
 
 
+@pytest.mark.slow  # the session's SD ONNX export: 30 s of the fast tier
 def test_engine_for_another_gpu_or_version_is_refused(onnx_sd):
     manifest = read_manifest(onnx_sd)
     manifest.graphs["full"].file = "full.plan"

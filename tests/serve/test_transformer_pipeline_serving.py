@@ -135,6 +135,7 @@ def test_pixart_sigma_by_prompt(tmp_path):
         service.close()
 
 
+@pytest.mark.slow
 def test_sd3_by_prompt_two_clip_encoders_and_t5_zeros(tmp_path):
     folder = tmp_path / "sd3"
     tiny_sd3_pipeline().save_pretrained(folder)
