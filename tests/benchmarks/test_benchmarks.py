@@ -154,3 +154,35 @@ def test_graph_speed_times_the_forecast_graph(tmp_path):
         assert len(row["forecast_times_s"]) == 2 and row["forecast_median_s"] > 0
         assert row["forecast_over_shallow"] == row["forecast_median_s"] / row["shallow_median_s"]
     assert "| forecast / shallow |" in (tmp_path / "small-sd_latent16_batch2_forecast.md").read_text()
+
+
+def test_transformer_speed_sized_pixart_runs_pixart_latents():
+    # The stand-in VAE has one block (1 pixel per latent pixel): the call must ask for 32x32 pixels
+    # so that the latents are PixArt's at 256x256 (a run asked 256x256 of it once: 64x the tokens).
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from transformer_speed import pixart_sized
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    sized = pixart_sized("pixart-medium")
+    latent = sized.call["height"] // sized.pipe.vae_scale_factor
+    assert latent == sized.call["width"] // sized.pipe.vae_scale_factor == 32
+    assert len(sized.transformer.transformer_blocks) == 12
+
+
+@pytest.mark.slow
+def test_transformer_speed_smoke(tmp_path):
+    run_script(
+        "transformer_speed.py",
+        *("--models", "dit", "--variants", "plain-eager,cachedit-eager,dcfx-eager", "--steps", "6"),
+        *("--repeats", "1", "--threads", "1", "--out", str(tmp_path)),
+    )
+    result = json.loads((tmp_path / "transformer_speed_dit.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"plain-eager", "cachedit-eager", "dcfx-eager"} and not any("error" in r for r in rows.values())
+    ours = rows["dcfx-eager"]
+    assert ours["vs_cachedit"] == 0.0  # the same latents as cache-dit at the same F, B and mask
+    r = ours["flop_share"]
+    assert 0 < r < 1 and ours["ideal"] == pytest.approx(6 / (2 + 4 * r))  # 1:3 over 6 steps: 2 full, 4 cached
+    assert ours["of_ideal"] == pytest.approx(ours["speedup"] / ours["ideal"])
+    assert "| dit | dcfx-eager |" in (tmp_path / "transformer_speed_dit.md").read_text()
