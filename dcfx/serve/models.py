@@ -107,9 +107,21 @@ class ServeModel:
         return make_scheduler(name, self.scheduler_config)
 
     def check_scheduler(self, name: str) -> None:
-        """Raises ValueError unless ``name`` is a registered scheduler kind."""
+        """Raises ValueError unless ``name`` is a registered scheduler kind this model's config can run."""
         if name not in available_schedulers():
             raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(available_schedulers())}")
+        self._check_schedule(name)
+
+    def _check_schedule(self, name: str) -> None:
+        """Raises ValueError for a scheduler that shifts its timesteps by the image size (Flux's)."""
+        scheduler = self.scheduler(name)
+        if scheduler.config.get("use_dynamic_shifting"):
+            # Its pipeline passes the shift ("mu") from the image's token count; the engine sets a
+            # schedule by the number of steps only, so it would run another schedule (or fail).
+            raise ValueError(
+                f"scheduler {name!r} ({type(scheduler).__name__}) of {self.name} shifts its timesteps by the image "
+                "size (use_dynamic_shifting); the server sets a schedule by its number of steps only: not served"
+            )
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Returns the request's noise and conditioning rows (ValueError/TypeError for a bad request)."""

@@ -65,6 +65,8 @@ class PipelineFamily:
             guided by zero embeddings rather than the empty prompt's (SDXL's
             ``force_zeros_for_empty_prompt``).
         components: The folder's components a prompt needs (others may be absent: SD3's T5).
+        min_steps: The fewest steps a request may ask for (PixArt's pipeline returns another
+            output of the scheduler at one step, which the server does not).
     """
 
     denoiser: str
@@ -76,6 +78,7 @@ class PipelineFamily:
     size_inputs: Callable[[Any, int, int], dict[str, torch.Tensor]] | None = None
     zero_negative: Callable[[Any], bool] = lambda pipe: False
     components: tuple[str, ...] = ("tokenizer", "text_encoder", "vae")
+    min_steps: int = 1
 
 
 _FAMILIES: Registry[PipelineFamily] = Registry("pipeline family")
@@ -197,6 +200,7 @@ for _name, _tokens, _micro in _PIXART:
             guidance=4.5,
             steps=20,
             size_inputs=_micro,
+            min_steps=2,
         ),
     )
 
@@ -303,13 +307,7 @@ class PipelineServeModel(UNetServeModel):
         if name != OWN_SCHEDULER and name not in available_schedulers():
             kinds = ", ".join([OWN_SCHEDULER, *available_schedulers()])
             raise ValueError(f"unknown scheduler {name!r}; valid: {kinds} ({OWN_SCHEDULER!r}: the folder's own)")
-        if name == OWN_SCHEDULER and self.scheduler_config.get("use_dynamic_shifting"):
-            # The pipeline shifts such a schedule by the image's token count (its "mu"); the engine
-            # sets timesteps by the number of steps only, so it would run another schedule.
-            raise ValueError(
-                f"the folder's scheduler ({self.scheduler_class.__name__}) shifts its timesteps by the image size "
-                "(use_dynamic_shifting); the server sets a schedule by its number of steps only: not served"
-            )
+        self._check_schedule(name)
 
     def encode(self, texts: list[str]) -> list[dict[str, torch.Tensor]]:
         """Returns each text's conditioning row(s), encoded in one call of the text encoder."""

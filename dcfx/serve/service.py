@@ -139,6 +139,9 @@ class PipelineService:
         self.model.latent_size(height, width)
         self.model.check_scheduler(request.scheduler)
         self.engine.setting(request.interval, request.forecast)
+        least = self.model.family.min_steps
+        if request.steps is not None and request.steps < least:
+            raise ValueError(f"{type(self.model.pipe).__name__} takes at least {least} steps, got {request.steps}")
         rows = request.n * (2 if self.guidance(request) > 1 else 1)
         if rows > self.engine.config.max_batch:
             raise ValueError(

@@ -67,6 +67,11 @@ def test_pixart_by_prompt_equals_the_offline_pipeline_then_concurrent_requests_s
         assert_within_one_level(alone.pngs[0], expected[0])
         assert (alone.generation.full_steps, alone.generation.shallow_steps) == (4, 6)  # the cut ran: 1:3
         assert _pixels(alone.pngs[0]).shape == (16, 16, 3)
+        # One step: PixArt's pipeline returns the scheduler's other output there; refused by name.
+        submitted = service.stats()["submitted"]
+        with pytest.raises(ValueError, match="PixArtAlphaPipeline takes at least 2 steps, got 1"):
+            service.submit(ImageRequest(prompt="a red fox", steps=1))
+        assert service.stats()["submitted"] == submitted
 
         # n images, a negative prompt and a non-square size: the pipeline's num_images_per_prompt.
         request = ImageRequest(prompt="a red fox", negative_prompt="blurry", n=2, size=(16, 24), seed=5, steps=8)

@@ -183,3 +183,20 @@ def test_a_unet_is_no_transformer():
 
     with pytest.raises(TypeError, match="is not a diffusion transformer: serve it with UNetServeModel"):
         TransformerServeModel(tiny_sd(), {}, name="unet")
+
+
+def test_a_schedule_shifted_by_image_size_is_refused_before_any_work():
+    # Flux's own scheduler config (use_dynamic_shifting): its pipeline shifts the schedule by the
+    # image's token count, which the engine does not; a request for it is refused by name.
+    tiny = BUILDERS["flux"]()
+    config = {k: v for k, v in tiny.pipe.scheduler.config.items() if not k.startswith("_")}  # as a folder's
+    config["use_dynamic_shifting"] = True
+    model = TransformerServeModel(tiny.transformer, config, name="flux")
+    engine = Engine(dcfx.compile(model.unet, **CUT), model)
+    cond = {"encoder_hidden_states": torch.zeros(1, 7, 32), "pooled_projections": torch.zeros(1, 32)}
+    with pytest.raises(ValueError, match=r"scheduler 'flow' \(FlowMatchEulerDiscreteScheduler\).*use_dynamic_shifting"):
+        engine.submit(GenerationRequest(conditioning=cond, size=(8, 8), scheduler="flow"))
+    assert engine.stats()["submitted"] == 0
+    model.scheduler_config["use_dynamic_shifting"] = False  # the same model without the shift serves
+    result = engine.run([GenerationRequest(conditioning=cond, size=(8, 8), steps=3, scheduler="flow")])[0]
+    assert result.latents.isfinite().all()
