@@ -8,7 +8,6 @@ by diffusers with the same dcfx config, seed, prompt and settings.
 from __future__ import annotations
 
 import io
-import threading
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from dcfx.serve.engine import Engine, EngineConfig
 from dcfx.serve.images import ImageRequest, parse_images_request, response_body
 from dcfx.serve.pipeline import PipelineServeModel, load_pipeline, load_served, prompt_servable
 from dcfx.serve.service import PipelineService
+from tests.serve.helpers import held
 from tests.serve.pipelines import save_tiny_sd_pipeline, tiny_sdxl_pipeline
 
 CONFIG = dcfx.DeepCacheConfig(branch=0, interval=3)
@@ -94,11 +94,9 @@ def test_served_images_equal_the_offline_pipeline_then_concurrent_requests_share
         # encoder and the VAE take what waits together; each image stays its offline image
         # (within one level of a pixel where the batch size changed the kernels).
         calls_before = service.stats()["text_encoder_calls"]
-        gate = threading.Event()
-        service.encoder.submit(["hold"]).add_done_callback(lambda _: gate.wait(10))  # the encoder busy
         prompts = ["a red fox", "a blue car", "a green tree"]
-        futures = [service.submit(ImageRequest(prompt=p, seed=i, steps=10)) for i, p in enumerate(prompts)]
-        gate.set()
+        with held(service.encoder, ["hold"]):  # the encoder busy while the three arrive
+            futures = [service.submit(ImageRequest(prompt=p, seed=i, steps=10)) for i, p in enumerate(prompts)]
         results = [f.result(timeout=120) for f in futures]
         stats = service.stats()
         assert stats["text_encoder_calls"] - calls_before <= 2  # the held call, then all three together

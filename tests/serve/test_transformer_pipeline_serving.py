@@ -8,8 +8,6 @@ same folder loaded by diffusers with the same dcfx config, seed and prompt, at
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
@@ -20,6 +18,7 @@ from dcfx.serve.images import ImageRequest
 from dcfx.serve.models import TransformerServeModel
 from dcfx.serve.pipeline import TransformerPipelineServeModel, load_pipeline, load_served, prompt_servable
 from dcfx.serve.service import PipelineService
+from tests.serve.helpers import held
 from tests.serve.pipelines import tiny_pixart_pipeline, tiny_sd3_pipeline
 from tests.serve.test_pipeline_serving import _pixels, _png, assert_within_one_level
 
@@ -93,11 +92,9 @@ def test_pixart_by_prompt_equals_the_offline_pipeline_then_concurrent_requests_s
 
         # Three requests at once after those: one text-encoder call for all of them (their prompt
         # masks differ: each row keeps its own), each image its offline image.
-        gate = threading.Event()
-        service.encoder.submit(["hold"]).add_done_callback(lambda _: gate.wait(10))
         prompts = ["a red fox", "a blue car in the rain", "tree"]
-        futures = [service.submit(ImageRequest(prompt=p, seed=i, steps=6)) for i, p in enumerate(prompts)]
-        gate.set()
+        with held(service.encoder, ["hold"]):
+            futures = [service.submit(ImageRequest(prompt=p, seed=i, steps=6)) for i, p in enumerate(prompts)]
         results = [f.result(timeout=120) for f in futures]
         assert max(service.stats()["text_encoder_items_per_call"]) >= 3
         for i, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
