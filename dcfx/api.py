@@ -12,8 +12,8 @@ from dcfx import schedule
 from dcfx.backends import check_options, get_backend
 from dcfx.builds import BuildRequest, cache_dir_from, make_build
 from dcfx.config import DeepCacheConfig
-from dcfx.export.axes import model_dims, spatial_multiple
-from dcfx.export.shapes import TRANSFORMER_TOKENS, DimRange, default_side_range, parse_dims
+from dcfx.export.axes import frame_multiple, model_dims, spatial_multiple
+from dcfx.export.shapes import FRAMES, TRANSFORMER_TOKENS, DimRange, default_side_range, parse_dims
 from dcfx.hooks import check_capturable
 from dcfx.models import ModelSpec, TransformerSpec
 from dcfx.resolve import check_branch, model_spec, split_config_fields
@@ -49,7 +49,7 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
             ``True`` (batch 1-16, heights and widths from half to twice the model's size,
             prompts of 2-308 tokens, a transformer's 2-512) or ``{"batch": (min, max), "height": ..., "width": ...,
             "tokens": ...}`` as ``dcfx.export``'s ``shapes`` (an int is static; a prompt length
-            left out is the first call's, static). Eager runs
+            left out is the first call's, static; so is a video transformer's ``"frames"``). Eager runs
             one symbolic capture; Inductor compiles ahead of time (AOTInductor). A call
             outside the ranges is refused with a ValueError naming the dimension.
         cache_dir: Inductor only: keep the graphs compiled ahead of time (AOTInductor
@@ -96,11 +96,13 @@ def compile(  # noqa: A001  (the public verb shadows the builtin inside this mod
 
 def _from_first_call(spec: ModelSpec, unet: nn.Module, dynamic: bool | Mapping[str, Any] | None) -> tuple[str, ...]:
     # A prompt length the ranges leave out is the first call's, static (as an export takes its
-    # example's): a model with 4 class tokens must not be held to CLIP's 77.
+    # example's): a model with 4 class tokens must not be held to CLIP's 77. So is a video's
+    # frame count unless the ranges name it.
     takes_context = spec.context_input in spec.signature(unet).parameters
-    if isinstance(dynamic, Mapping) and "tokens" not in dynamic and takes_context:
-        return ("tokens",)
-    return ()
+    names = ("tokens",) if isinstance(dynamic, Mapping) and "tokens" not in dynamic and takes_context else ()
+    if FRAMES in spec.sample_dims and not (isinstance(dynamic, Mapping) and FRAMES in dynamic):
+        names = (*names, FRAMES)
+    return names
 
 
 def _dynamic_dims(
@@ -108,16 +110,17 @@ def _dynamic_dims(
 ) -> dict[str, DimRange] | None:
     """Returns the ranges of ``dynamic=`` as the model's inputs carry them (None: static shapes).
 
-    Image U-Nets and image transformers take batch, height, width (latent pixels, multiples of
-    the downsampling factor or patch size) and tokens (the prompt's length); a transformer on
+    Image U-Nets and transformers take batch, height, width (latent pixels, multiples of the
+    downsampling factor or patch size) and tokens (the prompt's length); a transformer on
     packed tokens (Flux) takes heights and widths too, carried as one count of image tokens
-    (``dcfx.export.axes.model_dims``). Video models (a frames dimension) are refused.
+    (``dcfx.export.axes.model_dims``); a video transformer (Wan) also takes frames (latent
+    frames; the first call's unless named). Video U-Nets are refused.
     """
     if dynamic is None or dynamic is False:
         return None
-    if "frames" in spec.sample_dims:
+    if FRAMES in spec.sample_dims and not isinstance(spec, TransformerSpec):
         raise TypeError(
-            f"dynamic= takes image U-Nets and image transformers; {type(unet).__name__} takes video samples "
+            f"dynamic= takes image U-Nets and transformers; {type(unet).__name__} is a video U-Net taking "
             f"({', '.join(spec.sample_dims)}): compile it with static shapes"
         )
     if dynamic is not True and not isinstance(dynamic, Mapping):
@@ -133,7 +136,9 @@ def _dynamic_dims(
     if not takes_context:
         ranges.pop("tokens", None)
     tokens = 77 if takes_context else None
-    return model_dims(unet, parse_dims(ranges, size, multiple, tokens=tokens))
+    frames = 1 if FRAMES in spec.sample_dims else None  # the first call's, unless the ranges name them
+    dims = parse_dims(ranges, size, multiple, tokens=tokens, frames=frames, frame_multiple=frame_multiple(unet))
+    return model_dims(unet, dims)
 
 
 def enable(pipe: Any, config: DeepCacheConfig | str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:

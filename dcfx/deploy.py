@@ -1,12 +1,12 @@
 """The deployment verbs: ``dcfx.export`` writes the graph pair in a format, ``dcfx.load`` runs it.
 
 ``export`` captures the model (a U-Net, or a diffusion transformer) over ranges of batch,
-height, width and prompt length, cuts it, writes the full and shallow graphs and the forecast
-graph (the shallow graph on a forecast of the feature, for ``forecast="linear"``) in a format
-plus manifest.json, and checks the written graphs against the in-process ones
-(``dcfx.export.writer``). ``load`` verifies a directory and returns the same runtime as
-``dcfx.compile`` over the exported graphs, without the model object and without diffusers'
-model code.
+height, width, prompt length and (a video transformer's) latent frames, cuts it, writes the
+full and shallow graphs and the forecast graph (the shallow graph on a forecast of the feature,
+for ``forecast="linear"``) in a format plus manifest.json, and checks the written graphs
+against the in-process ones (``dcfx.export.writer``). ``load`` verifies a directory and returns
+the same runtime as ``dcfx.compile`` over the exported graphs, without the model object and
+without diffusers' model code.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from dcfx.config import DeepCacheConfig
-from dcfx.export.axes import call_sizes, model_dims, spatial_multiple, trace_call, trace_sizes
+from dcfx.export.axes import (
+    call_sizes,
+    frame_multiple,
+    model_dims,
+    sample_frames,
+    spatial_multiple,
+    trace_call,
+    trace_sizes,
+)
 from dcfx.export.loaded import ExportedModel, ExportedPair
 from dcfx.export.manifest import FORECAST, ArtifactError, read_manifest
 from dcfx.export.registry import check_format_options, get_format
@@ -63,16 +71,17 @@ def export(
             the schedule and the forecast mode are recorded
             as ``load``'s defaults (every export carries the forecast graph, whatever the mode).
         format: ``"onnx"``, ``"tensorrt"`` or ``"aoti"`` (``dcfx.export.available_formats()``).
-        shapes: ``{"batch": ..., "height": ..., "width": ..., "tokens": ...}``, heights and
-            widths in latent pixels, tokens the prompt length (the cross-attention states' second
-            dimension; long prompts come as 77 x k): an int (static), ``(min, max)`` or
-            ``(min, opt, max)``. Defaults: batch (1, 2, 4), height and width from half to twice
-            ``unet.config.sample_size`` (a ``UNetModel``'s ``image_size``), tokens the
-            example's (77 for the built-in example; static). A transformer's heights and widths
-            are multiples of its patch size (Flux's: of 2, carried as ``image_tokens``, the
-            count of 2x2 latent patches); its tokens default to (2, 77, 512) without
-            ``example``. A model that derives output sizes from what the trace fixes (DiT:
-            square latents) is refused a range of them by name.
+        shapes: ``{"batch": ..., "height": ..., "width": ..., "tokens": ...}``, heights and widths in
+            latent pixels, tokens the prompt length (the cross-attention states' second dimension;
+            long prompts come as 77 x k), and for a video transformer (Wan) ``"frames"``, latent
+            frames (default: the example's, static; 1 without one): an int (static), ``(min, max)``
+            or ``(min, opt, max)``. Defaults: batch (1, 2, 4), height and width from half to twice
+            ``unet.config.sample_size`` (a ``UNetModel``'s ``image_size``), tokens the example's
+            (77 for the built-in example; static). A transformer's heights and widths are multiples
+            of its patch size (Flux's: of 2, carried as ``image_tokens``, the count of 2x2 latent
+            patches); its tokens default to (2, 77, 512) without ``example``. A model that derives
+            output sizes from what the trace fixes (DiT: square latents) is refused a range of them
+            by name.
         dtype: The graphs' dtype (default: the model's); a copy of the model is cast.
         example: Keyword arguments of one model call at sizes inside the ranges, for inputs the
             built-in example lacks (ControlNet residuals) or sizes it guesses; default: a typical
@@ -87,16 +96,16 @@ def export(
         The export directory.
 
     Raises:
-        TypeError: unsupported model (video U-Nets and transformers are not exported),
+        TypeError: unsupported model (video U-Nets are not exported),
             unknown option, config and fields both given.
         ValueError: bad cut, shapes or format; ranges the model cannot be traced over.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
         ImportError: the format's packages are missing (checked before any work).
     """
     spec = model_spec(unet)
-    if "frames" in spec.sample_dims:
+    if "frames" in spec.sample_dims and not isinstance(spec, TransformerSpec):
         raise TypeError(
-            f"dcfx.export takes image U-Nets and image transformers; {type(unet).__name__} takes "
+            f"dcfx.export takes image U-Nets and transformers; {type(unet).__name__} is a video U-Net taking "
             f"({', '.join(spec.sample_dims)}). Use dcfx.compile for it (eager or inductor)."
         )
     cfg, options = split_config_fields(config, kwargs)
@@ -122,10 +131,14 @@ def export(
     typical = example or spec.example_call(model, spec.sample_shape(model, 1, 8, 8), dtype, device)
     context = typical.get(spec.context_input)
     tokens = int(context.shape[1]) if isinstance(context, torch.Tensor) and context.ndim == 3 else None
+    (names, tensors), _ = spec.flatten(model, (), dict(typical))
+    frames = sample_frames(model, names, tensors)
     shapes = dict(shapes or {})
     if isinstance(spec, TransformerSpec) and example is None and tokens is not None:
         shapes.setdefault("tokens", TRANSFORMER_TOKENS)  # the built-in example's length means nothing
-    dims = model_dims(model, parse_dims(shapes, spec.default_size(unet), multiple, tokens=tokens))
+    size = spec.default_size(unet)
+    dims = parse_dims(shapes, size, multiple, tokens=tokens, frames=frames, frame_multiple=frame_multiple(unet))
+    dims = model_dims(model, dims)
     call = _traced_call(model, spec, dims, example, dtype, device)
     return write_export(
         model, spec, cfg, out_dir, format, dims, call, options=options, overwrite=overwrite, progress=progress

@@ -2,7 +2,8 @@
 
 The dimensions are ``batch``, ``height`` and ``width`` (latent pixels), ``tokens`` (the
 prompt: the length of the text states) and, for a transformer on packed tokens (Flux),
-``image_tokens`` (its sample is ``(batch, image_tokens, channels)``, 2x2 latent patches).
+``image_tokens`` (its sample is ``(batch, image_tokens, channels)``, 2x2 latent patches),
+and for a video transformer (Wan) ``frames`` (latent frames).
 ``named_axes`` says, for each flat input of a call, which axis carries which dimension and
 at what divisor (a ControlNet residual at half the sample's resolution carries ``height/2``);
 everything that sizes, resizes or marks a call dynamic reads it, so no rule below knows a
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from dcfx.export.shapes import IMAGE_TOKENS, DimRange
+from dcfx.export.shapes import FRAMES, IMAGE_TOKENS, DimRange
 from dcfx.models import spec_for
 from dcfx.models.transformer import UNBATCHED
 
@@ -30,6 +31,8 @@ TEXT_TOKEN_AXES = {"encoder_attention_mask": 1, "txt_ids": 0}
 IMAGE_TOKEN_AXES = {"img_ids": 0}
 # The latent pixels of one packed token per side (Flux packs 2x2 latent patches).
 PACKING = 2
+# Dimensions that move in steps of a multiple (traced in units of it).
+UNIT_DIMS = ("height", "width", FRAMES)
 
 Axes = dict[str, dict[int, tuple[str, int]]]  # input name -> axis -> (dimension, divisor)
 
@@ -37,6 +40,20 @@ Axes = dict[str, dict[int, tuple[str, int]]]  # input name -> axis -> (dimension
 def packed(spec: Any) -> bool:
     """Returns whether the model takes its sample as packed tokens ``(batch, tokens, channels)``."""
     return tuple(spec.sample_dims) == ("batch", "tokens", "channels")
+
+
+def frame_multiple(model: nn.Module) -> int:
+    """Returns what a video model's latent frame counts must be multiples of (its temporal patch; 1 for images)."""
+    patch = getattr(getattr(model, "config", None), "patch_size", None)
+    return int(patch[0]) if isinstance(patch, (tuple, list)) and len(patch) == 3 else 1
+
+
+def sample_frames(model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> int | None:
+    """Returns the latent frames of a video model's call (None for an image model)."""
+    spec = spec_for(model)
+    if FRAMES not in spec.sample_dims:
+        return None
+    return int(tensors[names.index(spec.sample_input)].shape[spec.sample_dims.index(FRAMES)])
 
 
 def spatial_multiple(model: nn.Module) -> int:
@@ -49,17 +66,20 @@ def named_axes(model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Te
     """Returns which axis of each flat input carries which named dimension, and at what divisor.
 
     Every input whose first axis is the sample's batch carries the batch (not token positions,
-    which have none); 4-d inputs of an image model (the sample, ControlNet residuals) carry
-    height and width, divided by their ratio to the sample's; the text states carry the tokens
+    which have none); inputs of the sample's rank (the sample, ControlNet residuals) carry its
+    height and width (and a video's frames) on the sample's axes, divided by their ratio to
+    the sample's; the text states carry the tokens
     on their second axis, as do the inputs of ``TEXT_TOKEN_AXES`` whose axis has their length.
     A packed sample carries the image tokens on its second axis.
 
     Raises:
-        ValueError: a 4-d input whose size is not the sample's divided by a whole number.
+        ValueError: an input of the sample's rank whose size is not the sample's divided by a
+            whole number.
     """
     spec = spec_for(model)
     sample = tensors[names.index(spec.sample_input)]
     is_packed = packed(spec)
+    spatial = [(spec.sample_dims.index(d), d) for d in (FRAMES, "height", "width") if d in spec.sample_dims]
     context = tensors[names.index(spec.context_input)] if spec.context_input in names else None
     tokens = int(context.shape[1]) if context is not None and context.ndim == 3 else None
     out: Axes = {}
@@ -71,13 +91,13 @@ def named_axes(model: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Te
             axes[1] = (IMAGE_TOKENS, 1)
         elif is_packed and name in IMAGE_TOKEN_AXES and _has(tensor, IMAGE_TOKEN_AXES[name], sample.shape[1]):
             axes[IMAGE_TOKEN_AXES[name]] = (IMAGE_TOKENS, 1)
-        elif not is_packed and tensor.ndim == 4 and sample.ndim == 4:
-            for axis, dim in ((2, "height"), (3, "width")):
+        elif not is_packed and tensor.ndim == sample.ndim >= 4:
+            for axis, dim in spatial:
                 ratio, rest = divmod(sample.shape[axis], tensor.shape[axis])
                 if rest or ratio < 1:
                     raise ValueError(
-                        f"a 4-d input ({name}) of spatial size {tuple(tensor.shape[2:])} does not scale with the "
-                        f"sample {tuple(sample.shape[2:])} by a whole number; export it with a static {dim}"
+                        f"a {tensor.ndim}-d input ({name}) of size {tuple(tensor.shape)} does not scale with the "
+                        f"sample {tuple(sample.shape)} by a whole number; export it with a static {dim}"
                     )
                 axes[axis] = (dim, ratio)
         if name == spec.context_input and tokens is not None:
@@ -138,13 +158,13 @@ def resize_call(
 def export_dims(dims: Mapping[str, DimRange]) -> dict[str, Any]:
     """Returns ``torch.export`` dims for the named ranges (None for a static one).
 
-    Heights and widths count in units of their multiple (the downsampling factor), so that
-    every traced size stays a multiple of it.
+    Heights and widths (and frames) count in units of their multiple (the downsampling factor,
+    the temporal patch), so that every traced size stays a multiple of it.
     """
     return {
         name: None
         if dim.static
-        else Dim(f"{name}_units" if name in ("height", "width") else name, min=_units(dim, 0), max=_units(dim, 1))
+        else Dim(f"{name}_units" if name in UNIT_DIMS else name, min=_units(dim, 0), max=_units(dim, 1))
         for name, dim in dims.items()
     }
 
@@ -169,7 +189,7 @@ def dynamic_axes(
         for axis, (dim, divisor) in axes.items():
             if torch_dims.get(dim) is None:
                 continue
-            multiple = dims[dim].multiple if dim in ("height", "width") else 1
+            multiple = dims[dim].multiple if dim in UNIT_DIMS else 1
             if multiple % divisor:
                 raise ValueError(
                     f"input {name!r} is at 1/{divisor} of the {dim}, which moves in steps of {multiple}: its size "

@@ -84,11 +84,12 @@ class ExportedModel(nn.Module):
         """Refuses: an exported model runs through ``dcfx.load``'s runtime only."""
         raise RuntimeError("an exported model has no eager forward; call the module dcfx.load returned")
 
-    def cache_context(self, name: str) -> contextlib.AbstractContextManager[None]:
+    def cache_context(self, name: str, **kwargs: Any) -> contextlib.AbstractContextManager[None]:
         """Returns a context that does nothing: an export has none of diffusers' cache hooks.
 
         Pipelines of diffusion transformers (Flux) enter ``transformer.cache_context("cond")``
-        around each call, for the hooks of diffusers' own caching methods.
+        around each call, for the hooks of diffusers' own caching methods; Wan's pass the step
+        (``step_index``, ``sigma``, ``num_inference_steps``) too.
         """
         return contextlib.nullcontext()
 

@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
 from dcfx.export.axes import (
+    UNIT_DIMS,
     Axes,
     call_sizes,
     dynamic_axes,
@@ -301,8 +302,8 @@ def _feature_axes(feature: TensorSpec, dims: Mapping[str, DimRange]) -> dict[int
         poly = sympy.Poly(value, symbol) if value.is_polynomial(symbol) else None
         if torch_dims.get(name) is None or poly is None or poly.degree() != 1:
             continue
-        # The torch dim counts units of the multiple (heights and widths): dim = multiple * units.
-        scale = poly.coeff_monomial(symbol) * (dims[name].multiple if name in ("height", "width") else 1)
+        # The torch dim counts units of the multiple (heights, widths, frames): dim = multiple * units.
+        scale = poly.coeff_monomial(symbol) * (dims[name].multiple if name in UNIT_DIMS else 1)
         offset = poly.coeff_monomial(1)
         if scale.is_Integer and offset.is_Integer and scale >= 1:
             derived = int(scale) * torch_dims[name] if scale != 1 else torch_dims[name]
@@ -344,7 +345,7 @@ def to_expr(size: Any, symbols: Mapping[str, str]) -> DimExpr:
     """Returns a (symbolic) size as an int or an expression over the dimension names.
 
     Raises:
-        ValueError: for a size that depends on something other than batch, height, width and tokens.
+        ValueError: for a size that depends on something other than the named dimensions.
     """
     if isinstance(size, int):
         return size
@@ -353,7 +354,9 @@ def to_expr(size: Any, symbols: Mapping[str, str]) -> DimExpr:
         return int(expr)
     unknown = {str(s) for s in expr.free_symbols} - set(symbols)
     if unknown:
-        raise ValueError(f"a shape depends on {sorted(unknown)}, not only on batch, height, width and tokens: {expr}")
+        raise ValueError(
+            f"a shape depends on {sorted(unknown)}, not only on the named dimensions ({', '.join(DIM_NAMES)}): {expr}"
+        )
     named = expr.subs(
         {s: sympy.sympify(symbols[str(s)], locals={n: sympy.Symbol(n) for n in DIM_NAMES}) for s in expr.free_symbols}
     )

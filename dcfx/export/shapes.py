@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
-# What shapes= names; a transformer on packed tokens (Flux) carries heights and widths as one
-# count of image tokens (``dcfx.export.axes.model_dims``).
+# What shapes= names (a video transformer's also "frames", latent frames); a transformer on
+# packed tokens (Flux) carries heights and widths as one count of image tokens
+# (``dcfx.export.axes.model_dims``).
 SHAPE_NAMES = ("batch", "height", "width", "tokens")
+FRAMES = "frames"
 IMAGE_TOKENS = "image_tokens"
-DIM_NAMES = (*SHAPE_NAMES, IMAGE_TOKENS)
+DIM_NAMES = (*SHAPE_NAMES, FRAMES, IMAGE_TOKENS)
 # A transformer's default prompt lengths: its built-in example's length means nothing, and its
 # pipelines pad prompts to fixed lengths (PixArt 120, SD3 77 + 256, Flux 512).
 TRANSFORMER_TOKENS = (2, 77, 512)
@@ -75,7 +77,12 @@ def default_side_range(sample_size: int, multiple: int) -> tuple[int, int, int]:
 
 
 def parse_dims(
-    shapes: Mapping[str, Any] | None, sample_size: int, multiple: int, tokens: int | None = None
+    shapes: Mapping[str, Any] | None,
+    sample_size: int,
+    multiple: int,
+    tokens: int | None = None,
+    frames: int | None = None,
+    frame_multiple: int = 1,
 ) -> dict[str, DimRange]:
     """Returns the dimension ranges of an export from the user's ``shapes``.
 
@@ -92,25 +99,29 @@ def parse_dims(
             heights and widths must be multiples of it.
         tokens: The context length of the model's typical call; None for a model that takes no
             cross-attention states (then ``shapes`` may not name tokens).
+        frames: A video model's latent frames in its typical call (the default, static); None
+            for an image model (then ``shapes`` may not name frames).
+        frame_multiple: What frame counts must be multiples of (a temporal patch size).
 
     Raises:
         ValueError: for an unknown name, a bad range, or a height/width off the multiple.
     """
     shapes = dict(shapes or {})
     names = SHAPE_NAMES if tokens is not None else SHAPE_NAMES[:3]
+    names = (*names, FRAMES) if frames is not None else names
     unknown = sorted(set(shapes) - set(names))
     if unknown:
-        what = "" if tokens is not None or "tokens" not in unknown else " (this model takes no cross-attention states)"
+        why = {"tokens": " (this model takes no cross-attention states)", FRAMES: " (this model takes images)"}
+        what = "".join(why.get(name, "") for name in unknown)
         raise ValueError(f"unknown shape name(s) {unknown}{what}; shapes takes {', '.join(names)}")
     defaults: dict[str, Any] = {"batch": (1, 2, 4), "height": default_side_range(sample_size, multiple)}
     defaults["width"] = defaults["height"]
     defaults["tokens"] = tokens
-    dims = {}
-    for name in names:
-        step = multiple if name in ("height", "width") else 1
-        preferred = {"batch": 2, "height": sample_size, "width": sample_size, "tokens": tokens or 1}[name]
-        dims[name] = _parse_range(name, shapes.get(name, defaults[name]), step, preferred)
-    return dims
+    defaults[FRAMES] = frames
+    steps = {"height": multiple, "width": multiple, FRAMES: frame_multiple}
+    preferred = {"batch": 2, "height": sample_size, "width": sample_size, "tokens": tokens or 1, FRAMES: frames or 1}
+    given = {name: shapes.get(name, defaults[name]) for name in names}
+    return {name: _parse_range(name, given[name], steps.get(name, 1), preferred[name]) for name in names}
 
 
 def _parse_range(name: str, value: Any, multiple: int, preferred: int) -> DimRange:
@@ -131,8 +142,8 @@ def _parse_range(name: str, value: Any, multiple: int, preferred: int) -> DimRan
     if off:
         raise ValueError(
             f"shapes[{name!r}] = {tuple(value)!r}: {off[0]} is not a multiple of {multiple}; the model "
-            f"downsamples by {multiple} (a U-Net's down blocks, a transformer's patches), so latent heights and widths "
-            "must be multiples of it"
+            f"downsamples by {multiple} (a U-Net's down blocks, a transformer's patches), so latent "
+            f"{'frame counts' if name == FRAMES else 'heights and widths'} must be multiples of it"
         )
     return DimRange(name, lo, opt, hi, multiple)
 

@@ -1,10 +1,10 @@
-"""Transformer deployment: exports of SD3, Flux, PixArt, DiT and Sana loaded by dcfx.load, and ranges of sizes.
+"""Transformer deployment: exports of SD3, Flux, PixArt, DiT, Sana and Wan loaded by dcfx.load, and ranges of sizes.
 
 An export cut at a block range (first=/last=) loads into the same runtime as dcfx.enable's and
 gives the same latents in the model's own pipeline; one graph pair serves two resolutions and
-two prompt lengths; what cannot be served (Wan's video) is refused by name. Every export takes 20-60 s (the
-ONNX exporter, or Inductor), so those tests are in the slow tier; ranges in process, the
-stored spec and the refusals are fast.
+two prompt lengths (Wan's: also several frame counts); video U-Nets are refused by name. Every
+export takes 20-60 s (the ONNX exporter, or Inductor), so those tests are in the slow tier;
+ranges in process, the stored spec and the refusals are fast.
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ def prompt(t: Tiny, tokens: int, seed: int = 1) -> dict:
     return call
 
 
-def generate(t: Tiny, call: dict, steps: int = STEPS, seed: int = 3) -> torch.Tensor:
+def generate(t: Tiny, call: dict, steps: int = STEPS, seed: int = 3, output: str = "images") -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        images = t.pipe(**call, num_inference_steps=steps, generator=generator, output_type="latent").images
-    return torch.as_tensor(images)
+        out = t.pipe(**call, num_inference_steps=steps, generator=generator, output_type="latent")
+    return torch.as_tensor(getattr(out, output))
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL) -> None:
@@ -322,17 +322,66 @@ def test_export_refusals_come_before_any_work(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_wan_export_is_refused_by_name(tmp_path):
-    wan = tiny("wan").transformer
-    video = (
-        r"dcfx\.export takes image U-Nets and image transformers; WanTransformer3DModel takes "
-        r"\(batch, channels, frames, height, width\)\. Use dcfx\.compile for it \(eager or inductor\)\."
+# Wan's latent frames (1-4) with heights, widths and prompt lengths; its pipeline calls the
+# transformer at batch 1 (once per guidance branch). The calls: (pixel height, width), video
+# frames, prompt tokens: latents 2x4x4 (the recorded call's), 3x6x4 and 1x4x4.
+WAN_SHAPES = {"batch": (1, 2), "height": (4, 8), "width": (4, 8), "frames": (1, 2, 4), "tokens": (3, 6, 12)}
+WAN_CALLS = [((32, 32), 5, 6), ((48, 32), 9, 10), ((32, 32), 1, 3)]
+
+
+def wan_call(t: Tiny, size: tuple[int, int], frames: int, tokens: int) -> dict:
+    return {**prompt(t, tokens), "height": size[0], "width": size[1], "num_frames": frames}
+
+
+@pytest.mark.slow
+def test_wan_takes_one_ranged_pair_for_frame_counts_sizes_and_prompt_lengths():
+    ranged, static = tiny("wan"), tiny("wan")
+    dcfx.enable(ranged.pipe, **CUT, dynamic=WAN_SHAPES)
+    dcfx.enable(static.pipe, **CUT)
+    for size, frames, tokens in WAN_CALLS:
+        call = wan_call(ranged, size, frames, tokens)
+        assert_close(generate(ranged, call, steps=4, output="frames"), generate(static, call, steps=4, output="frames"))
+    assert ranged.pipe.transformer.graph_builds == 1
+    assert static.pipe.transformer.graph_builds == 3
+    with pytest.raises(ValueError, match=r"frames is 5, outside this runtime's range 1\.\.4"):
+        generate(ranged, wan_call(ranged, (32, 32), 17, 6), steps=2, output="frames")
+
+
+@pytest.mark.slow
+def test_wan_onnx_export_serves_frame_counts_sizes_and_prompt_lengths(tmp_path):
+    t = tiny("wan")
+    directory = dcfx.export(
+        t.transformer, tmp_path / "wan", shapes=WAN_SHAPES, example=recorded_call(t), progress=False, **CUT
     )
-    for fmt in ("onnx", "aoti"):
-        with pytest.raises(TypeError, match=video):
-            dcfx.export(wan, tmp_path / "x", format=fmt, **CUT)
-    with pytest.raises(TypeError, match="dynamic= takes image U-Nets and image transformers"):
-        dcfx.compile(wan, dynamic=True, **CUT)
+    manifest = read_manifest(directory)
+    assert manifest.dims["frames"] == DimRange("frames", 1, 2, 4)
+    assert manifest.graphs["shallow"].inputs[0].shape == ("batch", 4, "frames", "height", "width")
+    # The residual spans every video token: frames x (height / 2) x (width / 2) (patch 1x2x2).
+    assert manifest.graphs["shallow"].inputs[-1].shape == ("batch", "frames*height*width/4", 16)
+    assert "hidden_states:1x4x1x4x4" in (directory / "trtexec.sh").read_text()  # TensorRT's profile minimum
+
+    loaded = tiny("wan")
+    loaded.pipe.transformer = dcfx.load(directory, scheduler=loaded.pipe.scheduler)
+    for size, frames, tokens in WAN_CALLS:
+        call = wan_call(loaded, size, frames, tokens)
+        reference = tiny("wan")
+        dcfx.enable(reference.pipe, **CUT)
+        before = dict(loaded.pipe.transformer.stats)
+        assert_close(generate(loaded, call, output="frames"), generate(reference, call, output="frames"))
+        ran = {k: v - before.get(k, 0) for k, v in loaded.pipe.transformer.stats.items()}
+        assert ran == reference.pipe.transformer.stats == {"full": 6, "shallow": 6}  # 1:2 on both guidance calls
+    with pytest.raises(ValueError, match=r"'hidden_states' dim 2 \(frames\) is 5, outside the exported range 1\.\.4"):
+        generate(loaded, wan_call(loaded, (32, 32), 17, 6), steps=2, output="frames")
+
+
+def test_video_unet_export_is_refused_by_name(tmp_path):
+    from tests.pipelines.builders import tiny_svd_unet
+
+    unet = tiny_svd_unet()
+    with pytest.raises(TypeError, match=r"dcfx\.export takes image U-Nets and transformers; .* is a video U-Net"):
+        dcfx.export(unet, tmp_path / "x", branch=0)
+    with pytest.raises(TypeError, match="dynamic= takes image U-Nets and transformers"):
+        dcfx.compile(unet, dynamic=True, branch=0)
     assert not list(tmp_path.iterdir())
 
 
