@@ -187,8 +187,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import dcfx
 
     unet = load_unet(args.model)
-    given = {"batch": args.batch, "height": args.height, "width": args.width, "tokens": args.tokens}
-    given["frames"] = args.frames
+    given = {name: getattr(args, name) for name in ("batch", "height", "width", "tokens", "frames")}
     shapes = {**zoo.typical_shapes(args.model), **{k: v for k, v in given.items() if v is not None}}
     options = {k: v for k, v in (("opset", args.opset), ("precision", args.precision)) if v is not None}
     config = args.config or None
@@ -368,12 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt length (the cross-attention states' second dimension): N, MIN:MAX or MIN:OPT:MAX; "
         "default: the model's own (77; 4 for the digits model)",
     )
-    p.add_argument(
-        "--frames",
-        type=_range,
-        help="video transformers (Wan): latent frames, N, MIN:MAX or MIN:OPT:MAX; default 1 (81 video frames are 21 "
-        "latent frames)",
-    )
+    p.add_argument("--frames", type=_range, help="video transformers (Wan): latent frames, N, MIN:MAX or MIN:OPT:MAX")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--opset", type=int, help="ONNX opset (onnx, tensorrt)")
     p.add_argument("--precision", choices=["fp16", "fp32"], help="engine precision (tensorrt)")
