@@ -29,12 +29,14 @@ measured/ideal, and the largest difference of the latents from cache-dit's at th
 Models: the tiny test configs (``sd3``, ``flux``, ``pixart``, ``dit``, ``sana``, ``wan``; from
 tests/transformers/tiny.py; Python overhead dominates their loops), ``pixart-medium`` (12 blocks,
 width 384: compute-bound on a CPU) and ``pixart-alpha``: PixArt-alpha's size (28 blocks, width
-1152), both with 120 T5 tokens of 4096 and random weights at 256x256 (32x32 latents).
+1152), both with 120 T5 tokens of 4096 and random weights at 256x256 (32x32 latents), and
+``dit-xl``: DiT-XL/2's size (28 blocks, width 1152, class-conditional) at 256x256.
 
 Usage:
     python benchmarks/transformer_speed.py --models sd3,flux,pixart,dit --steps 20 --repeats 5
     python benchmarks/transformer_speed.py --models pixart-medium --steps 20 --repeats 3
     python benchmarks/transformer_speed.py --models pixart-alpha --steps 10 --repeats 3    # hours on 2 cores
+    python benchmarks/transformer_speed.py --models dit-xl --steps 10 --repeats 2
 """
 
 from __future__ import annotations
@@ -118,9 +120,35 @@ def pixart_sized(name: str) -> Any:
     return Tiny(name, pipe, call)
 
 
+def dit_xl() -> Any:
+    """DiT-XL/2's transformer (28 blocks of width 1152, patch 2) with random weights at 256x256
+    (32x32 latents), one class label guided (batch 2 per call), in its pipeline."""
+    import torch
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from tests.transformers.tiny import Tiny, _vae
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        sample_size=32,
+        num_layers=28,
+        patch_size=2,
+        attention_head_dim=72,
+        num_attention_heads=16,
+        in_channels=4,
+        out_channels=8,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero",
+    ).eval()
+    pipe = DiTPipeline(transformer=transformer, vae=_vae(4), scheduler=DDIMScheduler())
+    return Tiny("dit-xl", pipe, {"class_labels": [207], "guidance_scale": 4.0})
+
+
 def build(model: str) -> Any:
     if model in PIXART_SIZES:
         return pixart_sized(model)
+    if model == "dit-xl":
+        return dit_xl()
     from tests.transformers.tiny import BUILDERS
 
     return BUILDERS[model]()

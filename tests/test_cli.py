@@ -22,36 +22,6 @@ def test_unknown_model_is_a_clear_error_in_every_command(command):
         main([*command, "--model", "no-such-model"])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["digits", "folder"])
-def test_the_bundled_models_cli_export_runs_its_own_generation(tmp_path, capsys, model):
-    import torch
-
-    import dcfx
-    from dcfx.digits import DATA_DIR, TOKENS, generate, load_model
-
-    out = tmp_path / "digits"
-    name = "digits" if model == "digits" else str(DATA_DIR)
-    assert main(["export", str(out), "--model", name, "--batch", "1:2:4", "--interval", "3"]) == 0
-    printed = capsys.readouterr().out
-    assert "onnx export of UNet2DConditionModel" in printed and f"tokens exactly {TOKENS}" in printed
-    digits = load_model()
-    labels = torch.tensor([3, 7])
-    eager = dcfx.compile(digits.unet, branch=0, interval=3)
-    want = generate(eager, digits.tokens, digits.scheduler(), labels, steps=6, seed=1)
-    loaded = dcfx.load(out)
-    got = generate(loaded, digits.tokens, digits.scheduler(), labels, steps=6, seed=1)
-    assert loaded.stats == {"full": 2, "shallow": 4}
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-
-
-@pytest.mark.slow
-def test_export_takes_the_prompt_length_as_a_range(tmp_path, capsys):
-    out = tmp_path / "digits"
-    assert main(["export", str(out), "--model", "digits", "--batch", "2", "--tokens", "2:4:8"]) == 0
-    assert "tokens 2..8" in capsys.readouterr().out
-
-
 def test_demo_on_the_bundled_model_reports_speed_and_quality(capsys, tmp_path):
     png = tmp_path / "demo.png"
     args = ["demo", "--steps", "6", "--interval", "3", "--per-class", "1", "--repeats", "1", "--out", str(png)]

@@ -7,6 +7,7 @@ import torch
 
 import dcfx
 from dcfx.builds import narrowed_dims
+from dcfx.export.manifest import read_manifest
 from dcfx.export.shapes import DimRange
 from tests.fixtures import tiny_unet
 
@@ -130,6 +131,9 @@ def test_ahead_of_time_pair_serves_the_range_and_warm_starts_from_its_cache(unet
             want[size, t] = static(**call, timestep=torch.tensor(t)).sample
             torch.testing.assert_close(cold(**call, timestep=torch.tensor(t)).sample, want[size, t], atol=1e-4, rtol=0)
     assert cold.graph_builds == 1 and len(list(tmp_path.iterdir())) == 1
+    # The packages are an export's: they carry the forecast graph (forecast="linear" later loads it).
+    (package,) = tmp_path.iterdir()
+    assert read_manifest(package).graphs["forecast"].file == "forecast.pt2"
 
     def no_compile(*args, **kwargs):
         raise WouldCompile

@@ -49,7 +49,7 @@ def noise(call, seed=0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("branch", "interval"), [(0, 3), (0, 5), (2, 3)])
+@pytest.mark.parametrize(("branch", "interval"), [(0, 3), (2, 5)])
 def test_forecast_equals_the_eager_reference(unet, branch, interval):
     call = example_call(unet, batch=2, size=16)
     x = noise(call)

@@ -54,21 +54,6 @@ def test_forecast_sampling_loop_equals_eager_runtime(aoti_sd):
     assert (got - reuse).abs().max() > 100 * ATOL, "forecasting changed nothing: the test would be vacuous"
 
 
-def test_inductor_ahead_of_time_forecasts(tmp_path):
-    # dcfx.compile's AOTInductor builds are exports: their packages carry the forecast graph.
-    x, call = forecast_case(seed=8)
-    scheduler = DDIMScheduler()
-    eager = dcfx.compile(sd_unet(), branch=SD_BRANCH, interval=3, forecast="linear", scheduler=scheduler)
-    want = sample_loop(eager, scheduler, call, x)
-    options = {"backend": "inductor", "cache_dir": tmp_path, "scheduler": scheduler}
-    aot = dcfx.compile(sd_unet(), branch=SD_BRANCH, interval=3, forecast="linear", **options)
-    got = sample_loop(aot, scheduler, call, x)
-    assert aot.graph_builds == 1 and aot.stats == eager.stats
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    (package,) = tmp_path.iterdir()
-    assert read_manifest(package).graphs["forecast"].file == "forecast.pt2"
-
-
 def test_static_export_refuses_other_sizes(aoti_sd):
     loaded = dcfx.load(aoti_sd)
     with pytest.raises(ValueError, match=r"'sample' dim 2 is 24; the export takes exactly 16 there"):

@@ -44,12 +44,14 @@ def test_bad_range_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_digits_export_covers_the_models_own_generation(tmp_path):
-    from dcfx.digits import DEMO_DIGITS, NUM_CLASSES, generate, load_model
+def test_the_digits_export_covers_the_models_own_generation(tmp_path, capsys):
+    from dcfx.digits import DATA_DIR, DEMO_DIGITS, NUM_CLASSES, TOKENS, generate, load_model
 
     model = load_model()
     out = tmp_path / "digits"
     assert main(["export", str(out), "--model", "digits", "--format", "onnx", "--interval", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "onnx export of UNet2DConditionModel" in printed and f"tokens exactly {TOKENS}" in printed
     loaded = dcfx.load(out)
     assert loaded.deepcache_config.interval == 3
     labels = torch.arange(NUM_CLASSES)
@@ -59,9 +61,12 @@ def test_the_digits_export_covers_the_models_own_generation(tmp_path):
         got = generate(loaded, model.tokens, model.scheduler(), digits, steps=6, guidance=2.0)
         want = generate(eager, model.tokens, model.scheduler(), digits, steps=6, guidance=2.0)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-    # Another range on the command line, for any model; a batch below it is refused by name.
+    # The model's folder by path, other ranges (a prompt length among them); a batch below the
+    # range is refused by name.
     small = tmp_path / "small"
-    assert main(["export", str(small), "--model", "digits", "--format", "onnx", "--batch", "2:8"]) == 0
+    args = ["--model", str(DATA_DIR), "--format", "onnx", "--batch", "2:8", "--tokens", "2:4:8"]
+    assert main(["export", str(small), *args]) == 0
+    assert "tokens 2..8" in capsys.readouterr().out
     loaded = dcfx.load(small)
     got = generate(loaded, model.tokens, model.scheduler(), labels, steps=3)  # 10 rows: chunks of 5
     torch.testing.assert_close(

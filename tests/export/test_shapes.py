@@ -18,6 +18,18 @@ def test_parse_dims_forms_and_defaults():
     assert (default["height"].min, default["height"].opt, default["height"].max) == (32, 64, 128)
 
 
+def test_a_video_models_frames():
+    # Latent frames: static at the typical call's unless shapes names them; only a video model's.
+    dims = parse_dims(None, sample_size=8, multiple=2, tokens=6, frames=3)
+    assert dims["frames"] == DimRange("frames", 3, 3, 3, 1)
+    dims = parse_dims({"frames": (1, 21)}, sample_size=8, multiple=2, tokens=6, frames=3)
+    assert dims["frames"] == DimRange("frames", 1, 3, 21, 1)  # opt: the typical call's
+    with pytest.raises(ValueError, match=r"4 is not a multiple of 3; .* latent frame counts must be multiples"):
+        parse_dims({"frames": (3, 4)}, sample_size=8, multiple=2, frames=3, frame_multiple=3)
+    with pytest.raises(ValueError, match=r"unknown shape name\(s\) \['frames'\] \(this model takes images\)"):
+        parse_dims({"frames": 2}, sample_size=8, multiple=2, tokens=6)
+
+
 @pytest.mark.parametrize(
     ("shapes", "match"),
     [

@@ -334,21 +334,9 @@ def wan_call(t: Tiny, size: tuple[int, int], frames: int, tokens: int) -> dict:
 
 
 @pytest.mark.slow
-def test_wan_takes_one_ranged_pair_for_frame_counts_sizes_and_prompt_lengths():
-    ranged, static = tiny("wan"), tiny("wan")
-    dcfx.enable(ranged.pipe, **CUT, dynamic=WAN_SHAPES)
-    dcfx.enable(static.pipe, **CUT)
-    for size, frames, tokens in WAN_CALLS:
-        call = wan_call(ranged, size, frames, tokens)
-        assert_close(generate(ranged, call, steps=4, output="frames"), generate(static, call, steps=4, output="frames"))
-    assert ranged.pipe.transformer.graph_builds == 1
-    assert static.pipe.transformer.graph_builds == 3
-    with pytest.raises(ValueError, match=r"frames is 5, outside this runtime's range 1\.\.4"):
-        generate(ranged, wan_call(ranged, (32, 32), 17, 6), steps=2, output="frames")
-
-
-@pytest.mark.slow
-def test_wan_onnx_export_serves_frame_counts_sizes_and_prompt_lengths(tmp_path):
+def test_wan_takes_one_ranged_pair_for_frame_counts_sizes_and_prompt_lengths(tmp_path):
+    # One pair over the ranges, in process (dynamic=) and exported (ONNX), against a static
+    # runtime per call.
     t = tiny("wan")
     directory = dcfx.export(
         t.transformer, tmp_path / "wan", shapes=WAN_SHAPES, example=recorded_call(t), progress=False, **CUT
@@ -360,18 +348,26 @@ def test_wan_onnx_export_serves_frame_counts_sizes_and_prompt_lengths(tmp_path):
     assert manifest.graphs["shallow"].inputs[-1].shape == ("batch", "frames*height*width/4", 16)
     assert "hidden_states:1x4x1x4x4" in (directory / "trtexec.sh").read_text()  # TensorRT's profile minimum
 
-    loaded = tiny("wan")
+    ranged, loaded = tiny("wan"), tiny("wan")
+    dcfx.enable(ranged.pipe, **CUT, dynamic=WAN_SHAPES)
     loaded.pipe.transformer = dcfx.load(directory, scheduler=loaded.pipe.scheduler)
     for size, frames, tokens in WAN_CALLS:
         call = wan_call(loaded, size, frames, tokens)
         reference = tiny("wan")
         dcfx.enable(reference.pipe, **CUT)
+        want = generate(reference, call, output="frames")
+        assert reference.pipe.transformer.stats == {"full": 6, "shallow": 6}  # 1:2 on both guidance calls
+        assert_close(generate(ranged, call, output="frames"), want)
         before = dict(loaded.pipe.transformer.stats)
-        assert_close(generate(loaded, call, output="frames"), generate(reference, call, output="frames"))
+        assert_close(generate(loaded, call, output="frames"), want)
         ran = {k: v - before.get(k, 0) for k, v in loaded.pipe.transformer.stats.items()}
-        assert ran == reference.pipe.transformer.stats == {"full": 6, "shallow": 6}  # 1:2 on both guidance calls
+        assert ran == {"full": 6, "shallow": 6}
+    assert ranged.pipe.transformer.graph_builds == 1
+    five = wan_call(loaded, (32, 32), 17, 6)  # 5 latent frames
+    with pytest.raises(ValueError, match=r"frames is 5, outside this runtime's range 1\.\.4"):
+        generate(ranged, five, steps=2, output="frames")
     with pytest.raises(ValueError, match=r"'hidden_states' dim 2 \(frames\) is 5, outside the exported range 1\.\.4"):
-        generate(loaded, wan_call(loaded, (32, 32), 17, 6), steps=2, output="frames")
+        generate(loaded, five, steps=2, output="frames")
 
 
 def test_video_unet_export_is_refused_by_name(tmp_path):
