@@ -32,14 +32,21 @@ def folder(request, tmp_path_factory):
     return save_tiny_sd_pipeline(tmp_path_factory.mktemp(request.param) / "sd", request.param)
 
 
+_OFFLINE: dict = {}
+
+
 def offline(folder, config=CONFIG, **call) -> list[bytes]:
-    """The pipeline itself, loaded from the folder, with dcfx enabled: PNG bytes of each image."""
-    if (folder / "text_encoder_2").is_dir():
-        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    dcfx.enable(pipe, config)
+    """The pipeline itself, loaded from the folder once per config (then reused, as a user reuses
+    a pipeline), with dcfx enabled: PNG bytes of each image."""
+    key = (str(folder), repr(config))
+    if key not in _OFFLINE:
+        if (folder / "text_encoder_2").is_dir():
+            pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        _OFFLINE[key] = dcfx.enable(pipe, config)
+    pipe = _OFFLINE[key]
     seed = call.pop("seed")
     images = pipe(**call, generator=torch.Generator().manual_seed(seed)).images
     return [_png(image) for image in images]
@@ -67,6 +74,7 @@ def service_of(folder, config=CONFIG, choices=(), **engine) -> PipelineService:
     return PipelineService(model, Engine(runtime, model, EngineConfig(**engine), choices=choices))
 
 
+@pytest.mark.slow  # 16 s; the fast tier serves SD by prompt in test_progress_per_step_and_bad_requests_...
 def test_served_images_equal_the_offline_pipeline_then_concurrent_requests_share_stage_calls(folder):
     service = service_of(folder, max_batch=8, batch_sizes=(2, 4, 8))
     try:
@@ -159,6 +167,7 @@ def test_progress_per_step_and_bad_requests_refused_before_any_work(folder):
         again = service.submit(ImageRequest(prompt="a red fox", seed=3, steps=7)).result(timeout=120)
         assert again.pngs == result.pngs
         assert service.engine.runtime.graph_builds == built  # served without a capture
+        assert result.pngs == offline(folder, prompt="a red fox", seed=3, num_inference_steps=7)  # the pipeline's PNG
     finally:
         service.close()
 

@@ -32,16 +32,23 @@ def folder(tmp_path_factory):
     return path
 
 
+_OFFLINE: dict = {}
+
+
 def offline(folder, config=CONFIG, **call) -> list[bytes]:
     """The pipeline loaded from ``folder`` with dcfx enabled: PNG bytes of each image (PixArt:
     without resolution binning)."""
-    if "sd3" in folder.name:
-        pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
-    else:
-        pipe = (PixArtSigmaPipeline if "sigma" in folder.name else PixArtAlphaPipeline).from_pretrained(folder)
+    key = (str(folder), repr(config))
+    if key not in _OFFLINE:  # loaded once per config, then reused (as a user reuses a pipeline)
+        if "sd3" in folder.name:
+            pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+        else:
+            pipe = (PixArtSigmaPipeline if "sigma" in folder.name else PixArtAlphaPipeline).from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        _OFFLINE[key] = dcfx.enable(pipe, config)
+    pipe = _OFFLINE[key]
+    if "sd3" not in folder.name:
         call["use_resolution_binning"] = False
-    pipe.set_progress_bar_config(disable=True)
-    dcfx.enable(pipe, config)
     seed = call.pop("seed")
     with torch.no_grad():
         images = pipe(**call, generator=torch.Generator().manual_seed(seed)).images
