@@ -1,4 +1,4 @@
-"""Exports on a CUDA GPU: onnxruntime's CUDA provider, AOTInductor for CUDA, TensorRT engines.
+"""Exports on a CUDA GPU: onnxruntime's CUDA provider, AOTInductor for CUDA, TensorRT engines (U-Net, transformers).
 
 Each test skips cleanly where its runtime is missing (no GPU, no TensorRT, no CUDA provider).
 Per-call times are printed (run with -s) for the closing notes; no speed is asserted here.
@@ -135,3 +135,31 @@ def test_tensorrt_forecast(tensorrt_fp32, cuda_graph):
         assert 1 <= len(forecast_keys) <= 2 and all(set(key[2]) == addresses for key in forecast_keys)
     timed = dcfx.load(out, forecast="linear", cuda_graph=cuda_graph)  # no scheduler: timesteps 999, 998, ...
     print(f"TensorRT fp32 forecast cuda_graph={cuda_graph} per call (ms):", _per_call_ms(timed))
+
+
+def _tiny_on_cuda(name: str):
+    from tests.transformers.tiny import BUILDERS
+
+    t = BUILDERS[name]()
+    t.pipe.to("cuda")
+    t.pipe.set_progress_bar_config(disable=True)
+    t.call = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in t.call.items()}
+    return t
+
+
+@needs_cuda
+@needs_tensorrt
+@pytest.mark.parametrize("name", ["sd3", "wan"])
+def test_tensorrt_engines_of_a_transformer_pair(tmp_path, name):
+    # The block-range cut's pair as engines (Wan: a video's frames static at the example's), in
+    # the model's own pipeline against dcfx.enable's eager runtime on the same GPU.
+    cut = {"first": 1, "last": 1, "interval": 2}
+    t = _tiny_on_cuda(name)
+    example = t.recorded_call()
+    out = dcfx.export(t.transformer, tmp_path / name, format="tensorrt", precision="fp32", example=example, **cut)
+    reference, loaded = _tiny_on_cuda(name), _tiny_on_cuda(name)
+    dcfx.enable(reference.pipe, **cut)
+    loaded.pipe.transformer = dcfx.load(out, scheduler=loaded.pipe.scheduler)
+    want, got = reference.generate(6, seed=3), loaded.generate(6, seed=3)
+    torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=0)
+    assert loaded.pipe.transformer.stats == reference.pipe.transformer.stats
