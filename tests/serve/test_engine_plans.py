@@ -32,7 +32,7 @@ def offline(runtime, model, request: GenerationRequest) -> torch.Tensor:
     )
 
 
-@pytest.mark.parametrize("guidance", [1.0, 2.5])
+@pytest.mark.parametrize("guidance", [1.0, pytest.param(2.5, marks=pytest.mark.slow)])
 def test_a_served_forecast_equals_offline_generation(digits, guidance):
     model, serve_model = digits
     runtime = dcfx.compile(model.unet, branch=0, interval=3, forecast="linear")

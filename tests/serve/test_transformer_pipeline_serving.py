@@ -61,6 +61,7 @@ def service_of(folder, config=CONFIG, **engine) -> PipelineService:
     return PipelineService(model, Engine(runtime, model, EngineConfig(**engine)))
 
 
+@pytest.mark.slow  # the fast tier serves by prompt in tests/serve/test_pipeline_serving.py (SD)
 def test_pixart_by_prompt_equals_the_offline_pipeline_then_concurrent_requests_share_stage_calls(folder):
     service = service_of(folder, max_batch=8, batch_sizes=(2, 4, 8))
     try:
