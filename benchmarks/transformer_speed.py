@@ -123,25 +123,12 @@ def pixart_sized(name: str) -> Any:
 def dit_xl() -> Any:
     """DiT-XL/2's transformer (28 blocks of width 1152, patch 2) with random weights at 256x256
     (32x32 latents), one class label guided (batch 2 per call), in its pipeline."""
-    import torch
-    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    import dataclasses
 
-    from tests.transformers.tiny import Tiny, _vae
+    from tests.transformers.tiny import dit
 
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(
-        sample_size=32,
-        num_layers=28,
-        patch_size=2,
-        attention_head_dim=72,
-        num_attention_heads=16,
-        in_channels=4,
-        out_channels=8,
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_zero",
-    ).eval()
-    pipe = DiTPipeline(transformer=transformer, vae=_vae(4), scheduler=DDIMScheduler())
-    return Tiny("dit-xl", pipe, {"class_labels": [207], "guidance_scale": 4.0})
+    sized = dit(layers=28, sample_size=32, heads=16, head_dim=72, labels=(207,))
+    return dataclasses.replace(sized, name="dit-xl")
 
 
 def build(model: str) -> Any:

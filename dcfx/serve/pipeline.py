@@ -240,6 +240,11 @@ def pipeline_class_of(folder: Path) -> str | None:
     return json.loads(index.read_text()).get("_class_name")
 
 
+def _saved_as_none(index: dict[str, Any]) -> set[str]:
+    """Returns the components a model_index.json saved as None (SD3 without its T5)."""
+    return {k for k, v in index.items() if isinstance(v, list) and v[-1] is None}
+
+
 def prompt_servable(folder: Path) -> tuple[bool, str]:
     """Returns whether ``folder`` is served by prompt, and why not when it is not."""
     name = pipeline_class_of(folder)
@@ -248,8 +253,8 @@ def prompt_servable(folder: Path) -> tuple[bool, str]:
     if name not in _FAMILIES.names():
         return False, f"{name} is not served by prompt yet (served: {', '.join(served_families())})"
     index = json.loads((folder / "model_index.json").read_text())
-    needed = _FAMILIES.get(name).components
-    missing = [c for c in needed if (index.get(c) or [None])[-1] is None]
+    absent = _saved_as_none(index)
+    missing = [c for c in _FAMILIES.get(name).components if c not in index or c in absent]
     if missing:
         return False, f"the pipeline in {folder} has no {', '.join(missing)}"
     return True, ""
@@ -348,7 +353,7 @@ def load_pipeline(folder: Path) -> PipelineServeModel:
     name = pipeline_class_of(folder)
     family = _FAMILIES.get(name)
     index = json.loads((folder / "model_index.json").read_text())
-    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[-1] is None}  # saved as None (SD3's T5)
+    absent = dict.fromkeys(_saved_as_none(index))  # passed as None, as saved (SD3's T5)
     pipe = getattr(diffusers, name).from_pretrained(folder, **{**absent, **family.load_kwargs})
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):

@@ -369,6 +369,22 @@ def test_wan_takes_one_ranged_pair_for_frame_counts_sizes_and_prompt_lengths(tmp
     with pytest.raises(ValueError, match=r"'hidden_states' dim 2 \(frames\) is 5, outside the exported range 1\.\.4"):
         generate(loaded, five, steps=2, output="frames")
 
+    # Forecasting the residual through the export's forecast graph, on a 3-frame video.
+    call = wan_call(loaded, *WAN_CALLS[1])
+    reference = tiny("wan")
+    dcfx.enable(reference.pipe, **CUT, forecast="linear")
+    loaded.pipe.transformer = dcfx.load(directory, scheduler=loaded.pipe.scheduler, forecast="linear")
+    want = generate(reference, call, output="frames")
+    assert_close(generate(loaded, call, output="frames"), want)
+    assert (want - generate(ranged, call, output="frames")).abs().max() > 100 * RTOL, "forecast changed nothing"
+
+    # Frames left out of dynamic= are the first call's: another count is refused by name.
+    first = tiny("wan")
+    dcfx.enable(first.pipe, **CUT, dynamic={k: v for k, v in WAN_SHAPES.items() if k != "frames"})
+    generate(first, wan_call(first, *WAN_CALLS[0]), steps=2, output="frames")  # 2 latent frames
+    with pytest.raises(ValueError, match=r"frames is 3, outside this runtime's range exactly 2"):
+        generate(first, wan_call(first, *WAN_CALLS[1]), steps=2, output="frames")
+
 
 def test_video_unet_export_is_refused_by_name(tmp_path):
     from tests.pipelines.builders import tiny_svd_unet

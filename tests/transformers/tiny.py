@@ -210,23 +210,31 @@ def pixart(layers: int = 4, guidance: float = 4.5) -> Tiny:
     return Tiny("pixart", pipe, call)
 
 
-def dit(layers: int = 4, guidance: float = 4.0) -> Tiny:
+def dit(
+    layers: int = 4,
+    guidance: float = 4.0,
+    sample_size: int = 8,
+    heads: int = 2,
+    head_dim: int = 8,
+    labels: tuple[int, ...] = (1, 3),
+) -> Tiny:
+    """A DiT pipeline (tiny by default; the sizes make DiT-XL/2's for the speed benchmark)."""
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(
-        sample_size=8,
+        sample_size=sample_size,
         num_layers=layers,
         patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         in_channels=4,
         out_channels=8,
         num_embeds_ada_norm=1000,  # DiTPipeline guides with the null class 1000
         norm_type="ada_norm_zero",
     ).eval()
     pipe = DiTPipeline(transformer=transformer, vae=_vae(4), scheduler=DDIMScheduler())
-    return Tiny("dit", pipe, {"class_labels": [1, 3], "guidance_scale": guidance})
+    return Tiny("dit", pipe, {"class_labels": list(labels), "guidance_scale": guidance})
 
 
 def sana(layers: int = 4, guidance: float = 4.5) -> Tiny:
